@@ -1,0 +1,106 @@
+"""Randomised state-machine test of the block manager: no leak, no double free, consistent counts."""
+from __future__ import annotations
+
+import hypothesis.strategies as st
+from hypothesis import settings
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+
+from tokenloom.engine.block_manager import BlockManager
+from tokenloom.engine.sequence import Request
+from tokenloom.sampling_params import SamplingParams
+
+BLOCK = 4
+NUM_BLOCKS = 24
+PREFIXES = [[1, 2, 3, 4, 5, 6, 7, 8, 9], [9, 8, 7, 6, 5, 4, 3, 2]]  # shared prefixes make cache hits likely
+
+
+class BlockManagerMachine(RuleBasedStateMachine):
+    def __init__(self):
+        super().__init__()
+        self.bm = BlockManager(NUM_BLOCKS, BLOCK, enable_prefix_caching=True)
+        self.live: list[Request] = []
+        self.count = 0
+
+    def _new(self, tokens):
+        self.count += 1
+        return Request(str(self.count), list(tokens), SamplingParams(), max_tokens=64)
+
+    @rule(prefix=st.sampled_from([0, 1, None]), tail=st.lists(st.integers(10, 20), min_size=1, max_size=12),
+          chunk=st.integers(1, 16))
+    def admit(self, prefix, tail, chunk):
+        req = self._new((PREFIXES[prefix] if prefix is not None else []) + tail)
+        cached = self.bm.find_cached_prefix(req)
+        num_cached = len(cached) * BLOCK
+        assert num_cached < req.num_tokens
+        n = min(chunk, req.num_tokens - num_cached)
+        req.num_computed_tokens = num_cached
+        if self.bm.allocate(req, num_cached + n, cached) is None:
+            assert req.block_table == []
+            return
+        req.num_computed_tokens += n
+        self.bm.cache_full_blocks(req)
+        self.live.append(req)
+
+    @precondition(lambda self: self.live)
+    @rule(data=st.data(), k=st.integers(1, 9))
+    def compute(self, data, k):
+        """Prefill more of a request, or decode (append a token and compute it)."""
+        req = data.draw(st.sampled_from(self.live))
+        if req.num_computed_tokens == req.num_tokens:
+            req.output_token_ids.append(data.draw(st.integers(10, 20)))
+            k = 1
+        k = min(k, req.num_tokens - req.num_computed_tokens)
+        table_before = list(req.block_table)
+        copies = self.bm.allocate(req, req.num_computed_tokens + k)
+        if copies is None:
+            assert req.block_table == table_before
+            return
+        for src, dst in copies:  # copy-on-write replaced a shared block by a private one
+            assert src in table_before and dst in req.block_table and self.bm.ref_counts[src] >= 1
+        req.num_computed_tokens += k
+        self.bm.cache_full_blocks(req)
+
+    @precondition(lambda self: self.live)
+    @rule(data=st.data())
+    def fork(self, data):
+        parent = data.draw(st.sampled_from(self.live))
+        child = self._new(parent.prompt_token_ids)
+        child.output_token_ids = list(parent.output_token_ids)
+        self.bm.fork(parent, child)
+        child.num_computed_tokens = parent.num_computed_tokens
+        self.live.append(child)
+
+    @precondition(lambda self: self.live)
+    @rule(data=st.data())
+    def finish(self, data):
+        req = data.draw(st.sampled_from(self.live))
+        self.live.remove(req)
+        self.bm.free_request(req)
+
+    @precondition(lambda self: self.live)
+    @rule()
+    def preempt_newest(self):
+        req = self.live.pop()
+        self.bm.free_request(req)
+        req.num_computed_tokens = 0
+
+    @rule()
+    def reset_cache(self):
+        self.bm.reset_prefix_cache()
+
+    @invariant()
+    def consistent(self):
+        self.bm.check_invariants(self.live)
+        assert self.bm.num_free_blocks + self.bm.num_used_blocks == NUM_BLOCKS
+        for req in self.live:  # every computed token has a slot
+            assert len(req.block_table) * BLOCK >= req.num_computed_tokens
+
+    def teardown(self):
+        for req in self.live:
+            self.bm.free_request(req)
+        self.bm.check_invariants([])
+        assert self.bm.num_used_blocks == 0
+
+
+BlockManagerMachine.TestCase.settings = settings(max_examples=150, stateful_step_count=40, deadline=None)
+TestBlockManager = BlockManagerMachine.TestCase

@@ -1,0 +1,161 @@
+"""Engine core: batching, chunked prefill, preemption and prefix caching never change the tokens."""
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from tokenloom import LLM, SamplingParams
+from tokenloom.config import TokenloomError
+
+
+def _prompts(n: int, vocab: int, seed: int = 0, lo: int = 3, hi: int = 60) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(3, vocab) for _ in range(rng.randint(lo, hi))] for _ in range(n)]
+
+
+def _greedy(max_tokens):
+    return SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
+
+
+def _alone(path, prompts, max_tokens, **kw):
+    llm = LLM(str(path), dtype="float32", max_num_seqs=1, **kw)
+    return [llm.generate(p, _greedy(m))[0].outputs[0].token_ids for p, m in zip(prompts, max_tokens)]
+
+
+@pytest.fixture(scope="module")
+def workload(tiny_llama):
+    path, _ = tiny_llama
+    prompts = _prompts(32, 320)
+    max_tokens = [random.Random(i).randint(1, 24) for i in range(32)]
+    return path, prompts, max_tokens, _alone(path, prompts, max_tokens)
+
+
+def _batched(path, prompts, max_tokens, **kw):
+    llm = LLM(str(path), dtype="float32", **kw)
+    outs = llm.generate(prompts, [_greedy(m) for m in max_tokens])
+    return llm, [o.outputs[0].token_ids for o in outs]
+
+
+def test_batched_equals_alone(workload):
+    path, prompts, max_tokens, alone = workload
+    llm, batched = _batched(path, prompts, max_tokens, max_num_seqs=32)
+    assert batched == alone
+    assert llm.engine.stats().num_blocks_used == 0
+
+
+@pytest.mark.parametrize("chunk", [1, 5, 16, 37])
+def test_chunked_prefill_equals_unchunked(workload, chunk):
+    path, prompts, max_tokens, alone = workload
+    llm, chunked = _batched(path, prompts, max_tokens, max_num_batched_tokens=chunk)
+    assert chunked == alone
+    assert llm.engine.stats().num_blocks_used == 0
+
+
+def test_preemption_equals_no_preemption(workload):
+    path, prompts, max_tokens, alone = workload
+    # 10 blocks of 8 tokens: far fewer than 32 concurrent sequences need, so requests get preempted.
+    llm, out = _batched(path, prompts, max_tokens, num_blocks=10, block_size=8, max_model_len=80)
+    stats = llm.engine.stats()
+    assert stats.num_preemptions > 0
+    assert out == alone
+    assert stats.num_blocks_used == 0
+
+
+def test_prefix_cache_reuses_blocks(tiny_llama):
+    path, _ = tiny_llama
+    shared = _prompts(1, 320, seed=5, lo=100, hi=100)[0]
+    first, second = shared + [7, 8, 9], shared + [11, 12]
+    llm = LLM(str(path), dtype="float32", block_size=16)
+    eng = llm.engine
+    a = llm.generate(first, _greedy(8))[0]
+    before = eng.stats().prompt_tokens_computed
+    b = llm.generate(second, _greedy(8))[0]
+    computed = eng.stats().prompt_tokens_computed - before
+    assert b.metrics.num_cached_tokens == 96  # the 6 full blocks of the shared 100-token prefix
+    assert computed == len(second) - 96
+    no_cache = LLM(str(path), dtype="float32", enable_prefix_caching=False)
+    assert b.outputs[0].token_ids == no_cache.generate(second, _greedy(8))[0].outputs[0].token_ids
+    assert a.outputs[0].token_ids == no_cache.generate(first, _greedy(8))[0].outputs[0].token_ids
+    assert eng.stats().prefix_cache_hit_rate > 0
+
+
+def test_kv_waste_small_on_mixed_lengths(tiny_llama):
+    path, _ = tiny_llama
+    rng = random.Random(3)
+    prompts = _prompts(24, 320, seed=9, lo=40, hi=400)
+    params = [_greedy(rng.randint(20, 120)) for _ in prompts]
+    llm = LLM(str(path), dtype="float32", max_num_seqs=24)
+    llm.generate(prompts, params)
+    st = llm.engine.stats()
+    assert st.kv_waste_paged < 0.05, st
+    assert st.kv_waste_contiguous > st.kv_waste_paged
+
+
+def test_abort_frees_everything(tiny_llama):
+    path, _ = tiny_llama
+    llm = LLM(str(path), dtype="float32")
+    eng = llm.engine
+    ids = [eng.add_request(p, _greedy(50)) for p in _prompts(6, 320, seed=2)]
+    for _ in range(4):
+        eng.step()
+    assert eng.stats().num_blocks_used > 0
+    for rid in ids:
+        eng.abort_request(rid)
+    assert not eng.has_unfinished()
+    assert eng.stats().num_blocks_used == 0
+
+
+def test_streamed_outputs_grow_token_by_token(tiny_llama):
+    path, _ = tiny_llama
+    llm = LLM(str(path), dtype="float32")
+    seen = [len(o.outputs[0].token_ids) for o in llm.stream([5, 6, 7], _greedy(6))]
+    assert seen == [1, 2, 3, 4, 5, 6]
+
+
+def test_too_long_prompt_is_rejected_not_truncated(tiny_llama):
+    path, _ = tiny_llama
+    llm = LLM(str(path), dtype="float32", max_model_len=64)
+    with pytest.raises(TokenloomError, match="context window"):
+        llm.generate(list(range(3, 70)), _greedy(4))
+    with pytest.raises(TokenloomError, match="exceeds the context window"):
+        llm.generate(list(range(3, 40)), _greedy(40))
+    assert not llm.engine.has_unfinished()
+
+
+def test_paged_attention_matches_contiguous():
+    """Attention through scattered blocks equals plain causal attention over contiguous K/V."""
+    from tokenloom.layers.attention import build_attention_metadata, paged_attention
+
+    torch.manual_seed(0)
+    H, KVH, D, bs = 6, 2, 16, 4
+    lens_ctx, lens_q = [13, 1, 9], [5, 1, 9]  # a prefill chunk after a cached prefix, a decode, a fresh prefill
+    num_blocks = 20
+    perm = torch.randperm(num_blocks).tolist()
+    tables, pos = [], 0
+    for c in lens_ctx:
+        n = -(-c // bs)
+        tables.append(perm[pos : pos + n])
+        pos += n
+    k_cache = torch.zeros(num_blocks * bs, KVH, D)
+    v_cache = torch.zeros_like(k_cache)
+    full_k = [torch.randn(c, KVH, D) for c in lens_ctx]
+    full_v = [torch.randn(c, KVH, D) for c in lens_ctx]
+    for t, kk, vv, c, q in zip(tables, full_k, full_v, lens_ctx, lens_q):  # the cached prefix is already there
+        for p in range(c - q):
+            slot = t[p // bs] * bs + p % bs
+            k_cache[slot], v_cache[slot] = kk[p], vv[p]
+    q_all = [torch.randn(q, H, D) for q in lens_q]
+    meta = build_attention_metadata(lens_q, lens_ctx, tables, bs, H // KVH, None, torch.device("cpu"))
+    new_k = torch.cat([kk[c - q :] for kk, c, q in zip(full_k, lens_ctx, lens_q)])
+    new_v = torch.cat([vv[c - q :] for vv, c, q in zip(full_v, lens_ctx, lens_q)])
+    out = paged_attention(torch.cat(q_all), new_k, new_v, k_cache, v_cache, meta, D**-0.5)
+    refs = []
+    for qq, kk, vv, c, q in zip(q_all, full_k, full_v, lens_ctx, lens_q):
+        kk, vv = kk.repeat_interleave(H // KVH, 1), vv.repeat_interleave(H // KVH, 1)
+        scores = torch.einsum("qhd,khd->hqk", qq, kk) * D**-0.5
+        qpos = torch.arange(c - q, c)[:, None]
+        scores = scores.masked_fill(torch.arange(c)[None, :] > qpos, float("-inf"))
+        refs.append(torch.einsum("hqk,khd->qhd", scores.softmax(-1), vv).reshape(q, H * D))
+    assert torch.allclose(out, torch.cat(refs), atol=1e-5)

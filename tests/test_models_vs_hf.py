@@ -1,0 +1,85 @@
+"""Every supported architecture against transformers: logits at prefill and 16 decode steps, greedy tokens."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tokenloom import LLM, SamplingParams
+from tests.conftest import make_tiny
+
+STEPS = 16
+
+
+def record_logits(llm: LLM) -> list[torch.Tensor]:
+    rec: list[torch.Tensor] = []
+    model = llm.engine.model
+    orig = model.compute_logits
+
+    def wrapped(hidden):
+        logits = orig(hidden)
+        rec.append(logits.clone())
+        return logits
+
+    model.compute_logits = wrapped
+    return rec
+
+
+@torch.inference_mode()
+def hf_greedy(model, prompt: list[int], steps: int) -> tuple[list[int], list[torch.Tensor]]:
+    """Independent reference: transformers' own prefill then cached decode, one token at a time."""
+    out = model(torch.tensor([prompt]), use_cache=True)
+    logits, tokens = [out.logits[0, -1].float()], []
+    past = out.past_key_values
+    for _ in range(steps):
+        tok = int(logits[-1].argmax())
+        tokens.append(tok)
+        if len(tokens) == steps:
+            break
+        out = model(torch.tensor([[tok]]), past_key_values=past, use_cache=True)
+        past = out.past_key_values
+        logits.append(out.logits[0, -1].float())
+    return tokens, logits
+
+
+CASES = {
+    "llama": dict(),
+    "llama-tied": dict(tie_word_embeddings=True),
+    "llama-bias": dict(attention_bias=True),
+    "llama-rope3": dict(rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
+                                         "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                         "original_max_position_embeddings": 64}),
+    "qwen2": dict(),
+    "mistral": dict(sliding_window=24),  # a window shorter than the sequence, so it matters
+    "mixtral": dict(),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_logits_and_greedy_match_transformers(case, tmp_path):
+    arch = case.split("-")[0]
+    overrides = dict(CASES[case])
+    if arch == "mistral":
+        overrides["attn_implementation"] = "eager"
+    ref = make_tiny(arch, tmp_path, **overrides)
+    llm = LLM(str(tmp_path), dtype="float32", num_blocks=64, block_size=4)  # small blocks: many per sequence
+    rec = record_logits(llm)
+    g = torch.Generator().manual_seed(7)
+    prompt = torch.randint(0, ref.config.vocab_size, (21,), generator=g).tolist()
+    out = llm.generate(prompt, SamplingParams(max_tokens=STEPS, temperature=0, ignore_eos=True))[0]
+    ref_tokens, ref_logits = hf_greedy(ref, prompt, STEPS)
+    assert len(rec) == STEPS
+    for step, (ours, theirs) in enumerate(zip(rec, ref_logits)):
+        diff = (ours[0] - theirs).abs().max().item()
+        assert diff < 1e-4, f"{case}: step {step} logits differ by {diff}"
+    assert out.outputs[0].token_ids == ref_tokens
+    assert llm.engine.block_manager.num_used_blocks == 0
+
+
+def test_unsupported_architecture_is_a_clear_error(tmp_path):
+    import json
+
+    from tokenloom.config import TokenloomError
+
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}))
+    with pytest.raises(TokenloomError, match="unsupported architecture 'gpt2'"):
+        LLM(str(tmp_path))

@@ -1,0 +1,167 @@
+"""Small validated configuration dataclasses shared by every layer of the engine."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "mixtral")
+
+
+class TokenloomError(Exception):
+    """An error whose message is meant for the user as it is (CLI prints it without a traceback)."""
+
+
+@dataclass
+class ModelConfig:
+    """Architecture of a decoder-only transformer, normalised from HF config.json or GGUF metadata."""
+
+    architecture: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int = 0
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: dict[str, Any] | None = None
+    max_position_embeddings: int = 2048
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False  # q/k/v projections carry a bias (Qwen2)
+    sliding_window: int | None = None
+    num_experts: int = 0  # 0 = dense MLP; Mixtral: 8
+    num_experts_per_tok: int = 0
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+
+    def __post_init__(self):
+        if self.architecture not in SUPPORTED_ARCHITECTURES:
+            raise TokenloomError(
+                f"unsupported architecture '{self.architecture}' (supported: {', '.join(SUPPORTED_ARCHITECTURES)})"
+            )
+        if not self.head_dim:
+            self.head_dim = self.hidden_size // self.num_heads
+        if self.num_heads % self.num_kv_heads:
+            raise TokenloomError(f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}")
+        self.eos_token_ids = tuple(int(t) for t in self.eos_token_ids)
+
+    @classmethod
+    def from_hf(cls, cfg: dict) -> "ModelConfig":
+        """Map a transformers config.json dict onto ModelConfig."""
+        model_type = cfg.get("model_type", "")
+        if model_type not in SUPPORTED_ARCHITECTURES:
+            archs = cfg.get("architectures") or [model_type or "unknown"]
+            raise TokenloomError(
+                f"unsupported architecture '{model_type or archs[0]}' (supported: {', '.join(SUPPORTED_ARCHITECTURES)})"
+            )
+        eos = cfg.get("eos_token_id")
+        eos = [] if eos is None else (eos if isinstance(eos, list) else [eos])
+        rope_scaling = cfg.get("rope_scaling") or None
+        rope_theta = cfg.get("rope_theta")
+        rope_params = cfg.get("rope_parameters")  # transformers >= 5 nests rope settings here
+        if isinstance(rope_params, dict):
+            rope_theta = rope_theta or rope_params.get("rope_theta")
+            if rope_params.get("rope_type", "default") != "default":
+                rope_scaling = rope_params
+        sliding = cfg.get("sliding_window")
+        if model_type == "qwen2" and not cfg.get("use_sliding_window", False):
+            sliding = None
+        return cls(
+            architecture=model_type,
+            vocab_size=cfg["vocab_size"],
+            hidden_size=cfg["hidden_size"],
+            intermediate_size=cfg["intermediate_size"],
+            num_layers=cfg["num_hidden_layers"],
+            num_heads=cfg["num_attention_heads"],
+            num_kv_heads=cfg.get("num_key_value_heads") or cfg["num_attention_heads"],
+            head_dim=cfg.get("head_dim") or 0,
+            rms_norm_eps=cfg.get("rms_norm_eps", 1e-5),
+            rope_theta=float(rope_theta or 10000.0),
+            rope_scaling=rope_scaling,
+            max_position_embeddings=cfg.get("max_position_embeddings", 2048),
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            attention_bias=bool(cfg.get("attention_bias", model_type == "qwen2")),
+            sliding_window=sliding,
+            num_experts=cfg.get("num_local_experts", 0) or 0,
+            num_experts_per_tok=cfg.get("num_experts_per_tok", 0) or 0,
+            bos_token_id=cfg.get("bos_token_id"),
+            eos_token_ids=tuple(eos),
+        )
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @property
+    def num_params(self) -> int:
+        h, i, v = self.hidden_size, self.intermediate_size, self.vocab_size
+        attn = h * self.num_heads * self.head_dim * 2 + h * self.num_kv_heads * self.head_dim * 2
+        mlp = 3 * h * i * max(1, self.num_experts) + (h * self.num_experts if self.num_experts else 0)
+        emb = v * h * (1 if self.tie_word_embeddings else 2)
+        return self.num_layers * (attn + mlp + 2 * h) + emb + h
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_dtype(name: str | torch.dtype, device: str = "cpu") -> torch.dtype:
+    if isinstance(name, torch.dtype):
+        return name
+    if name == "auto":
+        return torch.bfloat16 if device != "cpu" or _cpu_has_bf16() else torch.float32
+    if name not in DTYPES:
+        raise TokenloomError(f"unknown dtype '{name}' (choose from: auto, {', '.join(DTYPES)})")
+    return DTYPES[name]
+
+
+def _cpu_has_bf16() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+        return "avx512_bf16" in flags or "amx_bf16" in flags
+    except OSError:
+        return False
+
+
+@dataclass
+class CacheConfig:
+    block_size: int = 16
+    kv_cache_memory: int | None = None  # bytes; None = a share of free memory
+    num_blocks: int | None = None  # overrides kv_cache_memory when set (tests)
+    enable_prefix_caching: bool = True
+    kv_cache_dtype: str = "auto"  # auto = model dtype; int8 = quantized KV
+
+    def __post_init__(self):
+        if self.block_size <= 0 or self.block_size & (self.block_size - 1):
+            raise TokenloomError(f"block_size must be a power of two, got {self.block_size}")
+        if self.num_blocks is not None and self.num_blocks < 1:
+            raise TokenloomError("num_blocks must be >= 1")
+        if self.kv_cache_dtype not in ("auto", "int8"):
+            raise TokenloomError(f"unknown kv_cache_dtype '{self.kv_cache_dtype}' (auto, int8)")
+
+
+@dataclass
+class SchedulerConfig:
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    max_model_len: int = 0  # 0 = the model's context length
+
+    def __post_init__(self):
+        if self.max_num_seqs < 1:
+            raise TokenloomError("max_num_seqs must be >= 1")
+        if self.max_num_batched_tokens < 1:
+            raise TokenloomError("max_num_batched_tokens must be >= 1")
+
+
+@dataclass
+class EngineConfig:
+    model: str = "smollm2-135m"
+    dtype: str = "auto"
+    device: str = "cpu"
+    seed: int = 0
+    quantization: str | None = None
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)

@@ -1,0 +1,81 @@
+"""Runs one scheduled step as one forward pass over the paged KV cache, then samples."""
+from __future__ import annotations
+
+import torch
+
+from tokenloom.config import CacheConfig, ModelConfig
+from tokenloom.engine.scheduler import SchedulerOutput
+from tokenloom.engine.sequence import Request
+from tokenloom.layers.attention import build_attention_metadata
+from tokenloom.layers.sampler import Sampler, SamplerOutput, SamplingRow
+from tokenloom.models.llama import CausalLM
+
+
+def kv_bytes_per_block(cfg: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
+    return cfg.num_layers * 2 * block_size * cfg.num_kv_heads * cfg.head_dim * torch.finfo(dtype).bits // 8
+
+
+class ModelRunner:
+    def __init__(self, model: CausalLM, cache_config: CacheConfig, num_blocks: int, device: torch.device,
+                 generator: torch.Generator):
+        self.model = model
+        self.config: ModelConfig = model.config
+        self.block_size = cache_config.block_size
+        self.device = device
+        self.dtype = model.embed_tokens.weight.dtype
+        cfg = self.config
+        self.num_blocks = num_blocks
+        # One tensor for the whole cache: [layer, k/v, slot, kv_head, head_dim].
+        self.kv_cache = torch.zeros(
+            cfg.num_layers, 2, num_blocks * self.block_size, cfg.num_kv_heads, cfg.head_dim,
+            dtype=self.dtype, device=device,
+        )
+        self.layer_caches = [(self.kv_cache[i, 0], self.kv_cache[i, 1]) for i in range(cfg.num_layers)]
+        self.sampler = Sampler(generator)
+
+    def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
+        bs = self.block_size
+        for src, dst in copies:
+            self.kv_cache[:, :, dst * bs : (dst + 1) * bs] = self.kv_cache[:, :, src * bs : (src + 1) * bs]
+
+    @torch.inference_mode()
+    def execute(self, sched: SchedulerOutput) -> tuple[list[Request], SamplerOutput | None, torch.Tensor | None]:
+        """Run the step; returns the requests that produced a next token (with repeats for forks), their
+        samples, and the per-request logits rows (for prompt logprobs / tests)."""
+        if sched.blocks_to_copy:
+            self.copy_blocks(sched.blocks_to_copy)
+        input_ids, positions, query_lens, context_lens, tables = [], [], [], [], []
+        sample_rows: list[int] = []  # index into the flat batch of each row to sample
+        sample_reqs: list[Request] = []
+        offset = 0
+        for req, n in sched.scheduled:
+            start = req.num_computed_tokens
+            end = start + n
+            if n == 1 and req.output_token_ids:  # decode: only the last token is new
+                input_ids.append(req.output_token_ids[-1])
+            else:
+                input_ids.extend(req.all_token_ids[start:end])
+            positions.append((start, end))
+            query_lens.append(n)
+            context_lens.append(end)
+            tables.append(req.block_table)
+            offset += n
+            if end == req.num_tokens:  # caught up: this step yields the request's next token
+                family = [req] + req.forks  # n > 1: every completion draws its first token from this row
+                sample_rows += [offset - 1] * len(family)
+                sample_reqs += family
+        ids = torch.tensor(input_ids, dtype=torch.long, device=self.device)
+        pos = torch.cat([torch.arange(s, e) for s, e in positions]).to(self.device)
+        meta = build_attention_metadata(
+            query_lens, context_lens, tables, self.block_size,
+            self.config.num_heads // self.config.num_kv_heads, self.config.sliding_window, self.device,
+        )
+        hidden = self.model(ids, pos, self.layer_caches, meta)
+        if not sample_reqs:
+            return [], None, None
+        logits = self.model.compute_logits(hidden[sample_rows])
+        rows = [
+            SamplingRow(r.params, r.prompt_token_ids, r.output_token_ids, r.generator, self.config.eos_token_ids)
+            for r in sample_reqs
+        ]
+        return sample_reqs, self.sampler(logits, rows), logits

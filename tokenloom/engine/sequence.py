@@ -1,0 +1,62 @@
+"""A request as the engine tracks it: its tokens, how many have been computed, and its KV blocks."""
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+
+from tokenloom.sampling_params import SamplingParams
+
+
+class RequestStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass
+class Request:
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    max_tokens: int  # resolved against the context window
+    arrival_time: float = field(default_factory=time.perf_counter)
+    output_token_ids: list[int] = field(default_factory=list)
+    # The one counter of the scheduler: tokens whose K/V are in the cache. It catches up with num_tokens
+    # through prefill chunks, prefix-cache hits and decodes alike.
+    num_computed_tokens: int = 0
+    num_cached_tokens: int = 0  # tokens served from the prefix cache at first schedule
+    block_table: list[int] = field(default_factory=list)
+    num_hashed_blocks: int = 0  # leading blocks already registered in the prefix cache
+    block_hashes: list[int] = field(default_factory=list)
+    status: RequestStatus = RequestStatus.WAITING
+    finish_reason: str | None = None
+    stop_reason: str | int | None = None
+    num_preemptions: int = 0
+    group_id: str = ""  # the user request this completion belongs to
+    fork_of: "Request | None" = None  # n > 1: shares the parent's prompt blocks once the parent is prefilled
+    forks: list["Request"] = field(default_factory=list)  # children waiting for this request's prefill
+    first_token_time: float | None = None
+    last_token_time: float | None = None
+    logprobs: list = field(default_factory=list)  # per output token: {token_id: logprob}
+    prompt_logprobs: list = field(default_factory=list)
+    generator: object = None  # torch.Generator for seeded requests
+    detokenizer: object = None
+    text: str = ""
+    index: int = 0  # completion index within its prompt's n
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def all_token_ids(self) -> list[int]:
+        return self.prompt_token_ids + self.output_token_ids
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status == RequestStatus.FINISHED

@@ -1,0 +1,110 @@
+"""Interactive multi-turn chat in the terminal, as Ollama's `run`: streaming replies and slash commands."""
+from __future__ import annotations
+
+import dataclasses
+import shlex
+
+from tokenloom.config import TokenloomError
+from tokenloom.sampling_params import SamplingParams
+
+HELP = """Available commands:
+  /set parameter NAME VALUE   set a sampling parameter (temperature, top_k, top_p, min_p, seed,
+                              max_tokens, repetition_penalty, presence_penalty, frequency_penalty)
+  /set system TEXT            set the system prompt (clears the conversation)
+  /show parameters            show the sampling parameters
+  /show system                show the system prompt
+  /clear                      clear the conversation
+  /bye                        exit
+  /?, /help                   this help"""
+
+_PARAM_TYPES = {"temperature": float, "top_k": int, "top_p": float, "min_p": float, "seed": int,
+                "max_tokens": int, "repetition_penalty": float, "presence_penalty": float,
+                "frequency_penalty": float, "min_tokens": int}
+_ALIASES = {"num_predict": "max_tokens", "repeat_penalty": "repetition_penalty"}
+
+
+class ChatSession:
+    def __init__(self, llm, params: SamplingParams, system: str | None = None):
+        self.llm, self.params, self.system = llm, params, system
+        self.messages: list[dict] = []
+
+    def conversation(self) -> list[dict]:
+        head = [{"role": "system", "content": self.system}] if self.system else []
+        return head + self.messages
+
+    def command(self, line: str, out) -> bool:
+        """Handle a slash command; False means exit."""
+        try:
+            words = shlex.split(line)
+        except ValueError:
+            words = line.split()
+        cmd = words[0].lower()
+        if cmd in ("/bye", "/exit", "/quit"):
+            return False
+        if cmd == "/clear":
+            self.messages = []
+            out.write("Cleared session context\n")
+        elif cmd in ("/?", "/help"):
+            out.write(HELP + "\n")
+        elif cmd == "/set" and len(words) >= 3 and words[1] == "system":
+            self.system = line.split("system", 1)[1].strip().strip('"')
+            self.messages = []
+            out.write("Set system message.\n")
+        elif cmd == "/set" and len(words) == 4 and words[1] == "parameter":
+            name = _ALIASES.get(words[2], words[2])
+            if name not in _PARAM_TYPES:
+                out.write(f"Unknown parameter '{words[2]}' (known: {', '.join(_PARAM_TYPES)})\n")
+                return True
+            try:
+                value = _PARAM_TYPES[name](words[3])
+                self.params = dataclasses.replace(self.params, **{name: value})
+                out.write(f"Set parameter '{name}' to '{value}'\n")
+            except (ValueError, TokenloomError) as exc:
+                out.write(f"Invalid value for '{name}': {exc}\n")
+        elif cmd == "/show" and len(words) == 2 and words[1] == "parameters":
+            for name in _PARAM_TYPES:
+                out.write(f"{name:<20} {getattr(self.params, name)}\n")
+        elif cmd == "/show" and len(words) == 2 and words[1] == "system":
+            out.write(f"{self.system or '(none)'}\n")
+        else:
+            out.write(f"Unknown command '{line}'. Type /? for help\n")
+        return True
+
+    def reply(self, user_text: str, out) -> str:
+        self.messages.append({"role": "user", "content": user_text})
+        try:
+            prompt = self.llm.chat_prompt_ids(self.conversation())
+            printed = 0
+            text = ""
+            for o in self.llm.stream(prompt, self.params):
+                text = o.outputs[0].text
+                out.write(text[printed:])
+                out.flush()
+                printed = len(text)
+        except TokenloomError:
+            self.messages.pop()
+            raise
+        out.write("\n\n")
+        self.messages.append({"role": "assistant", "content": text})
+        return text
+
+    def loop(self, inp, out) -> None:
+        interactive = hasattr(inp, "isatty") and inp.isatty()
+        while True:
+            if interactive:
+                out.write(">>> ")
+                out.flush()
+            line = inp.readline()
+            if not line:
+                break
+            line = line.strip()
+            if not line:
+                continue
+            if line.startswith("/"):
+                if not self.command(line, out):
+                    break
+                continue
+            try:
+                self.reply(line, out)
+            except TokenloomError as exc:  # e.g. the conversation outgrew the context window
+                out.write(f"error: {exc}\n")

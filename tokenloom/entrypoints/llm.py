@@ -1,0 +1,117 @@
+"""Offline Python API in the style of vLLM: LLM(model=...).generate(prompts, SamplingParams(...))."""
+from __future__ import annotations
+
+from typing import Iterator, Sequence
+
+from tokenloom.config import CacheConfig, EngineConfig, SchedulerConfig, TokenloomError
+from tokenloom.engine.llm_engine import LLMEngine, RequestOutput
+from tokenloom.loader.sources import DEFAULT_MODEL
+from tokenloom.sampling_params import SamplingParams
+
+Message = dict  # {"role": ..., "content": ...}
+
+
+class LLM:
+    def __init__(
+        self,
+        model: str = DEFAULT_MODEL,
+        dtype: str = "auto",
+        device: str = "cpu",
+        seed: int = 0,
+        quantization: str | None = None,
+        max_model_len: int = 0,
+        max_num_seqs: int = 64,
+        max_num_batched_tokens: int = 2048,
+        block_size: int = 16,
+        kv_cache_memory: int | None = None,
+        num_blocks: int | None = None,
+        enable_prefix_caching: bool = True,
+        kv_cache_dtype: str = "auto",
+    ):
+        self.engine = LLMEngine(
+            EngineConfig(
+                model=model, dtype=dtype, device=device, seed=seed, quantization=quantization,
+                cache=CacheConfig(block_size, kv_cache_memory, num_blocks, enable_prefix_caching, kv_cache_dtype),
+                scheduler=SchedulerConfig(max_num_seqs, max_num_batched_tokens, max_model_len),
+            )
+        )
+        self.tokenizer = self.engine.tokenizer
+
+    def generate(
+        self,
+        prompts: str | list[int] | Sequence[str | list[int]],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = False,
+    ) -> list[RequestOutput]:
+        """Run every prompt to completion, batched; outputs in prompt order."""
+        if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        params = sampling_params or SamplingParams()
+        params = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
+        if len(params) != len(prompts):
+            raise TokenloomError(f"got {len(prompts)} prompts but {len(params)} sampling params")
+        ids = self._add_all(prompts, params)
+        finished: dict[str, RequestOutput] = {}
+        bar = None
+        if use_tqdm:
+            from tqdm import tqdm
+
+            bar = tqdm(total=len(ids), desc="generating", unit="req")
+        try:
+            while self.engine.has_unfinished():
+                for out in self.engine.step():
+                    if out.finished:
+                        finished[out.request_id] = out
+                        if bar:
+                            bar.update(1)
+        except BaseException:
+            for rid in ids:
+                self.engine.abort_request(rid)
+            raise
+        finally:
+            if bar:
+                bar.close()
+        return [finished[rid] for rid in ids]
+
+    def _add_all(self, prompts, params) -> list[str]:
+        ids: list[str] = []
+        try:
+            for prompt, p in zip(prompts, params):
+                ids.append(self.engine.add_request(prompt, p))
+        except BaseException:  # one bad prompt rejects the batch before anything runs
+            for rid in ids:
+                self.engine.abort_request(rid)
+            raise
+        return ids
+
+    def stream(self, prompt: str | list[int], sampling_params: SamplingParams | None = None) -> Iterator[RequestOutput]:
+        """Yield cumulative outputs of one request as its tokens arrive."""
+        rid = self.engine.add_request(prompt, sampling_params or SamplingParams())
+        try:
+            done = False
+            while not done:
+                for out in self.engine.step():
+                    if out.request_id == rid:
+                        done = out.finished
+                        yield out
+        finally:
+            self.engine.abort_request(rid)
+
+    def render_chat(self, messages: list[Message], add_generation_prompt: bool = True) -> str:
+        if self.tokenizer is None:
+            raise TokenloomError("this model has no tokenizer, so it cannot render chat messages")
+        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
+
+    def chat(
+        self,
+        messages: list[Message] | list[list[Message]],
+        sampling_params: SamplingParams | None = None,
+        use_tqdm: bool = False,
+    ) -> list[RequestOutput]:
+        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        prompts = [self.chat_prompt_ids(conv) for conv in conversations]
+        return self.generate(prompts, sampling_params, use_tqdm)
+
+    def chat_prompt_ids(self, messages: list[Message]) -> list[int]:
+        """The rendered template already holds any BOS the template wants: do not add special tokens again."""
+        return self.tokenizer.encode(self.render_chat(messages), add_special_tokens=False)
