@@ -224,10 +224,10 @@ class LLMEngine:
             if self.scheduler.waiting and not self.scheduler.running:
                 raise TokenloomError("scheduler is stuck: the waiting request does not fit in the KV cache")
             return []
-        sample_reqs, samples, _ = self.runner.execute(sched)
-        return self._postprocess(sched, sample_reqs, samples)
+        sample_reqs, samples, prompt_logprobs = self.runner.execute(sched)
+        return self._postprocess(sched, sample_reqs, samples, prompt_logprobs)
 
-    def _postprocess(self, sched, sample_reqs, samples) -> list[RequestOutput]:
+    def _postprocess(self, sched, sample_reqs, samples, prompt_logprobs) -> list[RequestOutput]:
         now = time.perf_counter()
         c = self._counters
         c["steps"] += 1
@@ -239,6 +239,13 @@ class LLMEngine:
                 c["prompt_tokens_computed"] += min(req.num_computed_tokens, req.num_prompt_tokens) - before
             self.block_manager.cache_full_blocks(req)
         self._account_kv_usage()
+        for req, (start, entries) in prompt_logprobs.items():
+            group = self.groups.get(req.group_id)
+            if group is not None:
+                if group.prompt_logprobs is None:  # the first prompt token has no context to be predicted from
+                    group.prompt_logprobs = [None] * req.num_prompt_tokens
+                # Entry p + 1 is the logprob of prompt token p + 1 (a recompute after preemption overwrites).
+                group.prompt_logprobs[start + 1 : start + 1 + len(entries)] = entries
 
         for req in sample_reqs:  # attach forks before any parent can finish and free the shared blocks
             if req.fork_of is not None and req.status == RequestStatus.WAITING:

@@ -1,6 +1,9 @@
 """Runs one scheduled step as one forward pass over the paged KV cache, then samples."""
 from __future__ import annotations
 
+import math
+
+import numpy as np
 import torch
 
 from tokenloom.config import CacheConfig, ModelConfig
@@ -15,6 +18,15 @@ def kv_bytes_per_block(cfg: ModelConfig, block_size: int, dtype: torch.dtype) ->
     return cfg.num_layers * 2 * block_size * cfg.num_kv_heads * cfg.head_dim * torch.finfo(dtype).bits // 8
 
 
+def zeros_lazily(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A zero tensor whose pages the OS supplies on first touch (calloc), so a large KV pool costs nothing
+    up front. Slots never written must read as zeros: padded attention keys may point at them."""
+    if device.type != "cpu":
+        return torch.zeros(shape, dtype=dtype, device=device)
+    nbytes = math.prod(shape) * torch.finfo(dtype).bits // 8
+    return torch.from_numpy(np.zeros(nbytes, dtype=np.uint8)).view(dtype).view(shape)
+
+
 class ModelRunner:
     def __init__(self, model: CausalLM, cache_config: CacheConfig, num_blocks: int, device: torch.device,
                  generator: torch.Generator):
@@ -26,10 +38,8 @@ class ModelRunner:
         cfg = self.config
         self.num_blocks = num_blocks
         # One tensor for the whole cache: [layer, k/v, slot, kv_head, head_dim].
-        self.kv_cache = torch.zeros(
-            cfg.num_layers, 2, num_blocks * self.block_size, cfg.num_kv_heads, cfg.head_dim,
-            dtype=self.dtype, device=device,
-        )
+        shape = (cfg.num_layers, 2, num_blocks * self.block_size, cfg.num_kv_heads, cfg.head_dim)
+        self.kv_cache = zeros_lazily(shape, self.dtype, device)
         self.layer_caches = [(self.kv_cache[i, 0], self.kv_cache[i, 1]) for i in range(cfg.num_layers)]
         self.sampler = Sampler(generator)
 
@@ -39,14 +49,15 @@ class ModelRunner:
             self.kv_cache[:, :, dst * bs : (dst + 1) * bs] = self.kv_cache[:, :, src * bs : (src + 1) * bs]
 
     @torch.inference_mode()
-    def execute(self, sched: SchedulerOutput) -> tuple[list[Request], SamplerOutput | None, torch.Tensor | None]:
-        """Run the step; returns the requests that produced a next token (with repeats for forks), their
-        samples, and the per-request logits rows (for prompt logprobs / tests)."""
+    def execute(self, sched: SchedulerOutput) -> tuple[list[Request], SamplerOutput | None, dict]:
+        """Run the step; returns the requests that produced a next token (a fork shares its parent's row),
+        their samples, and prompt logprobs computed this step ({request: [{token: logprob}, ...]})."""
         if sched.blocks_to_copy:
             self.copy_blocks(sched.blocks_to_copy)
         input_ids, positions, query_lens, context_lens, tables = [], [], [], [], []
         sample_rows: list[int] = []  # index into the flat batch of each row to sample
         sample_reqs: list[Request] = []
+        prompt_lp: list[tuple[Request, int, int, int]] = []  # (request, first flat row, rows, first position)
         offset = 0
         for req, n in sched.scheduled:
             start = req.num_computed_tokens
@@ -59,6 +70,9 @@ class ModelRunner:
             query_lens.append(n)
             context_lens.append(end)
             tables.append(req.block_table)
+            if req.params.prompt_logprobs is not None and start < req.num_prompt_tokens - 1:
+                # Row p predicts prompt token p + 1.
+                prompt_lp.append((req, offset, min(end, req.num_prompt_tokens - 1) - start, start))
             offset += n
             if end == req.num_tokens:  # caught up: this step yields the request's next token
                 family = [req] + req.forks  # n > 1: every completion draws its first token from this row
@@ -71,11 +85,29 @@ class ModelRunner:
             self.config.num_heads // self.config.num_kv_heads, self.config.sliding_window, self.device,
         )
         hidden = self.model(ids, pos, self.layer_caches, meta)
+        prompt_logprobs = {
+            req: (start, self._prompt_logprobs(req, hidden[o : o + n], req.prompt_token_ids[start + 1 : start + n + 1]))
+            for req, o, n, start in prompt_lp
+        }
         if not sample_reqs:
-            return [], None, None
+            return [], None, prompt_logprobs
         logits = self.model.compute_logits(hidden[sample_rows])
         rows = [
             SamplingRow(r.params, r.prompt_token_ids, r.output_token_ids, r.generator, self.config.eos_token_ids)
             for r in sample_reqs
         ]
-        return sample_reqs, self.sampler(logits, rows), logits
+        return sample_reqs, self.sampler(logits, rows), prompt_logprobs
+
+    def _prompt_logprobs(self, req: Request, hidden: torch.Tensor, next_tokens: list[int]) -> list[dict]:
+        logprobs = torch.log_softmax(self.model.compute_logits(hidden), dim=-1)
+        next_ids = torch.tensor(next_tokens, device=logprobs.device)
+        chosen = logprobs.gather(1, next_ids[:, None])[:, 0].tolist()
+        top_n = req.params.prompt_logprobs
+        top_vals, top_ids = logprobs.topk(top_n, dim=-1) if top_n else (None, None)
+        out = []
+        for i, tok in enumerate(next_tokens):
+            entry = {tok: chosen[i]}
+            if top_n:
+                entry.update({t: v for t, v in zip(top_ids[i].tolist(), top_vals[i].tolist()) if t not in entry})
+            out.append(entry)
+        return out

@@ -69,7 +69,9 @@ class Scheduler:
         # 2. Waiting requests, in arrival order, while there is room (not in a step that had to preempt).
         while self.waiting and budget > 0 and not out.num_preempted and len(self.running) < self.config.max_num_seqs:
             req = self.waiting[0]
-            cached = bm.find_cached_prefix(req) if req.num_computed_tokens == 0 else []
+            # Prompt logprobs need every prompt position computed, so such requests skip the prefix cache.
+            wants_all = req.params.prompt_logprobs is not None
+            cached = bm.find_cached_prefix(req) if req.num_computed_tokens == 0 and not wants_all else []
             num_cached = len(cached) * bm.block_size
             n = min(req.num_tokens - num_cached, budget)
             req.num_computed_tokens = num_cached

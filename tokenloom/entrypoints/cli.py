@@ -198,7 +198,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command == "generate" and not any(e.startswith("-") for e in extra):
+        args.args += extra  # positionals after options: `generate MODEL --chat "prompt"`
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if args.command == "generate":
         if len(args.args) > 2:
             parser.error("generate takes [MODEL] PROMPT (quote the prompt)")
