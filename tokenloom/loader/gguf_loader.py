@@ -6,17 +6,14 @@ tensor's worth of temporaries exists at any time besides the result.
 """
 from __future__ import annotations
 
-import math
-import os
 import re
 from typing import Any
 
-import gguf
 import numpy as np
 import torch
 
 from tokenloom.config import SUPPORTED_ARCHITECTURES, ModelConfig, TokenloomError
-from tokenloom.loader.gguf_meta import read_metadata
+from tokenloom.loader.gguf_meta import GGUFFile, open_gguf, read_metadata
 from tokenloom.loader.gguf_quants import check_supported, dequantize
 
 # GGUF `general.architecture` values we can load, and whether llama.cpp permuted their q/k rows
@@ -51,60 +48,9 @@ _BLK_EXPS_RE = re.compile(r"^blk\.(\d+)\.(ffn_gate|ffn_up|ffn_down)_exps\.(weigh
 _IGNORED = {"rope_freqs.weight"}
 
 
-class _TruncatedError(Exception):
-    pass
-
-
-class _CheckedReader(gguf.GGUFReader):
-    """GGUFReader that checks every tensor's data range against the file size before mapping it,
-    so a truncated file fails with a message naming the tensor instead of a numpy reshape error."""
-
-    def _build_tensors(self, start_offs, fields):  # type: ignore[override]
-        size = len(self.data)
-        for field in fields:
-            try:
-                _nl, name_data, _nd, dims, raw_dtype, offset_tensor = field.parts
-                name = bytes(name_data).decode("utf-8", errors="replace")
-                type_id = int(raw_dtype[0])
-                n_el = math.prod(int(d) for d in dims)
-                begin = int(start_offs + offset_tensor[0])
-            except Exception:  # layout of the reader's internals changed: let the reader check
-                break
-            try:
-                qtype = gguf.GGMLQuantizationType(type_id)
-            except ValueError:
-                raise _TruncatedError(f"tensor '{name}' has unknown ggml type id {type_id}") from None
-            bs, ts = gguf.GGML_QUANT_SIZES[qtype]
-            end = begin + n_el // bs * ts
-            if end > size:
-                raise _TruncatedError(
-                    f"truncated: tensor '{name}' needs bytes {begin}..{end} but the file has only {size} bytes"
-                )
-        return super()._build_tensors(start_offs, fields)
-
-
-def open_gguf_checked(path: str) -> gguf.GGUFReader:
-    """Open a GGUF file read-only (copy-on-write mapping, so torch can wrap its bytes without copying)."""
-    path = os.fspath(path)
-    if not os.path.exists(path):
-        raise TokenloomError(f"GGUF file not found: '{path}'")
-    if os.path.isdir(path):
-        raise TokenloomError(f"'{path}' is a directory, not a GGUF file")
-    size = os.path.getsize(path)
-    if size == 0:
-        raise TokenloomError(f"GGUF file '{path}' is empty")
-    with open(path, "rb") as f:
-        magic = f.read(4)
-    if magic != b"GGUF":
-        raise TokenloomError(f"'{path}' is not a GGUF file (no 'GGUF' magic at the start)")
-    try:
-        return _CheckedReader(path, "c")
-    except _TruncatedError as exc:
-        raise TokenloomError(f"GGUF file '{path}' is corrupt or {exc}") from None
-    except Exception as exc:  # the gguf package raises bare ValueError / IndexError / KeyError
-        raise TokenloomError(
-            f"cannot read GGUF file '{path}': corrupt or truncated header ({type(exc).__name__}: {exc})"
-        ) from None
+def open_gguf_checked(path: str) -> GGUFFile:
+    """Open a GGUF file read-only, checking every tensor's byte range against the file size."""
+    return open_gguf(path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -233,7 +179,7 @@ def unpermute_rows(t: torch.Tensor, n_head: int) -> torch.Tensor:
     return t.reshape(n_head, rows // n_head // 2, 2, *rest).transpose(1, 2).reshape(t.shape)
 
 
-def _raw_bytes(reader: gguf.GGUFReader, t) -> torch.Tensor:
+def _raw_bytes(reader: GGUFFile, t) -> torch.Tensor:
     """The tensor's block bytes as a uint8 torch tensor of shape [rows, bytes_per_row] (no copy)."""
     shape = tuple(int(d) for d in reversed(t.shape.tolist()))  # torch order: [..., out, in]
     row_len = shape[-1] if shape else 1
