@@ -126,7 +126,7 @@ def test_too_long_prompt_is_rejected_not_truncated(tiny_llama):
 
 def test_paged_attention_matches_contiguous():
     """Attention through scattered blocks equals plain causal attention over contiguous K/V."""
-    from tokenloom.layers.attention import build_attention_metadata, paged_attention
+    from tokenloom.layers.attention import LayerKVCache, build_attention_metadata, paged_attention
 
     torch.manual_seed(0)
     H, KVH, D, bs = 6, 2, 16, 4
@@ -150,7 +150,7 @@ def test_paged_attention_matches_contiguous():
     meta = build_attention_metadata(lens_q, lens_ctx, tables, bs, H // KVH, None, torch.device("cpu"))
     new_k = torch.cat([kk[c - q :] for kk, c, q in zip(full_k, lens_ctx, lens_q)])
     new_v = torch.cat([vv[c - q :] for vv, c, q in zip(full_v, lens_ctx, lens_q)])
-    out = paged_attention(torch.cat(q_all), new_k, new_v, k_cache, v_cache, meta, D**-0.5)
+    out = paged_attention(torch.cat(q_all), new_k, new_v, LayerKVCache(k_cache, v_cache), meta, D**-0.5)
     refs = []
     for qq, kk, vv, c, q in zip(q_all, full_k, full_v, lens_ctx, lens_q):
         kk, vv = kk.repeat_interleave(H // KVH, 1), vv.repeat_interleave(H // KVH, 1)
@@ -159,3 +159,22 @@ def test_paged_attention_matches_contiguous():
         scores = scores.masked_fill(torch.arange(c)[None, :] > qpos, float("-inf"))
         refs.append(torch.einsum("hqk,khd->qhd", scores.softmax(-1), vv).reshape(q, H * D))
     assert torch.allclose(out, torch.cat(refs), atol=1e-5)
+
+
+def test_int8_kv_cache_halves_memory_and_stays_close(tiny_llama):
+    from tests.test_models_vs_hf import record_logits
+
+    path, _ = tiny_llama
+    prompts = _prompts(4, 320, seed=11, lo=30, hi=50)
+    runs = {}
+    for kv in ("auto", "int8"):
+        llm = LLM(str(path), dtype="bfloat16", kv_cache_dtype=kv, max_num_batched_tokens=16)  # chunks read the cache
+        rec = record_logits(llm)
+        llm.generate(prompts, [_greedy(8)] * 4)
+        runs[kv] = (llm.engine.runner, torch.cat(rec))
+    (plain, ref), (quant, ours) = runs["auto"], runs["int8"]
+    bytes_plain = plain.kv_cache.element_size() * plain.kv_cache[0, 0, 0].numel()
+    bytes_int8 = quant.kv_cache.element_size() * quant.kv_cache[0, 0, 0].numel() + 4 * quant.kv_scales[0, 0, 0].numel()
+    assert bytes_int8 / bytes_plain < 0.55  # per slot: int8 values + one float32 scale per head vs bfloat16
+    assert quant.kv_cache.dtype == torch.int8
+    assert (ours - ref).abs().max() < 0.05 * ref.abs().max()

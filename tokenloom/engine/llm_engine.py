@@ -126,7 +126,7 @@ class LLMEngine:
 
         cache_cfg, sched_cfg = config.cache, config.scheduler
         max_model_len = min(sched_cfg.max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
-        block_bytes = kv_bytes_per_block(cfg, cache_cfg.block_size, self.dtype)
+        block_bytes = kv_bytes_per_block(cfg, cache_cfg.block_size, self.dtype, cache_cfg.kv_cache_dtype)
         if cache_cfg.num_blocks:
             num_blocks = cache_cfg.num_blocks
         else:

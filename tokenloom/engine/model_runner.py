@@ -9,13 +9,16 @@ import torch
 from tokenloom.config import CacheConfig, ModelConfig
 from tokenloom.engine.scheduler import SchedulerOutput
 from tokenloom.engine.sequence import Request
-from tokenloom.layers.attention import build_attention_metadata
+from tokenloom.layers.attention import LayerKVCache, build_attention_metadata
 from tokenloom.layers.sampler import Sampler, SamplerOutput, SamplingRow
 from tokenloom.models.llama import CausalLM
 
 
-def kv_bytes_per_block(cfg: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
-    return cfg.num_layers * 2 * block_size * cfg.num_kv_heads * cfg.head_dim * torch.finfo(dtype).bits // 8
+def kv_bytes_per_block(cfg: ModelConfig, block_size: int, dtype: torch.dtype, kv_cache_dtype: str = "auto") -> int:
+    slots = cfg.num_layers * 2 * block_size * cfg.num_kv_heads
+    if kv_cache_dtype == "int8":  # one byte per element plus a float32 scale per slot and head
+        return slots * (cfg.head_dim + 4)
+    return slots * cfg.head_dim * torch.finfo(dtype).bits // 8
 
 
 def zeros_lazily(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -23,7 +26,7 @@ def zeros_lazily(shape: tuple[int, ...], dtype: torch.dtype, device: torch.devic
     up front. Slots never written must read as zeros: padded attention keys may point at them."""
     if device.type != "cpu":
         return torch.zeros(shape, dtype=dtype, device=device)
-    nbytes = math.prod(shape) * torch.finfo(dtype).bits // 8
+    nbytes = math.prod(shape) * (torch.finfo(dtype).bits if dtype.is_floating_point else torch.iinfo(dtype).bits) // 8
     return torch.from_numpy(np.zeros(nbytes, dtype=np.uint8)).view(dtype).view(shape)
 
 
@@ -39,14 +42,21 @@ class ModelRunner:
         self.num_blocks = num_blocks
         # One tensor for the whole cache: [layer, k/v, slot, kv_head, head_dim].
         shape = (cfg.num_layers, 2, num_blocks * self.block_size, cfg.num_kv_heads, cfg.head_dim)
-        self.kv_cache = zeros_lazily(shape, self.dtype, device)
-        self.layer_caches = [(self.kv_cache[i, 0], self.kv_cache[i, 1]) for i in range(cfg.num_layers)]
+        quantized = cache_config.kv_cache_dtype == "int8"
+        self.kv_cache = zeros_lazily(shape, torch.int8 if quantized else self.dtype, device)
+        self.kv_scales = zeros_lazily(shape[:-1], torch.float32, device) if quantized else None
+        self.layer_caches = [
+            LayerKVCache(self.kv_cache[i, 0], self.kv_cache[i, 1],
+                         *((self.kv_scales[i, 0], self.kv_scales[i, 1]) if quantized else ()))
+            for i in range(cfg.num_layers)
+        ]
         self.sampler = Sampler(generator)
 
     def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
         bs = self.block_size
         for src, dst in copies:
-            self.kv_cache[:, :, dst * bs : (dst + 1) * bs] = self.kv_cache[:, :, src * bs : (src + 1) * bs]
+            for t in (self.kv_cache, self.kv_scales) if self.kv_scales is not None else (self.kv_cache,):
+                t[:, :, dst * bs : (dst + 1) * bs] = t[:, :, src * bs : (src + 1) * bs]
 
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> tuple[list[Request], SamplerOutput | None, dict]:

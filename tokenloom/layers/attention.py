@@ -1,7 +1,7 @@
 """Attention over a paged KV cache.
 
-The KV cache of one layer is two tensors of shape [num_slots, num_kv_heads, head_dim], where a slot is
-`block_id * block_size + offset`. A step's tokens (prefill chunks and decodes of many sequences, flattened)
+The KV cache of one layer is two tensors of shape [num_slots, num_kv_heads, head_dim] (LayerKVCache), where
+a slot is `block_id * block_size + offset`. A step's tokens (prefill chunks and decodes of many sequences, flattened)
 write their K/V into their slots, then each sequence attends over its own context by gathering the slots its
 block table names. The gather indices and masks are built once per step (AttentionMetadata) and shared by all
 layers, so the per-layer work is tensor ops only.
@@ -76,30 +76,59 @@ def build_attention_metadata(
     )
 
 
+class LayerKVCache:
+    """One layer's K and V slots, [S, KVH, D] each; int8 caches keep a float32 scale per slot and head."""
+
+    def __init__(self, k: torch.Tensor, v: torch.Tensor, k_scale: torch.Tensor | None = None,
+                 v_scale: torch.Tensor | None = None):
+        self.k, self.v, self.k_scale, self.v_scale = k, v, k_scale, v_scale
+
+    @staticmethod
+    def _quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        xf = x.float()
+        scale = xf.abs().amax(-1).clamp(min=1e-8) / 127.0  # symmetric, per token and head
+        return torch.round(xf / scale[..., None]).to(torch.int8), scale
+
+    def write(self, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        if self.k_scale is None:
+            self.k.index_copy_(0, slots, k.to(self.k.dtype))
+            self.v.index_copy_(0, slots, v.to(self.v.dtype))
+            return
+        for cache, scales, x in ((self.k, self.k_scale, k), (self.v, self.v_scale, v)):
+            q, scale = self._quantize(x)
+            cache.index_copy_(0, slots, q)
+            scales.index_copy_(0, slots, scale)
+
+    def read(self, slots: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        k, v = self.k.index_select(0, slots), self.v.index_select(0, slots)
+        if self.k_scale is None:
+            return k.to(dtype), v.to(dtype)
+        return ((k * self.k_scale.index_select(0, slots)[..., None]).to(dtype),
+                (v * self.v_scale.index_select(0, slots)[..., None]).to(dtype))
+
+
 def paged_attention(
     q: torch.Tensor,  # [T, H, D]
     k: torch.Tensor,  # [T, KVH, D]
     v: torch.Tensor,
-    k_cache: torch.Tensor,  # [S, KVH, D]
-    v_cache: torch.Tensor,
+    cache: LayerKVCache,
     meta: AttentionMetadata,
     scale: float,
 ) -> torch.Tensor:
     T, H, D = q.shape
     KVH = k.shape[1]
     G = H // KVH
-    k_cache.index_copy_(0, meta.slot_mapping, k.to(k_cache.dtype))
-    v_cache.index_copy_(0, meta.slot_mapping, v.to(v_cache.dtype))
+    cache.write(meta.slot_mapping, k, v)
     if meta.causal_only:
         out = F.scaled_dot_product_attention(
             q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), is_causal=True, scale=scale, enable_gqa=G > 1
         )
         return out.transpose(0, 1).reshape(T, H * D)
     B, Q = meta.num_seqs, meta.max_query_len
-    B_, L = meta.key_slots.shape
-    flat_slots = meta.key_slots.reshape(-1)
-    keys = k_cache.index_select(0, flat_slots).view(B_, L, KVH, D).to(q.dtype).transpose(1, 2)  # [B, KVH, L, D]
-    values = v_cache.index_select(0, flat_slots).view(B_, L, KVH, D).to(q.dtype).transpose(1, 2)
+    L = meta.key_slots.shape[1]
+    keys, values = cache.read(meta.key_slots.reshape(-1), q.dtype)
+    keys = keys.view(B, L, KVH, D).transpose(1, 2)  # [B, KVH, L, D]
+    values = values.view(B, L, KVH, D).transpose(1, 2)
     if Q == 1:  # pure decode: one query per sequence, already in order
         out = F.scaled_dot_product_attention(q.view(B, KVH, G, D), keys, values, attn_mask=meta.mask, scale=scale)
         return out.reshape(T, H * D)

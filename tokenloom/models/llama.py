@@ -36,7 +36,7 @@ class Attention(nn.Module):
         q = apply_rotary(q.view(T, self.num_heads, self.head_dim), cos, sin)
         k = apply_rotary(k.view(T, self.num_kv_heads, self.head_dim), cos, sin)
         v = v.view(T, self.num_kv_heads, self.head_dim)
-        out = paged_attention(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale)
+        out = paged_attention(q, k, v, kv_cache, meta, self.scale)
         return self.o_proj(out)
 
 
