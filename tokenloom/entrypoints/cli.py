@@ -193,6 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
     from tokenloom.bench import add_bench_parser
 
     add_bench_parser(sub, _add_engine_args)
+    sub.choices["bench"].set_defaults(func=cmd_bench)
     return parser
 
 
