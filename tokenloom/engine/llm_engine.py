@@ -149,6 +149,7 @@ class LLMEngine:
         self.generator = torch.Generator().manual_seed(config.seed)
         self.runner = ModelRunner(self.model, cache_cfg, num_blocks, self.device, self.generator)
         self.groups: dict[str, _Group] = {}
+        self.last_step_num_seqs = 0
         self._ids = itertools.count()
         self._counters = dict(steps=0, tokens_computed=0, prompt_tokens_computed=0,
                               slots_used=0, slots_alloc=0, slots_contig=0)
@@ -220,6 +221,7 @@ class LLMEngine:
     # ---- the step ------------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         sched = self.scheduler.schedule()
+        self.last_step_num_seqs = len(sched.scheduled)
         if not sched.scheduled:
             if self.scheduler.waiting and not self.scheduler.running:
                 raise TokenloomError("scheduler is stuck: the waiting request does not fit in the KV cache")
@@ -327,6 +329,16 @@ class LLMEngine:
                                          r.logprobs if r.params.logprobs is not None else None))
         return RequestOutput(group.request_id, group.prompt, group.prompt_token_ids, outs, finished,
                              group.metrics, group.prompt_logprobs)
+
+    def embed(self, prompts: list[list[int]]) -> list[list[float]]:
+        """Embedding per prompt: mean of the final-norm hidden states over its tokens, L2-normalised."""
+        out = []
+        for ids in prompts:
+            if not ids or len(ids) > self.max_model_len:
+                raise TokenloomError(f"embedding input must have 1..{self.max_model_len} tokens, got {len(ids)}")
+            hidden = self.runner.hidden_states(ids)
+            out.append(torch.nn.functional.normalize(hidden.float().mean(0), dim=0).tolist())
+        return out
 
     # ---- statistics ----------------------------------------------------------------------------------
     def _account_kv_usage(self) -> None:

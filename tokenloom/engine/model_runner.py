@@ -108,6 +108,19 @@ class ModelRunner:
         ]
         return sample_reqs, self.sampler(logits, rows), prompt_logprobs
 
+    @torch.inference_mode()
+    def hidden_states(self, token_ids: list[int]) -> torch.Tensor:
+        """Final-norm hidden states [n, hidden] of one causal forward over a scratch cache: the engine's own
+        cache and requests are untouched (used for embeddings)."""
+        n, cfg = len(token_ids), self.config
+        # Every layer writes its K/V and reads them back before the next layer runs: one scratch pair serves all.
+        k = torch.zeros(n, cfg.num_kv_heads, cfg.head_dim, dtype=self.dtype, device=self.device)
+        cache = LayerKVCache(k, torch.zeros_like(k))
+        meta = build_attention_metadata([n], [n], [list(range(n))], 1, cfg.num_heads // cfg.num_kv_heads,
+                                        cfg.sliding_window, self.device)
+        ids = torch.tensor(token_ids, dtype=torch.long, device=self.device)
+        return self.model(ids, torch.arange(n, device=self.device), [cache] * cfg.num_layers, meta)
+
     def _prompt_logprobs(self, req: Request, hidden: torch.Tensor, next_tokens: list[int]) -> list[dict]:
         logprobs = torch.log_softmax(self.model.compute_logits(hidden), dim=-1)
         next_ids = torch.tensor(next_tokens, device=logprobs.device)

@@ -193,6 +193,9 @@ def build_parser() -> argparse.ArgumentParser:
     from tokenloom.bench import add_bench_parser
 
     add_bench_parser(sub, _add_engine_args)
+    from tokenloom.quant.cli import add_quant_parsers
+
+    add_quant_parsers(sub, _add_engine_args)
     sub.choices["bench"].set_defaults(func=cmd_bench)
     return parser
 

@@ -1,0 +1,176 @@
+"""`tokenloom bench serve`: load-test a running OpenAI-compatible server over HTTP.
+
+Requests are streamed /v1/completions calls whose prompts are random token ids of the chosen lengths (sent as
+token-id list prompts, with ignore_eos so every request generates exactly its output length). They arrive as
+a Poisson process at --request-rate (inf = all at once), with at most --concurrency in flight. Per request the
+client measures TTFT (request sent -> first streamed token), TPOT ((last - first token) / (tokens - 1)) and
+ITL (gaps between streamed chunks); goodput counts requests per second meeting both SLOs.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import random
+import statistics
+import time
+from dataclasses import dataclass, field
+
+from tokenloom.bench.common import make_lengths, pct, random_prompts, summary
+
+
+@dataclass
+class RequestResult:
+    ok: bool = False
+    error: str = ""
+    prompt_len: int = 0
+    output_len: int = 0
+    ttft: float | None = None
+    tpot: float | None = None
+    latency: float = 0.0
+    itl: list[float] = field(default_factory=list)
+
+
+async def _discover(client, base_url: str, model: str | None) -> tuple[str, int]:
+    """The model name (first of /v1/models unless given) and its vocabulary size (Ollama /api/show when the
+    server has it, else 32000)."""
+    if model is None:
+        r = await client.get(f"{base_url}/v1/models")
+        r.raise_for_status()
+        model = r.json()["data"][0]["id"]
+    vocab = 32000
+    try:
+        r = await client.post(f"{base_url}/api/show", json={"model": model})
+        if r.status_code == 200:
+            info = r.json().get("model_info", {})
+            vocab = int(next(v for k, v in info.items() if k.endswith(".vocab_size")))
+    except Exception:  # noqa: BLE001 - not a tokenloom server: keep the default
+        pass
+    return model, vocab
+
+
+async def _one(client, url: str, model: str, prompt: list[int], max_tokens: int) -> RequestResult:
+    res = RequestResult(prompt_len=len(prompt))
+    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0, "stream": True,
+            "ignore_eos": True, "stream_options": {"include_usage": True}}
+    start = time.perf_counter()
+    first = last = None
+    chunks = 0
+    usage_tokens = None
+    try:
+        async with client.stream("POST", url, json=body) as r:
+            if r.status_code != 200:
+                res.error = f"HTTP {r.status_code}: {(await r.aread()).decode(errors='replace')[:200]}"
+                return res
+            async for line in r.aiter_lines():
+                if not line.startswith("data: "):
+                    continue
+                data = line[6:]
+                if data == "[DONE]":
+                    break
+                obj = json.loads(data)
+                if "error" in obj:
+                    res.error = str(obj["error"])
+                    return res
+                if obj.get("usage"):
+                    usage_tokens = obj["usage"]["completion_tokens"]
+                if not obj.get("choices"):
+                    continue
+                now = time.perf_counter()
+                if first is None:
+                    first = now
+                else:
+                    res.itl.append(now - last)
+                last = now
+                chunks += 1
+    except Exception as exc:  # noqa: BLE001 - counted as a failed request
+        res.error = f"{type(exc).__name__}: {exc}"
+        return res
+    end = time.perf_counter()
+    res.latency = end - start
+    res.output_len = usage_tokens if usage_tokens is not None else chunks
+    if first is not None:
+        res.ttft = first - start
+        if res.output_len > 1:
+            res.tpot = (last - first) / (res.output_len - 1)
+    res.ok = first is not None
+    return res
+
+
+async def _run(args) -> dict:
+    import httpx
+
+    base_url = args.base_url.rstrip("/")
+    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+    n = args.num_prompts
+    limit = args.concurrency if args.concurrency > 0 else n
+    limits = httpx.Limits(max_connections=limit + 4, max_keepalive_connections=limit + 4)
+    async with httpx.AsyncClient(headers=headers, timeout=httpx.Timeout(None, connect=30.0), limits=limits) as client:
+        model, vocab = await _discover(client, base_url, args.model)
+        lengths = make_lengths(n, args.input_len, args.output_len, args.dist, args.seed)
+        prompts = random_prompts(lengths, vocab, args.seed)
+        url = f"{base_url}/v1/completions"
+        await _one(client, url, model, prompts[0][:8], 2)  # warm-up (connection, first-request costs)
+
+        rng = random.Random(args.seed)
+        sem = asyncio.Semaphore(limit)
+
+        async def limited(p, lo):
+            async with sem:
+                return await _one(client, url, model, p, lo)
+
+        start = time.perf_counter()
+        tasks = []
+        for i, (p, (_, lo)) in enumerate(zip(prompts, lengths)):
+            tasks.append(asyncio.create_task(limited(p, lo)))
+            if math.isfinite(args.request_rate) and args.request_rate > 0 and i < n - 1:
+                await asyncio.sleep(rng.expovariate(args.request_rate))
+        results = await asyncio.gather(*tasks)
+        duration = time.perf_counter() - start
+    return _report(args, model, results, duration)
+
+
+def _report(args, model: str, results: list[RequestResult], duration: float) -> dict:
+    ok = [r for r in results if r.ok]
+    failed = [r for r in results if not r.ok]
+    n_in = sum(r.prompt_len for r in ok)
+    n_out = sum(r.output_len for r in ok)
+    ttft = [r.ttft for r in ok if r.ttft is not None]
+    tpot = [r.tpot for r in ok if r.tpot is not None]
+    itl = [x for r in ok for x in r.itl]
+    lat = [r.latency for r in ok]
+    slo_ttft, slo_tpot = args.slo_ttft_ms / 1000, args.slo_tpot_ms / 1000
+    good = [r for r in ok if r.ttft is not None and r.ttft <= slo_ttft and (r.tpot is None or r.tpot <= slo_tpot)]
+    rate = "inf" if not math.isfinite(args.request_rate) else f"{args.request_rate:g}"
+    res = {
+        "model": model, "completed": len(ok), "failed": len(failed), "duration_s": duration,
+        "req_s": len(ok) / duration, "out_tok_s": n_out / duration, "total_tok_s": (n_in + n_out) / duration,
+        "input_tokens": n_in, "output_tokens": n_out, "goodput_req_s": len(good) / duration,
+        "ttft_ms": _stats(ttft), "tpot_ms": _stats(tpot), "itl_ms": _stats(itl), "e2e_ms": _stats(lat),
+    }
+    print(f"server {args.base_url}  model {model}  {len(results)} requests  rate {rate} req/s  concurrency "
+          f"{args.concurrency or 'unbounded'}  dist {args.dist}  input {args.input_len}  output {args.output_len}")
+    print(f"completed {len(ok)}  failed {len(failed)}  duration {duration:.2f} s  "
+          f"input {n_in} tokens  output {n_out} tokens")
+    print(f"request throughput {res['req_s']:8.2f} req/s")
+    print(f"output throughput  {res['out_tok_s']:8.1f} tok/s   total {res['total_tok_s']:8.1f} tok/s")
+    print(f"  TTFT ms   {summary(ttft)}")
+    print(f"  TPOT ms   {summary(tpot)}")
+    print(f"  ITL ms    {summary(itl)}")
+    print(f"  E2E ms    {summary(lat)}")
+    print(f"goodput {res['goodput_req_s']:.2f} req/s  ({len(good)}/{len(results)} requests meet TTFT <= "
+          f"{args.slo_ttft_ms:g} ms and TPOT <= {args.slo_tpot_ms:g} ms)")
+    if failed:
+        print(f"first failure: {failed[0].error}")
+    return res
+
+
+def _stats(values: list[float]) -> dict:
+    if not values:
+        return {}
+    v = [x * 1000 for x in values]
+    return {"mean": statistics.mean(v), "p50": pct(v, 50), "p90": pct(v, 90), "p99": pct(v, 99)}
+
+
+def bench_serve(args) -> dict:
+    return asyncio.run(_run(args))

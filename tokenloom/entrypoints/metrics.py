@@ -1,0 +1,110 @@
+"""Prometheus metrics of one server (its own CollectorRegistry, so several servers in one process never clash).
+
+    tokenloom_http_requests_total{path,status}       every HTTP request, by route and status code
+    tokenloom_request_success_total{finished_reason} generation requests that ran to the end (stop / length)
+    tokenloom_request_aborted_total                  generation requests aborted (client disconnected)
+    tokenloom_time_to_first_token_seconds            histogram: arrival -> first generated token
+    tokenloom_time_per_output_token_seconds          histogram: per request, decode time / (tokens - 1)
+    tokenloom_e2e_request_latency_seconds            histogram: arrival -> last token
+    tokenloom_prompt_tokens_total                    prompt tokens of finished generation requests
+    tokenloom_generation_tokens_total                generated tokens of finished generation requests
+    tokenloom_num_requests_running / _waiting        sequences in the engine now
+    tokenloom_kv_cache_usage_perc                    share of KV-cache blocks in use (0..1)
+    tokenloom_prefix_cache_hit_rate                  share of prompt tokens served from the prefix cache (0..1)
+    tokenloom_batch_size                             histogram: sequences per engine step
+    tokenloom_step_num_seqs / _max                   sequences in the last engine step / the most in any step
+    tokenloom_num_preemptions / _engine_steps        preemptions and engine steps so far
+"""
+from __future__ import annotations
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,  # noqa: F401  (re-exported for the server)
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+
+from tokenloom.engine.llm_engine import RequestOutput
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 1.5, 2.0,
+                    2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
+_E2E_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0)
+_BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 512)
+
+
+class ServerMetrics:
+    def __init__(self, async_engine, model_name: str):
+        self.registry = reg = CollectorRegistry()
+        self.model_name = model_name
+        labels = {"model_name": model_name}
+        self.http_requests = Counter("tokenloom_http_requests", "HTTP requests by route and status code",
+                                     ["path", "status"], registry=reg)
+        self.request_success = Counter("tokenloom_request_success", "Generation requests finished, by reason",
+                                       ["model_name", "finished_reason"], registry=reg)
+        self.request_aborted = Counter("tokenloom_request_aborted", "Generation requests aborted before the end",
+                                       ["model_name"], registry=reg).labels(**labels)
+        self.ttft = Histogram("tokenloom_time_to_first_token_seconds", "Time to first token",
+                              ["model_name"], buckets=_LATENCY_BUCKETS, registry=reg).labels(**labels)
+        self.tpot = Histogram("tokenloom_time_per_output_token_seconds", "Time per output token after the first",
+                              ["model_name"], buckets=_LATENCY_BUCKETS, registry=reg).labels(**labels)
+        self.e2e = Histogram("tokenloom_e2e_request_latency_seconds", "End-to-end request latency",
+                             ["model_name"], buckets=_E2E_BUCKETS, registry=reg).labels(**labels)
+        self.prompt_tokens = Counter("tokenloom_prompt_tokens", "Prompt tokens of finished requests",
+                                     ["model_name"], registry=reg).labels(**labels)
+        self.generation_tokens = Counter("tokenloom_generation_tokens", "Generated tokens of finished requests",
+                                         ["model_name"], registry=reg).labels(**labels)
+        self.batch_size = Histogram("tokenloom_batch_size", "Sequences per engine step", ["model_name"],
+                                    buckets=_BATCH_BUCKETS, registry=reg).labels(**labels)
+        self.step_seconds = Histogram("tokenloom_step_duration_seconds", "Duration of one engine step",
+                                      ["model_name"], buckets=_LATENCY_BUCKETS, registry=reg).labels(**labels)
+
+        def gauge(name, doc, fn):
+            Gauge(name, doc, ["model_name"], registry=reg).labels(**labels).set_function(fn)
+
+        st = async_engine.stats
+        gauge("tokenloom_num_requests_running", "Sequences running in the engine", lambda: st().num_running)
+        gauge("tokenloom_num_requests_waiting", "Sequences waiting in the engine or its command queue",
+              async_engine.num_waiting)
+        gauge("tokenloom_kv_cache_usage_perc", "Share of KV-cache blocks in use (0..1)", lambda: st().kv_cache_usage)
+        gauge("tokenloom_kv_cache_blocks_used", "KV-cache blocks in use", lambda: st().num_blocks_used)
+        gauge("tokenloom_kv_cache_blocks_total", "KV-cache blocks", lambda: st().num_blocks_total)
+        gauge("tokenloom_prefix_cache_hit_rate", "Share of prompt tokens found in the prefix cache (0..1)",
+              lambda: st().prefix_cache_hit_rate)
+        gauge("tokenloom_num_preemptions", "Preemptions so far", lambda: st().num_preemptions)
+        gauge("tokenloom_engine_steps", "Engine steps so far", lambda: st().steps)
+        gauge("tokenloom_step_num_seqs", "Sequences in the last engine step", lambda: async_engine.last_step_num_seqs)
+        gauge("tokenloom_step_num_seqs_max", "Most sequences in one engine step so far",
+              lambda: async_engine.max_step_num_seqs)
+        self._labels = labels
+        async_engine.step_listeners.append(self.observe_step)
+
+    def observe_step(self, num_seqs: int, seconds: float) -> None:
+        self.batch_size.observe(num_seqs)
+        self.step_seconds.observe(seconds)
+
+    def observe_http(self, path: str, status: int) -> None:
+        self.http_requests.labels(path=path, status=str(status)).inc()
+
+    def observe_finished(self, out: RequestOutput) -> None:
+        """A generation request that ran to the end."""
+        m = out.metrics
+        n_out = sum(len(o.token_ids) for o in out.outputs)
+        self.prompt_tokens.inc(len(out.prompt_token_ids))
+        self.generation_tokens.inc(n_out)
+        for o in out.outputs:
+            self.request_success.labels(model_name=self.model_name, finished_reason=o.finish_reason or "stop").inc()
+        if m.first_token_time is not None:
+            self.ttft.observe(m.first_token_time - m.arrival_time)
+            longest = max(len(o.token_ids) for o in out.outputs)
+            if m.finished_time is not None:
+                self.e2e.observe(m.finished_time - m.arrival_time)
+                if longest > 1:
+                    self.tpot.observe((m.finished_time - m.first_token_time) / (longest - 1))
+
+    def observe_aborted(self) -> None:
+        self.request_aborted.inc()
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
