@@ -123,6 +123,10 @@ class LLMEngine:
             from tokenloom.quant import quantize_model
 
             quantize_model(self.model, config.quantization)
+        if self.device.type == "cpu":
+            from tokenloom.layers.linear import pack_linear_layers
+
+            pack_linear_layers(self.model)
 
         cache_cfg, sched_cfg = config.cache, config.scheduler
         max_model_len = min(sched_cfg.max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
@@ -294,9 +298,8 @@ class LLMEngine:
         delta = detok.add([token]) if detok is not None else ""
         n_out = len(req.output_token_ids)
         reason = stop_reason = None
-        if not p.ignore_eos and token in self.model_config.eos_token_ids and n_out > p.min_tokens - 1:
+        if not p.ignore_eos and token in self.model_config.eos_token_ids and n_out >= p.min_tokens:
             reason = "stop"
-            stop_reason = None
         elif token in p.stop_token_ids and n_out >= p.min_tokens:
             reason, stop_reason = "stop", token
         elif p.stop and n_out >= p.min_tokens and delta:
@@ -312,6 +315,7 @@ class LLMEngine:
             reason = "length"
         if reason is not None:
             if not isinstance(stop_reason, str) and detok is not None:
+                detok.flush()  # a reply cut mid-character still returns its bytes (as U+FFFD)
                 req.text = detok.text
             req.finish_reason, req.stop_reason = reason, stop_reason
             self.scheduler.finish(req)

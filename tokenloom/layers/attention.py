@@ -129,9 +129,10 @@ def paged_attention(
     keys, values = cache.read(meta.key_slots.reshape(-1), q.dtype)
     keys = keys.view(B, L, KVH, D).transpose(1, 2)  # [B, KVH, L, D]
     values = values.view(B, L, KVH, D).transpose(1, 2)
-    if Q == 1:  # pure decode: one query per sequence, already in order
-        out = F.scaled_dot_product_attention(q.view(B, KVH, G, D), keys, values, attn_mask=meta.mask, scale=scale)
-        return out.reshape(T, H * D)
+    if Q == 1:  # pure decode: one query per sequence, already in order; plain matmuls beat the flash kernel here
+        scores = torch.matmul(q.view(B, KVH, G, D), keys.transpose(-1, -2)).float() * scale  # [B, KVH, G, L]
+        probs = scores.masked_fill_(~meta.mask, float("-inf")).softmax(-1).to(q.dtype)
+        return torch.matmul(probs, values).reshape(T, H * D)
     q_pad = torch.cat((q, q.new_zeros(1, H, D)))[meta.query_index]  # [B*Q, H, D]
     # Fold the query heads that share a KV head into the query axis: GQA without repeating K/V.
     q_pad = q_pad.view(B, Q, KVH, G, D).permute(0, 2, 3, 1, 4).reshape(B, KVH, G * Q, D)
