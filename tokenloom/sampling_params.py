@@ -1,9 +1,13 @@
 """Per-request generation settings, validated on construction (vLLM's SamplingParams semantics)."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from tokenloom.config import TokenloomError
+
+# Temperatures below this are greedy: dividing logits by them would overflow float32 (vLLM uses the same).
+SAMPLING_EPS = 1e-5
 
 
 class SamplingParamsError(TokenloomError, ValueError):
@@ -38,54 +42,78 @@ class SamplingParams:
         def bad(param, msg):
             raise SamplingParamsError(f"{param} {msg}", param)
 
-        if not isinstance(self.n, int) or self.n < 1:
+        def is_int(v) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        def number(param):  # a finite real number (ints accepted), stored as float
+            v = getattr(self, param)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                bad(param, f"must be a finite number, got {v!r}")
+            setattr(self, param, float(v))
+            return float(v)
+
+        if not is_int(self.n) or self.n < 1:
             bad("n", f"must be an integer >= 1, got {self.n!r}")
-        if self.temperature < 0:
-            bad("temperature", f"must be >= 0, got {self.temperature}")
-        if not isinstance(self.top_k, int) or self.top_k < -1:
+        if number("temperature") < 0:
+            bad("temperature", f"must be >= 0 (0 = greedy), got {self.temperature}")
+        if not is_int(self.top_k) or self.top_k < -1:
             bad("top_k", f"must be -1 (off) or a positive integer, got {self.top_k!r}")
         if self.top_k == 0:
             self.top_k = -1
-        if not 0 < self.top_p <= 1:
+        if not 0 < number("top_p") <= 1:
             bad("top_p", f"must be in (0, 1], got {self.top_p}")
-        if not 0 <= self.min_p <= 1:
+        if not 0 <= number("min_p") <= 1:
             bad("min_p", f"must be in [0, 1], got {self.min_p}")
-        if self.repetition_penalty <= 0:
+        if number("repetition_penalty") <= 0:
             bad("repetition_penalty", f"must be > 0, got {self.repetition_penalty}")
-        if not -2 <= self.presence_penalty <= 2:
+        if not -2 <= number("presence_penalty") <= 2:
             bad("presence_penalty", f"must be in [-2, 2], got {self.presence_penalty}")
-        if not -2 <= self.frequency_penalty <= 2:
+        if not -2 <= number("frequency_penalty") <= 2:
             bad("frequency_penalty", f"must be in [-2, 2], got {self.frequency_penalty}")
-        if self.max_tokens is not None and (not isinstance(self.max_tokens, int) or self.max_tokens < 1):
+        if self.max_tokens is not None and (not is_int(self.max_tokens) or self.max_tokens < 1):
             bad("max_tokens", f"must be an integer >= 1, got {self.max_tokens!r}")
-        if self.min_tokens < 0 or (self.max_tokens is not None and self.min_tokens > self.max_tokens):
-            bad("min_tokens", f"must be in [0, max_tokens], got {self.min_tokens}")
-        if self.logprobs is not None and not 0 <= self.logprobs <= 20:
-            bad("logprobs", f"must be in [0, 20], got {self.logprobs}")
-        if self.prompt_logprobs is not None and not 0 <= self.prompt_logprobs <= 20:
-            bad("prompt_logprobs", f"must be in [0, 20], got {self.prompt_logprobs}")
-        if self.seed is not None and not isinstance(self.seed, int):
+        if not is_int(self.min_tokens) or self.min_tokens < 0 or (
+                self.max_tokens is not None and self.min_tokens > self.max_tokens):
+            bad("min_tokens", f"must be an integer in [0, max_tokens], got {self.min_tokens!r}")
+        for param in ("logprobs", "prompt_logprobs"):
+            v = getattr(self, param)
+            if v is not None and (not is_int(v) or not 0 <= v <= 20):
+                bad(param, f"must be an integer in [0, 20], got {v!r}")
+        if self.seed is not None and not is_int(self.seed):
             bad("seed", f"must be an integer, got {self.seed!r}")
         if isinstance(self.stop, str):
             self.stop = [self.stop]
+        if not isinstance(self.stop or [], (list, tuple)) or not all(isinstance(s, str) for s in self.stop or []):
+            bad("stop", f"must be a string or a list of strings, got {self.stop!r}")
         self.stop = [s for s in (self.stop or []) if s]
+        if not isinstance(self.stop_token_ids or [], (list, tuple)) or not all(
+                is_int(t) for t in self.stop_token_ids or []):
+            bad("stop_token_ids", f"must be a list of token ids, got {self.stop_token_ids!r}")
         self.stop_token_ids = list(self.stop_token_ids or [])
         if self.logit_bias:
-            try:
-                self.logit_bias = {int(k): float(v) for k, v in self.logit_bias.items()}
-            except (TypeError, ValueError):
+            if not isinstance(self.logit_bias, dict):
                 bad("logit_bias", "must map token ids to numbers")
-            for v in self.logit_bias.values():
-                if not -100 <= v <= 100:
+            bias = {}
+            for k, v in self.logit_bias.items():
+                try:  # JSON object keys arrive as strings: "50256"
+                    tid = k if is_int(k) else int(k) if isinstance(k, str) else None
+                except ValueError:
+                    tid = None
+                if tid is None or isinstance(v, bool) or not isinstance(v, (int, float)):
+                    bad("logit_bias", f"must map token ids to numbers, got {k!r}: {v!r}")
+                if not -100 <= v <= 100:  # also rejects NaN
                     bad("logit_bias", f"values must be in [-100, 100], got {v}")
+                bias[tid] = float(v)
+            self.logit_bias = bias
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        return self.temperature < SAMPLING_EPS
 
     def check_vocab(self, vocab_size: int) -> None:
         """Errors that need the model: token ids outside the vocabulary."""
         for tid in list((self.logit_bias or {}).keys()) + list(self.stop_token_ids):
             if not 0 <= tid < vocab_size:
                 param = "logit_bias" if tid in (self.logit_bias or {}) else "stop_token_ids"
-                raise SamplingParamsError(f"{param}: token id {tid} is not in the vocabulary (size {vocab_size})", param)
+                raise SamplingParamsError(
+                    f"{param}: token id {tid} is not in the vocabulary (size {vocab_size})", param)

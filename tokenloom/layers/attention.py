@@ -26,6 +26,7 @@ class AttentionMetadata:
     max_query_len: int
     # Single sequence prefilled from position 0: plain causal attention over the new tokens, no gather.
     causal_only: bool = False
+    key_rows: torch.Tensor | None = None  # [B*KVH*L] rows of the cache viewed as [slot*KVH, D]; made by layer 0
 
 
 def build_attention_metadata(
@@ -99,12 +100,14 @@ class LayerKVCache:
             cache.index_copy_(0, slots, q)
             scales.index_copy_(0, slots, scale)
 
-    def read(self, slots: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        k, v = self.k.index_select(0, slots), self.v.index_select(0, slots)
+    def read(self, rows: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """Gather (slot, head) rows of the cache viewed as [S*KVH, D]."""
+        D = self.k.shape[-1]
+        k, v = self.k.view(-1, D).index_select(0, rows), self.v.view(-1, D).index_select(0, rows)
         if self.k_scale is None:
             return k.to(dtype), v.to(dtype)
-        return ((k * self.k_scale.index_select(0, slots)[..., None]).to(dtype),
-                (v * self.v_scale.index_select(0, slots)[..., None]).to(dtype))
+        return ((k * self.k_scale.view(-1).index_select(0, rows)[:, None]).to(dtype),
+                (v * self.v_scale.view(-1).index_select(0, rows)[:, None]).to(dtype))
 
 
 def paged_attention(
@@ -126,9 +129,11 @@ def paged_attention(
         return out.transpose(0, 1).reshape(T, H * D)
     B, Q = meta.num_seqs, meta.max_query_len
     L = meta.key_slots.shape[1]
-    keys, values = cache.read(meta.key_slots.reshape(-1), q.dtype)
-    keys = keys.view(B, L, KVH, D).transpose(1, 2)  # [B, KVH, L, D]
-    values = values.view(B, L, KVH, D).transpose(1, 2)
+    if meta.key_rows is None:  # gather straight into [B, KVH, L, D] order: no transposed copies later
+        heads = torch.arange(KVH, device=q.device)
+        meta.key_rows = (meta.key_slots[:, None, :] * KVH + heads[None, :, None]).reshape(-1)
+    keys, values = cache.read(meta.key_rows, q.dtype)
+    keys, values = keys.view(B, KVH, L, D), values.view(B, KVH, L, D)
     if Q == 1:  # pure decode: one query per sequence, already in order; plain matmuls beat the flash kernel here
         scores = torch.matmul(q.view(B, KVH, G, D), keys.transpose(-1, -2)).float() * scale  # [B, KVH, G, L]
         probs = scores.masked_fill_(~meta.mask, float("-inf")).softmax(-1).to(q.dtype)
