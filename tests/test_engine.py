@@ -184,3 +184,17 @@ def test_int8_kv_cache_halves_memory_and_stays_close(tiny_llama):
     assert kv_bytes_per_block(smollm, 16, torch.bfloat16, "int8") / kv_bytes_per_block(smollm, 16, torch.bfloat16) < 0.54
     assert quant.kv_cache.dtype == torch.int8
     assert (ours - ref).abs().max() < 0.05 * ref.abs().max()
+
+
+def test_packed_bf16_linears_change_nothing(tiny_llama, monkeypatch):
+    import tokenloom.layers.linear as linear
+
+    path, _ = tiny_llama
+    prompts = _prompts(3, 320, seed=4)
+    packed = LLM(str(path), dtype="bfloat16")
+    assert type(packed.engine.model.layers[0].mlp.down_proj) is linear.PackedLinear
+    monkeypatch.setattr(linear, "pack_linear_layers", lambda model: 0)
+    plain = LLM(str(path), dtype="bfloat16")
+    assert type(plain.engine.model.layers[0].mlp.down_proj) is torch.nn.Linear
+    outs = [[o.outputs[0].token_ids for o in llm.generate(prompts, [_greedy(12)] * 3)] for llm in (packed, plain)]
+    assert outs[0] == outs[1]
