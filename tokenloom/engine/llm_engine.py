@@ -245,7 +245,7 @@ class LLMEngine:
                 c["prompt_tokens_computed"] += min(req.num_computed_tokens, req.num_prompt_tokens) - before
             self.block_manager.cache_full_blocks(req)
         self._account_kv_usage()
-        for req, (start, entries) in prompt_logprobs.items():
+        for req, start, entries in prompt_logprobs:
             group = self.groups.get(req.group_id)
             if group is not None:
                 if group.prompt_logprobs is None:  # the first prompt token has no context to be predicted from

@@ -59,9 +59,9 @@ class ModelRunner:
                 t[:, :, dst * bs : (dst + 1) * bs] = t[:, :, src * bs : (src + 1) * bs]
 
     @torch.inference_mode()
-    def execute(self, sched: SchedulerOutput) -> tuple[list[Request], SamplerOutput | None, dict]:
+    def execute(self, sched: SchedulerOutput) -> tuple[list[Request], SamplerOutput | None, list]:
         """Run the step; returns the requests that produced a next token (a fork shares its parent's row),
-        their samples, and prompt logprobs computed this step ({request: [{token: logprob}, ...]})."""
+        their samples, and prompt logprobs computed this step [(request, first position, [{token: logprob}])]."""
         if sched.blocks_to_copy:
             self.copy_blocks(sched.blocks_to_copy)
         input_ids, positions, query_lens, context_lens, tables = [], [], [], [], []
@@ -95,10 +95,10 @@ class ModelRunner:
             self.config.num_heads // self.config.num_kv_heads, self.config.sliding_window, self.device,
         )
         hidden = self.model(ids, pos, self.layer_caches, meta)
-        prompt_logprobs = {
-            req: (start, self._prompt_logprobs(req, hidden[o : o + n], req.prompt_token_ids[start + 1 : start + n + 1]))
+        prompt_logprobs = [
+            (req, start, self._prompt_logprobs(req, hidden[o : o + n], req.prompt_token_ids[start + 1 : start + n + 1]))
             for req, o, n, start in prompt_lp
-        }
+        ]
         if not sample_reqs:
             return [], None, prompt_logprobs
         logits = self.model.compute_logits(hidden[sample_rows])

@@ -53,9 +53,10 @@ def _penalised(p: SamplingParams) -> bool:
     return p.repetition_penalty != 1.0 or p.presence_penalty != 0 or p.frequency_penalty != 0
 
 
-def apply_penalties(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+def apply_penalties(logits: torch.Tensor, rows: list[SamplingRow], saved: list | None = None) -> torch.Tensor:
     """Repetition (transformers/CTRL: over prompt and output), then presence and frequency (OpenAI: over the
-    output), in place. Only the logits of tokens a row has seen are touched: gathered, adjusted, scattered."""
+    output), in place. Only the logits of tokens a row has seen are touched: gathered, adjusted, scattered.
+    With `saved`, the touched positions and their previous values are appended to it (to undo the edit)."""
     idx = [i for i, r in enumerate(rows) if _penalised(r.params) and (r.prompt_token_ids or r.output_token_ids)]
     if not idx:
         return logits
@@ -65,6 +66,8 @@ def apply_penalties(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tens
     tok = torch.tensor([s + [s[0]] * (width - len(s)) for s in seen], dtype=torch.long)
     row_idx = torch.tensor(idx)[:, None]
     vals = logits[row_idx, tok]
+    if saved is not None:
+        saved.append(((row_idx, tok), vals))
     params = [rows[i].params for i in idx]
     rep = torch.tensor([p.repetition_penalty for p in params], dtype=logits.dtype)[:, None]
     vals = torch.where(vals > 0, vals / rep, vals * rep)
@@ -86,7 +89,9 @@ class _Workspace:
     on every step (the allocator hands such blocks back to the OS when they are freed), often more than the
     arithmetic done in it."""
 
-    MAX_ELEMENTS = 1 << 24  # per buffer (64 MiB of float32); larger requests are plain allocations
+    # Per buffer: 4 Mi elements (16 MiB of float32, e.g. 64 rows of a 64k vocabulary); larger requests are
+    # plain allocations. About a dozen buffers exist at most (fewer on the usual paths).
+    MAX_ELEMENTS = 1 << 22
 
     def __init__(self):
         self._bufs: dict[tuple[str, torch.dtype], torch.Tensor] = {}
@@ -205,8 +210,21 @@ class Sampler:
 
     def __call__(self, logits: torch.Tensor, rows: list[SamplingRow]) -> SamplerOutput:
         B, V = logits.shape
-        ws = self.ws
-        # Sparse per-row edits (a handful of ids each), gathered and applied in one indexing op each.
+        if logits.dtype != torch.float32:
+            logits, saved = self.ws("logits", B, V).copy_(logits), None
+        else:  # the caller's tensor: edited in place (sparse), and put back as it was before returning
+            saved = []
+        try:
+            self._edit(logits, rows, saved)
+            return self._run(logits, rows)
+        finally:
+            for index, values in reversed(saved or []):
+                logits.index_put_(index, values)
+
+    @staticmethod
+    def _edit(logits: torch.Tensor, rows: list[SamplingRow], saved: list | None) -> None:
+        """logit_bias, penalties, the min_tokens ban: sparse edits (a handful of ids per row) applied in place,
+        recording what they overwrite in `saved` (when not None)."""
         bias_r, bias_c, bias_v, ban_r, ban_c = [], [], [], [], []
         for i, r in enumerate(rows):
             p = r.params
@@ -218,16 +236,23 @@ class Sampler:
                 ban = list(r.eos_token_ids) + list(p.stop_token_ids)
                 ban_r += [i] * len(ban)
                 ban_c += ban
-        penalised = any(_penalised(r.params) for r in rows)
-        if bias_r or ban_r or penalised or logits.dtype != torch.float32:
-            logits = ws("logits", B, V).copy_(logits)  # float32, and never modify the caller's tensor
         if bias_r:
-            logits.index_put_((torch.tensor(bias_r), torch.tensor(bias_c)), torch.tensor(bias_v), accumulate=True)
-        if penalised:
-            apply_penalties(logits, rows)
+            index = (torch.tensor(bias_r), torch.tensor(bias_c))
+            before = logits[index]
+            if saved is not None:
+                saved.append((index, before))
+            logits.index_put_(index, before + torch.tensor(bias_v))
+        if any(_penalised(r.params) for r in rows):
+            apply_penalties(logits, rows, saved)
         if ban_r:
-            logits[torch.tensor(ban_r), torch.tensor(ban_c)] = NEG_INF
+            index = (torch.tensor(ban_r), torch.tensor(ban_c))
+            if saved is not None:
+                saved.append((index, logits[index]))
+            logits.index_put_(index, torch.tensor(NEG_INF))
 
+    def _run(self, logits: torch.Tensor, rows: list[SamplingRow]) -> SamplerOutput:
+        B, V = logits.shape
+        ws = self.ws
         sampled = [i for i, r in enumerate(rows) if r.params.temperature >= SAMPLING_EPS]
         greedy = [i for i, r in enumerate(rows) if r.params.temperature < SAMPLING_EPS]
         tokens = torch.empty(B, dtype=torch.long)
