@@ -14,7 +14,7 @@ class RequestStatus(enum.Enum):
     FINISHED = "finished"
 
 
-@dataclass
+@dataclass(eq=False)  # identity: a request is itself, not its field values
 class Request:
     request_id: str
     prompt_token_ids: list[int]
