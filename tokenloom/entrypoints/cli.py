@@ -22,6 +22,7 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-prefix-caching", action="store_true")
     g.add_argument("--quantization", "-q", default=None, help="int8, int4, nf4 (quantize weights at load)")
     g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--threads", type=int, default=0, help="CPU threads for PyTorch (default: one per core)")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser, max_tokens: int | None = 256) -> None:
@@ -48,7 +49,12 @@ def _parse_size(text: str) -> int:
 
 
 def make_llm(args):
+    import torch
+
     from tokenloom.entrypoints.llm import LLM
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     return LLM(
         model=args.model, dtype=args.dtype, device=args.device, seed=args.seed, quantization=args.quantization,
