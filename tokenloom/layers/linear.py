@@ -16,7 +16,7 @@ log = logging.getLogger("tokenloom")
 
 
 class PackedLinear(nn.Module):
-    def __init__(self, linear: nn.Linear, batch_hint: int = 1):
+    def __init__(self, linear: nn.Linear, batch_hint: int = 32):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.packed_weight = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), batch_hint)
