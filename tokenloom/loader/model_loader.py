@@ -63,8 +63,10 @@ def load_hf_config(path: Path) -> dict:
 
 def load_model(source: ModelSource, dtype: torch.dtype, device: torch.device, max_positions: int | None = None):
     """Returns (model, tokenizer)."""
+    raw_config: dict = {}
     if source.kind == "hf_dir":
-        cfg = ModelConfig.from_hf(load_hf_config(source.path))
+        raw_config = load_hf_config(source.path)
+        cfg = ModelConfig.from_hf(raw_config)
         # A directory without tokenizer files still runs on token ids (as vLLM's skip_tokenizer_init).
         has_tok = (source.path / "tokenizer.json").is_file()
         tokenizer = None
@@ -85,5 +87,10 @@ def load_model(source: ModelSource, dtype: torch.dtype, device: torch.device, ma
         cfg.eos_token_ids = tuple(dict.fromkeys([*cfg.eos_token_ids, *tokenizer.eos_token_ids]))
     max_positions = max_positions or cfg.max_position_embeddings
     model = build_model(cfg, dtype, device, max_positions)
-    model.load_hf_weights(weights)
+    if "quantization_config" in raw_config:  # GPTQ / AWQ / tokenloom-quantized directory
+        from tokenloom.quant.checkpoint import load_quantized
+
+        load_quantized(model, source.path, raw_config["quantization_config"], dtype)
+    else:
+        model.load_hf_weights(weights)
     return model, tokenizer
