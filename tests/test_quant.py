@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 
 import numpy as np
 import pytest
@@ -14,7 +13,10 @@ import torch.nn.functional as F
 
 from tokenloom.quant import QuantOptions, quantize_model
 from tokenloom.quant import kernels as K
-from tokenloom.quant.linear import AffineQuant, Int8Quant, NF4Quant, build_linear, weight_bytes
+from tokenloom.quant.linear import (
+    build_linear,
+    weight_bytes,
+)
 from tokenloom.quant.rtn import quantize_affine, quantize_int8
 
 
@@ -433,6 +435,34 @@ def test_checkpoint_formats_load_through_engine(tiny_llama, tmp_path):
     assert len(o.outputs[0].token_ids) == 6
 
 
+@pytest.mark.parametrize("method", ["int8", "gptq", "nf4"])
+def test_mixtral_experts_quantized_and_reloaded(tmp_path, method):
+    from conftest import make_tiny
+
+    from tokenloom.loader.model_loader import load_model
+    from tokenloom.loader.sources import resolve_model
+    from tokenloom.quant.checkpoint import save_quantized
+    from tokenloom.quant.evaluate import SequenceForward
+    from tokenloom.quant.moe import QuantSparseMoE
+
+    make_tiny("mixtral", tmp_path / "hf")
+    model, _ = load_model(resolve_model(str(tmp_path / "hf")), torch.float32, torch.device("cpu"))
+    ids = torch.tensor(_tiny_calibration(1, 32)[0])
+    h0 = SequenceForward(model, 32).hidden(ids)
+    res = quantize_model(model, QuantOptions(method=method, group_size=32, lm_head="none", block_size=32),
+                         calib_samples=_tiny_calibration(), return_records=True)
+    assert isinstance(model.layers[0].mlp, QuantSparseMoE)
+    h1 = SequenceForward(model, 32).hidden(ids)
+    assert (h1 - h0).norm() / h0.norm() < (0.03 if method == "int8" else 0.15)
+    out = save_quantized(model, res, tmp_path / method)
+    loaded, _ = load_model(resolve_model(str(out)), torch.float32, torch.device("cpu"))
+    assert isinstance(loaded.layers[1].mlp, QuantSparseMoE)
+    with torch.no_grad():  # the file holds the float tensors (router, norms, embeddings) as float16
+        for p in model.parameters():
+            p.copy_(p.half().float())
+    assert torch.equal(SequenceForward(loaded, 32).hidden(ids), SequenceForward(model, 32).hidden(ids))
+
+
 # ---------------------------------------------------------------------------------------------------------
 # GGUF blocks kept quantized
 
@@ -603,7 +633,7 @@ def test_default_model_int8_and_gguf(corpus_tokens, one_thread):
 @pytest.mark.slow
 def test_default_model_4bit_methods(corpus_tokens, one_thread, capsys):
     """Every 4-bit method's perplexity (group 128); GPTQ and AWQ beat round-to-nearest."""
-    tok, ids, calib = corpus_tokens
+    _, ids, calib = corpus_tokens
     ppl = {"base": _ppl(_model(torch.float32), ids)}
     for method in ("int4", "gptq", "awq", "nf4"):
         m = _model(torch.float32)  # calibration in float32, as `tokenloom quantize` does

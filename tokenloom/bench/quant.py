@@ -167,7 +167,7 @@ def _run_worker(job: dict, label: str) -> dict:
     env = dict(os.environ)
     env.setdefault("TQDM_MININTERVAL", "5")
     start = time.perf_counter()
-    proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=None, text=True, env=env)
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=None, text=True, env=env, check=False)
     lines = [line for line in proc.stdout.splitlines() if line.startswith(RESULT)]
     if proc.returncode != 0 or not lines:
         tail = "\n".join(proc.stdout.strip().splitlines()[-5:])

@@ -122,7 +122,8 @@ class LLMEngine:
         if config.quantization:
             from tokenloom.quant import quantize_model
 
-            quantize_model(self.model, config.quantization)
+            quantize_model(self.model, config.quantization, tokenizer=self.tokenizer,
+                           gguf_path=source.path if source.kind == "gguf" else None)
         if self.device.type == "cpu":
             from tokenloom.layers.linear import pack_linear_layers
 

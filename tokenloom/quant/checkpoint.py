@@ -425,7 +425,7 @@ class _Tensors:
             except Exception as exc:
                 raise TokenloomError(f"cannot read '{f}': corrupt or truncated safetensors file ({exc})") from None
             self.handles.append(h)
-            for k in h.keys():
+            for k in h.keys():  # noqa: SIM118 (safe_open is not a dict)
                 self.where[k] = h
 
     def __contains__(self, key):
@@ -434,8 +434,8 @@ class _Tensors:
     def get(self, key) -> torch.Tensor:
         return self.where[key].get_tensor(key)
 
-    def keys(self):
-        return self.where.keys()
+    def __iter__(self):
+        return iter(self.where)
 
 
 _QFIELDS = ("qweight", "qzeros", "scales", "g_idx", "nf4_weight", "nf4_absmax", "nf4_absmax_q", "nf4_absmax_scale",
@@ -463,7 +463,13 @@ def load_quantized(model, path, quant_config: dict, dtype: torch.dtype) -> None:
     loads as usual through model.load_hf_weights."""
     from torch import nn
 
-    from tokenloom.quant import QuantizeResult, QuantOptions, get_module, quantize_lm_head, set_module
+    from tokenloom.quant import (
+        QuantizeResult,
+        QuantOptions,
+        get_module,
+        quantize_lm_head,
+        set_module,
+    )
     from tokenloom.quant.kernels import kernel_act_dtype
     from tokenloom.quant.linear import build_linear
     from tokenloom.quant.moe import QuantSparseMoE
@@ -520,7 +526,7 @@ def load_quantized(model, path, quant_config: dict, dtype: torch.dtype) -> None:
                 layer.mlp = QuantSparseMoE(moe.gate, w13, w2, moe.top_k)
 
     def floats():
-        for key in ts.keys():
+        for key in ts:
             if key not in consumed:
                 yield key, ts.get(key).to(dtype)
 

@@ -449,8 +449,8 @@ def load():
         if _MODULE:
             return _MODULE[0]
         mod = None
-        if enabled() and torch.backends.cpu.get_cpu_capability() in ("AVX512", "AVX512_BF16", "AVX512_VNNI") \
-                or (enabled() and os.environ.get("TOKENLOOM_CPP_KERNELS") == "force"):
+        cap = cpu_capability()
+        if enabled() and (cap.startswith(("AVX512", "AMX")) or os.environ.get("TOKENLOOM_CPP_KERNELS") == "force"):
             mod = _build()
         _MODULE.append(mod)
         return mod

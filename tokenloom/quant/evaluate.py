@@ -20,7 +20,6 @@ import torch.nn.functional as F
 from tokenloom.config import TokenloomError
 from tokenloom.layers.attention import build_attention_metadata
 
-
 # ---------------------------------------------------------------------------------------------------------
 # single-sequence causal forward (no engine, no paged cache bookkeeping)
 

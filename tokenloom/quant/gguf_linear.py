@@ -26,10 +26,22 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tokenloom.config import TokenloomError
-from tokenloom.loader.gguf_quants import (QK_K, _bits, _f16, _k_scale_min, _nibbles, _q5_high, block_info,
-                                          dequantize)
-from tokenloom.quant.linear import AffineQuant, ConcatLinear, QuantizedEmbedding, build_linear
+from tokenloom.loader.gguf_quants import (
+    QK_K,
+    _bits,
+    _f16,
+    _k_scale_min,
+    _nibbles,
+    _q5_high,
+    block_info,
+    dequantize,
+)
+from tokenloom.quant.linear import (
+    AffineQuant,
+    ConcatLinear,
+    QuantizedEmbedding,
+    build_linear,
+)
 
 Q = gguf.GGMLQuantizationType
 
@@ -107,7 +119,7 @@ def gguf_affine(raw: torch.Tensor, qtype, row_len: int) -> AffineQuant | None:
     fn = _AFFINE.get(qtype)
     if fn is None:
         return None
-    bs, ts = block_info(qtype)
+    _, ts = block_info(qtype)
     n = raw.shape[0]
     blocks = raw.reshape(-1, ts)
     q, scale, offset, bits, g = fn(blocks)
@@ -198,7 +210,12 @@ _FUSED = (("self_attn.qkv_proj", ("attn_q", "attn_k", "attn_v")), ("self_attn.o_
 @torch.no_grad()
 def quantize_model_gguf(model, gguf_path, act_dtype, use_kernel: bool = True, progress: bool = False) -> dict:
     """Swap the model's (dequantized) linears for modules over the GGUF file's own quantized blocks."""
-    from tokenloom.loader.gguf_loader import GGUF_ARCHITECTURES, _raw_bytes, open_gguf_checked, unpermute_rows
+    from tokenloom.loader.gguf_loader import (
+        GGUF_ARCHITECTURES,
+        _raw_bytes,
+        open_gguf_checked,
+        unpermute_rows,
+    )
     from tokenloom.quant import get_module, is_moe, model_dtype, set_module
 
     reader = open_gguf_checked(str(gguf_path))

@@ -15,7 +15,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 
 from tokenloom.quant.linear import AffineQuant
 from tokenloom.quant.rtn import affine_params, affine_quantize
@@ -132,7 +131,14 @@ def layer_error(x: torch.Tensor, w: torch.Tensor, wq: torch.Tensor) -> float:
 
 @torch.no_grad()
 def gptq_quantize_model(model, samples: list[list[int]], opts, act_dtype, result, progress=False, keep=False):
-    from tokenloom.quant import _layer_iter, float_weight, get_module, is_moe, quantize_moe, swap_linear
+    from tokenloom.quant import (
+        _layer_iter,
+        float_weight,
+        get_module,
+        is_moe,
+        quantize_moe,
+        swap_linear,
+    )
     from tokenloom.quant.evaluate import SequenceForward, capture_input
 
     runners: dict[int, SequenceForward] = {}
@@ -165,7 +171,8 @@ def gptq_quantize_model(model, samples: list[list[int]], opts, act_dtype, result
             hess.add(h)
         recs["self_attn.qkv_proj"] = quantize(pfx + "self_attn.qkv_proj", hess)
         # 2. o: inputs are the attention outputs (with the quantized q/k/v)
-        att = [capture_input(attn.o_proj, lambda: runner(h.shape[0]).attention(layer, h)) for h in h1]
+        att = [capture_input(attn.o_proj, lambda h=h, layer=layer: runner(h.shape[0]).attention(layer, h))
+               for h in h1]
         del h1
         hess = Hessian(att[0].shape[-1])
         for a in att:
@@ -184,7 +191,7 @@ def gptq_quantize_model(model, samples: list[list[int]], opts, act_dtype, result
             for h in h2:
                 hess.add(h)
             recs["mlp.gate_up_proj"] = quantize(pfx + "mlp.gate_up_proj", hess)
-            acts = [capture_input(mlp.down_proj, lambda: mlp(h)) for h in h2]
+            acts = [capture_input(mlp.down_proj, lambda h=h, mlp=mlp: mlp(h)) for h in h2]
             hess = Hessian(acts[0].shape[-1])
             for a in acts:
                 hess.add(a)

@@ -53,7 +53,7 @@ def use_reference() -> bool:
     return _FORCE_REFERENCE[0] or _ENV_REFERENCE
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def int8_kernel_ok(dtype: torch.dtype) -> bool:
     op = getattr(torch.ops.aten, "_weight_int8pack_mm", None)
     if op is None:
@@ -67,7 +67,7 @@ def int8_kernel_ok(dtype: torch.dtype) -> bool:
         return False
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def int4_kernel_ok(dtype: torch.dtype) -> bool:
     mm = getattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu", None)
     conv = getattr(torch.ops.aten, "_convert_weight_to_int4pack_for_cpu", None)
@@ -85,7 +85,7 @@ def int4_kernel_ok(dtype: torch.dtype) -> bool:
         return False
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _cpu_bf16() -> bool:
     from tokenloom.config import _cpu_has_bf16
 

@@ -13,8 +13,7 @@ Records:
 """
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -22,7 +21,6 @@ from torch import nn
 
 from tokenloom.quant import cpu_kernels as C
 from tokenloom.quant import kernels as K
-
 
 # ---------------------------------------------------------------------------------------------------------
 # records
@@ -41,10 +39,10 @@ class Int8Quant:
         return self.q.float() * self.scale[:, None]
 
     @staticmethod
-    def cat(recs: list["Int8Quant"]) -> "Int8Quant":
+    def cat(recs: list[Int8Quant]) -> Int8Quant:
         return Int8Quant(torch.cat([r.q for r in recs]), torch.cat([r.scale for r in recs]))
 
-    def split(self, sizes: list[int]) -> list["Int8Quant"]:
+    def split(self, sizes: list[int]) -> list[Int8Quant]:
         return [Int8Quant(q, s) for q, s in zip(self.q.split(sizes), self.scale.split(sizes))]
 
 
@@ -72,13 +70,13 @@ class AffineQuant:
         return self.q.float() * self.scale[:, gi] + self.offset[:, gi]
 
     @staticmethod
-    def from_zero(q, scale, zero, bits, group_size, g_idx=None) -> "AffineQuant":
+    def from_zero(q, scale, zero, bits, group_size, g_idx=None) -> AffineQuant:
         scale = scale.float()
         zero_f = zero.float()
         return AffineQuant(q.to(torch.uint8), scale, -zero_f * scale, bits, group_size, g_idx, zero.to(torch.int32))
 
     @staticmethod
-    def cat(recs: list["AffineQuant"]) -> "AffineQuant":
+    def cat(recs: list[AffineQuant]) -> AffineQuant:
         r0 = recs[0]
         for r in recs[1:]:
             if r.bits != r0.bits or r.group_size != r0.group_size or r.scale.shape[1] != r0.scale.shape[1]:
@@ -89,7 +87,7 @@ class AffineQuant:
         return AffineQuant(torch.cat([r.q for r in recs]), torch.cat([r.scale for r in recs]),
                            torch.cat([r.offset for r in recs]), r0.bits, r0.group_size, r0.g_idx, zero)
 
-    def split(self, sizes: list[int]) -> list["AffineQuant"]:
+    def split(self, sizes: list[int]) -> list[AffineQuant]:
         zs = self.zero.split(sizes) if self.zero is not None else [None] * len(sizes)
         return [AffineQuant(q, s, o, self.bits, self.group_size, self.g_idx, z)
                 for q, s, o, z in zip(self.q.split(sizes), self.scale.split(sizes), self.offset.split(sizes), zs)]
@@ -118,7 +116,7 @@ class NF4Quant:
         return w.reshape(n, k)
 
     @staticmethod
-    def cat(recs: list["NF4Quant"]) -> "NF4Quant":
+    def cat(recs: list[NF4Quant]) -> NF4Quant:
         if any(r.absmax_q is not None for r in recs):  # double-quant blocks do not line up across tensors
             from tokenloom.quant.nf4 import double_quantize
 
@@ -610,7 +608,7 @@ def weight_bytes(model: nn.Module) -> int:
             if isinstance(value, torch.Tensor) and not attr.startswith("_"):
                 tensors.append((f"{mod_name}.{attr}", value))
     for name, t in tensors:
-        if t is None or "rotary" in name or name.endswith(".lut") or name.endswith(".code"):
+        if t is None or "rotary" in name or name.endswith((".lut", ".code")):
             continue
         if t.is_mkldnn or t.layout != torch.strided:
             key, size = ("opaque", id(t)), t.numel() * t.element_size()
