@@ -52,6 +52,16 @@ def add_bench_parser(sub, add_engine_args) -> None:
     b.add_argument("--methods", default="int8,int4,gptq,awq,nf4,gguf")
     b.add_argument("--eval-tokens", type=int, default=4096)
     b.add_argument("--out", default="bench_out", help="folder for the table and PNG chart")
+    b.add_argument("--input-len", type=int, default=128, help="prompt tokens of the speed runs")
+    b.add_argument("--output-len", type=int, default=64, help="new tokens of the speed runs")
+    b.add_argument("--rounds", type=int, default=5, help="round-robin speed rounds; the best of each is kept")
+    b.add_argument("--window", type=int, default=1024, help="perplexity window (stride: half of it)")
+    b.add_argument("--group-size", type=int, default=128, choices=[32, 64, 128], help="4-bit group size")
+    b.add_argument("--calib-samples", type=int, default=64, help="GPTQ/AWQ calibration sequences")
+    b.add_argument("--calib-seq-len", type=int, default=256, help="tokens per calibration sequence")
+    b.add_argument("--corpus", default="moby-dick", choices=["moby-dick", "sotu"],
+                   help="calibration (first half) and evaluation (second half) text")
+    b.add_argument("--requantize", action="store_true", help="ignore quantized checkpoints cached in OUT")
     add_engine_args(b)
 
 

@@ -182,17 +182,8 @@ def _run_worker(job: dict, label: str) -> dict:
 # the command
 
 
-# options of `bench quant` beyond the parser's model / --methods / --eval-tokens / --out / engine args
-DEFAULTS = dict(input_len=128, output_len=64, rounds=5, window=1024, calib_samples=64, calib_seq_len=256,
-                threads=0, group_size=128, corpus="moby-dick", requantize=False)
-
-
 def bench_quant(args) -> dict:
     from tokenloom.config import resolve_dtype
-
-    for key, value in DEFAULTS.items():
-        if getattr(args, key, None) is None:
-            setattr(args, key, value)
     from tokenloom.loader.sources import resolve_model
 
     source = resolve_model(args.model)

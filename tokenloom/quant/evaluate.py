@@ -1,4 +1,4 @@
-"""Quality evaluation: sliding-window perplexity over the model forward directly, and ROUGE of generations.
+"""Quality evaluation: sliding-window perplexity (over the model forward directly, or through the engine), and ROUGE.
 
 `tokenloom eval perplexity MODEL --text FILE` and `tokenloom eval rouge --pred FILE --ref FILE` (or with a MODEL
 and `--prompts FILE`, generating the predictions greedily first).
@@ -102,14 +102,11 @@ class PerplexityResult:
         return dict(ppl=self.ppl, nll=self.nll, tokens=self.tokens, windows=self.windows, seconds=self.seconds)
 
 
-@torch.inference_mode()
-def perplexity(model, token_ids: list[int] | torch.Tensor, window: int = 1024, stride: int | None = None,
-               progress: bool = False) -> PerplexityResult:
-    """Sliding-window perplexity: windows of `window` tokens every `stride` tokens; each token is scored once,
-    in the first window where it is not among the first `window - stride` (context-only) positions, so every
-    scored token after the first window sees at least `window - stride` tokens of context."""
-    ids = torch.as_tensor(token_ids, dtype=torch.long).reshape(-1)
-    n = ids.numel()
+def _windows(n: int, window: int, stride: int | None) -> tuple[int, list[tuple[int, int, int]]]:
+    """Sliding windows over n tokens: (begin, end, first scored index) for each window that scores anything.
+    Each token is scored once, in the first window where it is not among the first `window - stride`
+    (context-only) positions, so every scored token after the first window sees at least `window - stride`
+    tokens of context."""
     if n < 2:
         raise TokenloomError("perplexity needs at least 2 tokens")
     window = min(window, n)
@@ -118,39 +115,68 @@ def perplexity(model, token_ids: list[int] | torch.Tensor, window: int = 1024, s
     stride = min(stride or window // 2, window - 1)
     if stride < 1:
         raise TokenloomError("stride must be >= 1")
-    nll_sum, count, windows = 0.0, 0, 0
-    prev_end = 0
-    start_t = time.perf_counter()
     starts = list(range(0, max(n - window, 0) + 1, stride))
     if starts[-1] + window < n:
         starts.append(n - window)
+    spans, prev_end = [], 0
+    for begin in starts:
+        end = min(begin + window, n)
+        first_scored = max(prev_end, begin + 1)  # absolute index of the first target scored in this window
+        if first_scored < end:
+            spans.append((begin, end, first_scored))
+            prev_end = end
+    return window, spans
+
+
+@torch.inference_mode()
+def perplexity(model, token_ids: list[int] | torch.Tensor, window: int = 1024, stride: int | None = None,
+               progress: bool = False) -> PerplexityResult:
+    """Sliding-window perplexity of a CausalLM, one plain causal forward per window (see _windows)."""
+    ids = torch.as_tensor(token_ids, dtype=torch.long).reshape(-1)
+    window, spans = _windows(ids.numel(), window, stride)
+    nll_sum, count = 0.0, 0
+    start_t = time.perf_counter()
     bar = None
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=len(starts), desc="perplexity", unit="window", file=sys.stderr)
+        bar = tqdm(total=len(spans), desc="perplexity", unit="window", file=sys.stderr)
     runners: dict[int, SequenceForward] = {}
-    for begin in starts:
-        end = min(begin + window, n)
+    for begin, end, first_scored in spans:
         chunk = ids[begin:end]
         runner = runners.get(chunk.numel()) or runners.setdefault(chunk.numel(), SequenceForward(model, chunk.numel()))
-        first_scored = max(prev_end, begin + 1)  # absolute index of the first target scored in this window
-        if first_scored >= end:
-            continue
         hidden = runner.hidden(chunk)
         rows = torch.arange(first_scored - 1 - begin, end - 1 - begin)  # predicting tokens first_scored..end-1
         logits = model.compute_logits(hidden[rows])
-        nll = F.cross_entropy(logits.float(), chunk[rows + 1], reduction="sum")
-        nll_sum += float(nll)
+        nll_sum += float(F.cross_entropy(logits.float(), chunk[rows + 1], reduction="sum"))
         count += rows.numel()
-        prev_end = end
-        windows += 1
         if bar:
             bar.update(1)
     if bar:
         bar.close()
     mean = nll_sum / count
-    return PerplexityResult(math.exp(mean), mean, count, windows, time.perf_counter() - start_t)
+    return PerplexityResult(math.exp(mean), mean, count, len(spans), time.perf_counter() - start_t)
+
+
+def engine_perplexity(llm, token_ids: list[int], window: int = 1024, stride: int | None = None,
+                      progress: bool = False) -> PerplexityResult:
+    """The same windows scored through the engine's prompt logprobs, so everything the engine does to a prompt
+    applies: chunked prefill, paged attention and the KV cache dtype. With prefill chunks shorter than the
+    window, most keys each token attends to are read back from the (possibly int8) cache, as in decode."""
+    from tokenloom.sampling_params import SamplingParams
+
+    ids = [int(t) for t in token_ids]
+    window, spans = _windows(len(ids), window, stride)
+    params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0)
+    start_t = time.perf_counter()
+    outputs = llm.generate([ids[b:e] for b, e, _ in spans], params, use_tqdm=progress)
+    nll_sum, count = 0.0, 0
+    for (begin, end, first_scored), out in zip(spans, outputs):
+        for pos in range(first_scored, end):  # prompt_logprobs[i] holds the logprob of token i of the window
+            nll_sum -= out.prompt_logprobs[pos - begin][ids[pos]]
+            count += 1
+    mean = nll_sum / count
+    return PerplexityResult(math.exp(mean), mean, count, len(spans), time.perf_counter() - start_t)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -235,6 +261,10 @@ def add_eval_parser(sub, add_engine_args) -> None:
     e.add_argument("--window", type=int, default=1024, help="tokens per forward window")
     e.add_argument("--stride", type=int, default=512, help="tokens between window starts")
     e.add_argument("--max-tokens", type=int, default=0, help="score only the first N tokens (0 = all)")
+    e.add_argument("--chunk-size", type=int, default=None,
+                   help="score through the engine in prefill chunks of N tokens, so attention reads earlier tokens "
+                        "back from the KV cache as decode does (default: 64 with --kv-cache-dtype int8; otherwise "
+                        "one plain forward per window)")
     e.add_argument("--json", action="store_true", help="print the result as JSON")
     add_engine_args(e)
     e = esub.add_parser("rouge", help="ROUGE-1/2/L F1 of predictions against references")
@@ -258,6 +288,11 @@ def eval_command(args) -> None:
 def _eval_perplexity(args) -> None:
     from tokenloom.entrypoints.cli import make_llm
 
+    chunk = args.chunk_size if args.chunk_size is not None else (64 if args.kv_cache_dtype == "int8" else 0)
+    if chunk < 0:
+        raise TokenloomError("--chunk-size must be >= 0")
+    if chunk:
+        args.max_num_batched_tokens = chunk
     llm = make_llm(args)
     tok = llm.tokenizer
     if tok is None:
@@ -275,11 +310,16 @@ def _eval_perplexity(args) -> None:
         source = f"{args.corpus} (held-out part)"
     if args.max_tokens:
         ids = ids[: args.max_tokens]
-    res = perplexity(llm.engine.model, ids, args.window, args.stride, progress=not args.json)
-    if args.json:
-        print(json.dumps({"model": llm.engine.model_name, "text": source, **res.to_dict()}))
+    if chunk:
+        res = engine_perplexity(llm, ids, args.window, args.stride, progress=not args.json)
     else:
-        print(f"model {llm.engine.model_name}  text {source}  window {args.window}  stride {args.stride}")
+        res = perplexity(llm.engine.model, ids, args.window, args.stride, progress=not args.json)
+    how = dict(kv_cache_dtype=args.kv_cache_dtype, chunk_size=chunk or None)
+    if args.json:
+        print(json.dumps({"model": llm.engine.model_name, "text": source, **how, **res.to_dict()}))
+    else:
+        print(f"model {llm.engine.model_name}  text {source}  window {args.window}  stride {args.stride}  "
+              f"kv cache {args.kv_cache_dtype}" + (f"  engine chunks of {chunk}" if chunk else ""))
         print(f"perplexity {res.ppl:.4f}  (mean NLL {res.nll:.4f} nats over {res.tokens} tokens, "
               f"{res.windows} windows, {res.seconds:.1f} s)")
 
