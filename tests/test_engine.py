@@ -124,14 +124,27 @@ def test_too_long_prompt_is_rejected_not_truncated(tiny_llama):
     assert not llm.engine.has_unfinished()
 
 
-def test_paged_attention_matches_contiguous():
-    """Attention through scattered blocks equals plain causal attention over contiguous K/V."""
+@pytest.mark.parametrize("D,window", [(16, None), (64, None), (64, 6)])
+@pytest.mark.parametrize("kernels", [True, False])
+def test_paged_attention_matches_contiguous(D, window, kernels, monkeypatch):
+    """Attention through scattered blocks equals plain causal attention over contiguous K/V: a mixed step (the
+    decodes through the fused CPU kernel where it is built, or torch's path) and a pure decode step."""
+    from tokenloom.layers import cpu_ops
+
+    if not kernels:
+        monkeypatch.setattr(cpu_ops.EXTENSION, "state", [None])
+    torch.manual_seed(0)
+    H, KVH, bs = 6, 2, 4
+    # a prefill chunk after a cached prefix, decodes, a fresh prefill
+    lens_ctx, lens_q = [13, 1, 9, 22, 7], [5, 1, 9, 1, 1]
+    _check_paged_attention(lens_ctx, lens_q, H, KVH, D, bs, window)
+    _check_paged_attention([13, 30, 2], [1, 1, 1], H, KVH, D, bs, window)
+
+
+def _check_paged_attention(lens_ctx, lens_q, H, KVH, D, bs, window):
     from tokenloom.layers.attention import LayerKVCache, build_attention_metadata, paged_attention
 
-    torch.manual_seed(0)
-    H, KVH, D, bs = 6, 2, 16, 4
-    lens_ctx, lens_q = [13, 1, 9], [5, 1, 9]  # a prefill chunk after a cached prefix, a decode, a fresh prefill
-    num_blocks = 20
+    num_blocks = 40
     perm = torch.randperm(num_blocks).tolist()
     tables, pos = [], 0
     for c in lens_ctx:
@@ -147,7 +160,7 @@ def test_paged_attention_matches_contiguous():
             slot = t[p // bs] * bs + p % bs
             k_cache[slot], v_cache[slot] = kk[p], vv[p]
     q_all = [torch.randn(q, H, D) for q in lens_q]
-    meta = build_attention_metadata(lens_q, lens_ctx, tables, bs, H // KVH, None, torch.device("cpu"))
+    meta = build_attention_metadata(lens_q, lens_ctx, tables, bs, H // KVH, window, torch.device("cpu"))
     new_k = torch.cat([kk[c - q :] for kk, c, q in zip(full_k, lens_ctx, lens_q)])
     new_v = torch.cat([vv[c - q :] for vv, c, q in zip(full_v, lens_ctx, lens_q)])
     out = paged_attention(torch.cat(q_all), new_k, new_v, LayerKVCache(k_cache, v_cache), meta, D**-0.5)
@@ -156,7 +169,8 @@ def test_paged_attention_matches_contiguous():
         kk, vv = kk.repeat_interleave(H // KVH, 1), vv.repeat_interleave(H // KVH, 1)
         scores = torch.einsum("qhd,khd->hqk", qq, kk) * D**-0.5
         qpos = torch.arange(c - q, c)[:, None]
-        scores = scores.masked_fill(torch.arange(c)[None, :] > qpos, float("-inf"))
+        kpos = torch.arange(c)[None, :]
+        scores = scores.masked_fill((kpos > qpos) | (kpos <= qpos - (window or c)), float("-inf"))
         refs.append(torch.einsum("hqk,khd->qhd", scores.softmax(-1), vv).reshape(q, H * D))
     assert torch.allclose(out, torch.cat(refs), atol=1e-5)
 
@@ -198,3 +212,29 @@ def test_packed_bf16_linears_change_nothing(tiny_llama, monkeypatch):
     assert type(plain.engine.model.layers[0].mlp.down_proj) is torch.nn.Linear
     outs = [[o.outputs[0].token_ids for o in llm.generate(prompts, [_greedy(12)] * 3)] for llm in (packed, plain)]
     assert outs[0] == outs[1]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_cpu_ops_match_torch(dtype, monkeypatch):
+    """The fused RMSNorm (with and without the residual add) and rotary kernels give the torch code's numbers:
+    the same roundings to the dtype, so bfloat16 results are bit-identical."""
+    from tokenloom.layers import cpu_ops
+    from tokenloom.layers.norm import RMSNorm
+    from tokenloom.layers.rotary import apply_rotary_qk_
+
+    if cpu_ops.EXTENSION.load() is None:
+        pytest.skip("the fused CPU kernels are not available on this machine")
+    torch.manual_seed(0)
+    T, H, KVH, D = 37, 9, 3, 64
+    norm = RMSNorm(576, 1e-5).to(dtype)
+    norm.weight.data.uniform_(0.5, 1.5)
+    x, r = torch.randn(T, 576).to(dtype), torch.randn(T, 576).to(dtype)
+    qkv = torch.randn(T, (H + 2 * KVH) * D).to(dtype)
+    cos, sin = torch.randn(T, 1, D).to(dtype), torch.randn(T, 1, D).to(dtype)
+    fused = norm(x), norm(x, residual=r), apply_rotary_qk_(qkv.clone(), cos, sin, H, KVH, D)
+    monkeypatch.setattr(cpu_ops.EXTENSION, "state", [None])
+    plain = norm(x), norm(x, residual=r), apply_rotary_qk_(qkv.clone(), cos, sin, H, KVH, D)
+    exact = dtype == torch.bfloat16
+    for a, b in [(fused[0], plain[0]), *zip(fused[1], plain[1]), (fused[2], plain[2])]:
+        assert torch.equal(a, b) if exact else torch.allclose(a, b, atol=1e-5, rtol=1e-5)
+    assert torch.equal(fused[2][:, (H + KVH) * D :], qkv[:, (H + KVH) * D :])  # v heads untouched

@@ -153,7 +153,7 @@ def backend(request, monkeypatch):
         if cpu_kernels.load() is None:
             pytest.skip("tokenloom's GEMV kernels are not available on this machine")
     else:
-        monkeypatch.setattr(cpu_kernels, "_MODULE", [None])
+        monkeypatch.setattr(cpu_kernels.EXTENSION, "state", [None])
     return request.param
 
 

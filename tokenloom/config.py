@@ -2,10 +2,18 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
+
+
+def tokenloom_home() -> Path:
+    """Where models, corpora and compiled kernels are cached ($TOKENLOOM_HOME, default ~/.cache/tokenloom)."""
+    return Path(os.environ.get("TOKENLOOM_HOME") or Path.home() / ".cache" / "tokenloom")
+
 
 SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "mixtral")
 

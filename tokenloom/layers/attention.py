@@ -13,20 +13,40 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from tokenloom.layers import cpu_ops
+
+
+# Above this many attention scores (B*H*Q*L) a batch goes through the flash kernel, which never holds them all.
+MATMUL_ATTENTION_MAX_SCORES = 1 << 23
+
+
+@dataclass
+class AttentionBatch:
+    """Sequences attended together, padded to B sequences x Q query rows x L context keys. A step splits into at
+    most two: its decodes (Q == 1, the fused kernel's case) and the rest (prefill chunks), so one long prompt
+    does not pad every decode in the step to its length."""
+
+    token_rows: torch.Tensor | None  # rows of the step's flat batch in this batch (None: all, in order)
+    query_index: torch.Tensor  # [B*Q] row of the batch's own tokens (its token count = an all-zero pad row)
+    key_slots: torch.Tensor  # [B, L] cache slot of each context position (pad: slot 0, masked)
+    mask: torch.Tensor  # [B, 1, G*Q, L] bool, True = attend (already expanded over the GQA group G)
+    out_index: torch.Tensor  # [tokens] row of the padded output holding each token's result
+    num_seqs: int
+    max_query_len: int
+    # What the fused decode kernel reads instead of key_slots/mask: block tables and each sequence's key range.
+    block_table: torch.Tensor  # [B, max_blocks]
+    context_lens: torch.Tensor  # [B]
+    key_start: torch.Tensor  # [B] first position attended (sliding window), else 0
+    block_size: int
+    key_rows: torch.Tensor | None = None  # [B*KVH*L] rows of the cache viewed as [slot*KVH, D]; made by layer 0
+
 
 @dataclass
 class AttentionMetadata:
     slot_mapping: torch.Tensor  # [T] cache slot written by each new token
-    # Padded batch view used for attention: B sequences x Q query rows x L context keys.
-    query_index: torch.Tensor | None  # [B*Q] row of the flat token batch (T = an all-zero pad row)
-    key_slots: torch.Tensor | None  # [B, L] cache slot of each context position (pad: slot 0, masked)
-    mask: torch.Tensor | None  # [B, 1, G*Q, L] bool, True = attend (already expanded over the GQA group G)
-    out_index: torch.Tensor | None  # [T] row of the padded output holding each token's result
-    num_seqs: int
-    max_query_len: int
+    batches: list[AttentionBatch]
     # Single sequence prefilled from position 0: plain causal attention over the new tokens, no gather.
     causal_only: bool = False
-    key_rows: torch.Tensor | None = None  # [B*KVH*L] rows of the cache viewed as [slot*KVH, D]; made by layer 0
 
 
 def build_attention_metadata(
@@ -40,25 +60,50 @@ def build_attention_metadata(
 ) -> AttentionMetadata:
     """Index tensors for one step. query_lens[i] new tokens of sequence i end at context_lens[i]."""
     B = len(query_lens)
-    Q, L = max(query_lens), max(context_lens)
     T = sum(query_lens)
-    max_blocks = max(len(bt) for bt in block_tables)
-    table = torch.tensor([bt + [0] * (max_blocks - len(bt)) for bt in block_tables], dtype=torch.long)
+    q_lens = torch.tensor(query_lens, dtype=torch.long)
+    offsets = torch.cumsum(q_lens, 0) - q_lens
+    # Slots of the new tokens (flattened over sequences).
+    table = _block_table(block_tables)
+    seq_of_token = torch.repeat_interleave(torch.arange(B), q_lens)
+    tok_pos = torch.arange(T) - offsets[seq_of_token] + (torch.tensor(context_lens) - q_lens)[seq_of_token]
+    slot_mapping = (table[seq_of_token, tok_pos // block_size] * block_size + tok_pos % block_size).to(device)
+
+    if B == 1 and context_lens[0] == query_lens[0] and (sliding_window is None or T <= sliding_window):
+        return AttentionMetadata(slot_mapping, [], causal_only=True)
+    decodes = [i for i, q in enumerate(query_lens) if q == 1]
+    if not decodes or len(decodes) == B:
+        groups = [list(range(B))]
+    else:
+        groups = [decodes, [i for i, q in enumerate(query_lens) if q > 1]]
+    batches = []
+    for seqs in groups:
+        rows = None
+        if len(groups) > 1:
+            rows = torch.cat([torch.arange(offsets[i], offsets[i] + query_lens[i]) for i in seqs]).to(device)
+        batches.append(_build_batch([query_lens[i] for i in seqs], [context_lens[i] for i in seqs],
+                                    [block_tables[i] for i in seqs], rows, block_size, group_size, sliding_window,
+                                    device))
+    return AttentionMetadata(slot_mapping, batches)
+
+
+def _block_table(block_tables: list[list[int]]) -> torch.Tensor:
+    width = max(len(bt) for bt in block_tables)
+    return torch.tensor([bt + [0] * (width - len(bt)) for bt in block_tables], dtype=torch.long)
+
+
+def _build_batch(query_lens, context_lens, block_tables, token_rows, block_size, group_size, sliding_window,
+                 device) -> AttentionBatch:
+    B, Q, L, T = len(query_lens), max(query_lens), max(context_lens), sum(query_lens)
+    table = _block_table(block_tables)
     q_lens = torch.tensor(query_lens, dtype=torch.long)
     ctx_lens = torch.tensor(context_lens, dtype=torch.long)
     start = ctx_lens - q_lens  # position of each sequence's first new token
-
-    # Slots of the new tokens (flattened over sequences).
     seq_of_token = torch.repeat_interleave(torch.arange(B), q_lens)
     offsets = torch.cumsum(q_lens, 0) - q_lens
-    tok_pos = torch.arange(T) - offsets[seq_of_token] + start[seq_of_token]
-    slot_mapping = table[seq_of_token, tok_pos // block_size] * block_size + tok_pos % block_size
-
-    if B == 1 and context_lens[0] == query_lens[0] and (sliding_window is None or L <= sliding_window):
-        return AttentionMetadata(slot_mapping.to(device), None, None, None, None, 1, Q, causal_only=True)
 
     key_pos = torch.arange(L)
-    key_slots = table[:, (key_pos // block_size).clamp(max=max_blocks - 1)] * block_size + key_pos % block_size
+    key_slots = table[:, (key_pos // block_size).clamp(max=table.shape[1] - 1)] * block_size + key_pos % block_size
     q_row = torch.arange(Q)
     query_pos = start[:, None] + q_row[None, :]  # [B, Q]
     mask = key_pos[None, None, :] <= query_pos[:, :, None]  # causal within each sequence's context
@@ -71,9 +116,10 @@ def build_attention_metadata(
     query_index = torch.where(valid_q, offsets[:, None] + q_row[None, :], torch.full_like(query_pos, T)).reshape(-1)
     out_index = seq_of_token * Q + (torch.arange(T) - offsets[seq_of_token])
     mask = mask[:, None].expand(B, group_size, Q, L).reshape(B, 1, group_size * Q, L)
-    return AttentionMetadata(
-        slot_mapping.to(device), query_index.to(device), key_slots.to(device), mask.to(device),
-        out_index.to(device), B, Q,
+    key_start = (ctx_lens - sliding_window).clamp(min=0) if sliding_window is not None else torch.zeros_like(ctx_lens)
+    return AttentionBatch(
+        token_rows, query_index.to(device), key_slots.to(device), mask.to(device), out_index.to(device), B, Q,
+        table.to(device), ctx_lens.to(device), key_start.to(device), block_size,
     )
 
 
@@ -119,28 +165,54 @@ def paged_attention(
     scale: float,
 ) -> torch.Tensor:
     T, H, D = q.shape
-    KVH = k.shape[1]
-    G = H // KVH
     cache.write(meta.slot_mapping, k, v)
     if meta.causal_only:
         out = F.scaled_dot_product_attention(
-            q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), is_causal=True, scale=scale, enable_gqa=G > 1
+            q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), is_causal=True, scale=scale,
+            enable_gqa=H > k.shape[1],
         )
         return out.transpose(0, 1).reshape(T, H * D)
+    if len(meta.batches) == 1:
+        return _attend(q, k, v, cache, meta.batches[0], scale)
+    out = q.new_empty(T, H * D)
+    for b in meta.batches:
+        out[b.token_rows] = _attend(q[b.token_rows], k[b.token_rows], v[b.token_rows], cache, b, scale)
+    return out
+
+
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: LayerKVCache, meta: AttentionBatch,
+            scale: float) -> torch.Tensor:
+    """Attention of one batch's query tokens [tokens, H, D] (their new K/V [tokens, KVH, D]) over their
+    sequences' cached context."""
+    T, H, D = q.shape
+    KVH = cache.k.shape[1]
+    G = H // KVH
     B, Q = meta.num_seqs, meta.max_query_len
+    if Q == 1 and cache.k_scale is None and cache.k.dtype == q.dtype and D % 16 == 0 and (ops := cpu_ops.ops_for(q)):
+        # pure decode: read K/V straight from the paged cache (no gather, padding or mask)
+        return ops.paged_decode_attention(q, cache.k, cache.v, meta.block_table, meta.block_size,
+                                          meta.context_lens, meta.key_start, scale)
     L = meta.key_slots.shape[1]
     if meta.key_rows is None:  # gather straight into [B, KVH, L, D] order: no transposed copies later
         heads = torch.arange(KVH, device=q.device)
         meta.key_rows = (meta.key_slots[:, None, :] * KVH + heads[None, :, None]).reshape(-1)
     keys, values = cache.read(meta.key_rows, q.dtype)
     keys, values = keys.view(B, KVH, L, D), values.view(B, KVH, L, D)
-    if Q == 1:  # pure decode: one query per sequence, already in order; plain matmuls beat the flash kernel here
-        scores = torch.matmul(q.view(B, KVH, G, D), keys.transpose(-1, -2)).float() * scale  # [B, KVH, G, L]
+    if Q == 1:  # pure decode: one query per sequence, already in order
+        q_pad = q.reshape(B, KVH, G, D)
+    else:
+        q_pad = torch.cat((q, q.new_zeros(1, H, D)))[meta.query_index]  # [B*Q, H, D]
+        # Fold the query heads that share a KV head into the query axis: GQA without repeating K/V.
+        q_pad = q_pad.view(B, Q, KVH, G, D).permute(0, 2, 3, 1, 4).reshape(B, KVH, G * Q, D)
+    if B * H * Q * L <= MATMUL_ATTENTION_MAX_SCORES:
+        # Plain batched matmuls and a float32 softmax: several times faster than the CPU flash kernel with a mask
+        # at these sizes (the score matrix is small).
+        scores = torch.matmul(q_pad, keys.transpose(-1, -2)).float() * scale  # [B, KVH, G*Q, L]
         probs = scores.masked_fill_(~meta.mask, float("-inf")).softmax(-1).to(q.dtype)
-        return torch.matmul(probs, values).reshape(T, H * D)
-    q_pad = torch.cat((q, q.new_zeros(1, H, D)))[meta.query_index]  # [B*Q, H, D]
-    # Fold the query heads that share a KV head into the query axis: GQA without repeating K/V.
-    q_pad = q_pad.view(B, Q, KVH, G, D).permute(0, 2, 3, 1, 4).reshape(B, KVH, G * Q, D)
-    out = F.scaled_dot_product_attention(q_pad, keys, values, attn_mask=meta.mask, scale=scale)
+        out = torch.matmul(probs, values)
+    else:
+        out = F.scaled_dot_product_attention(q_pad, keys, values, attn_mask=meta.mask, scale=scale)
+    if Q == 1:
+        return out.reshape(T, H * D)
     out = out.view(B, KVH, G, Q, D).permute(0, 3, 1, 2, 4).reshape(B * Q, H * D)
     return out[meta.out_index]

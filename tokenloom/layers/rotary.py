@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from tokenloom.config import ModelConfig, TokenloomError
+from tokenloom.layers import cpu_ops
 
 
 def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
@@ -50,3 +51,15 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     return x * cos + rotated * sin
+
+
+def apply_rotary_qk_(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, num_heads: int, num_kv_heads: int,
+                     head_dim: int) -> torch.Tensor:
+    """Rotate the q and k heads of a fused [T, (H + 2*KVH) * D] qkv output in place (the v heads follow them)."""
+    T = qkv.shape[0]
+    if head_dim % 32 == 0 and cos.dtype == qkv.dtype and qkv.stride(-1) == 1 and (ops := cpu_ops.ops_for(qkv)):
+        ops.rotary_(qkv, cos.reshape(T, head_dim), sin.reshape(T, head_dim), num_heads + num_kv_heads, head_dim)
+        return qkv
+    qk = qkv[:, : (num_heads + num_kv_heads) * head_dim].view(T, num_heads + num_kv_heads, head_dim)
+    qk.copy_(apply_rotary(qk, cos, sin))
+    return qkv

@@ -5,7 +5,6 @@ $TOKENLOOM_HOME (default ~/.cache/tokenloom); nothing is ever loaded from a mode
 """
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import tempfile
@@ -13,7 +12,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from tokenloom.config import TokenloomError
+from tokenloom.config import TokenloomError, tokenloom_home
 
 
 @dataclass(frozen=True)
@@ -34,10 +33,6 @@ CATALOGUE = {
     ]
 }
 DEFAULT_MODEL = "smollm2-135m"
-
-
-def tokenloom_home() -> Path:
-    return Path(os.environ.get("TOKENLOOM_HOME") or Path.home() / ".cache" / "tokenloom")
 
 
 def models_dir() -> Path:

@@ -15,7 +15,7 @@ from tokenloom.config import ModelConfig, TokenloomError
 from tokenloom.layers.attention import AttentionMetadata, paged_attention
 from tokenloom.layers.moe import SparseMoE
 from tokenloom.layers.norm import RMSNorm
-from tokenloom.layers.rotary import RotaryEmbedding, apply_rotary
+from tokenloom.layers.rotary import RotaryEmbedding, apply_rotary_qk_
 
 
 class Attention(nn.Module):
@@ -32,9 +32,10 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, kv_cache, meta: AttentionMetadata):
         T = x.shape[0]
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = apply_rotary(q.view(T, self.num_heads, self.head_dim), cos, sin)
-        k = apply_rotary(k.view(T, self.num_kv_heads, self.head_dim), cos, sin)
+        qkv = apply_rotary_qk_(self.qkv_proj(x), cos, sin, self.num_heads, self.num_kv_heads, self.head_dim)
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.view(T, self.num_heads, self.head_dim)
+        k = k.view(T, self.num_kv_heads, self.head_dim)
         v = v.view(T, self.num_kv_heads, self.head_dim)
         out = paged_attention(q, k, v, kv_cache, meta, self.scale)
         return self.o_proj(out)
@@ -63,8 +64,9 @@ class DecoderLayer(nn.Module):
             self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size)
 
     def forward(self, x, cos, sin, kv_cache, meta):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv_cache, meta)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        h = self.self_attn(self.input_layernorm(x), cos, sin, kv_cache, meta)
+        h, x = self.post_attention_layernorm(h, residual=x)  # x += attention output, normalised in one pass
+        return x + self.mlp(h)
 
 
 class CausalLM(nn.Module):

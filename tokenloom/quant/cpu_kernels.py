@@ -12,21 +12,12 @@ activations in and out), which is close to memory bandwidth:
   gemv_u4_bf16  the same for bfloat16 activations on AVX512-BF16: nibbles become bf16 (affine: bits 0x4300 | q
             are exactly 128 + q; NF4: a register table) and meet x in vdpbf16ps
 
-Build: torch.utils.cpp_extension.load_inline with -O3 -march=native into $TOKENLOOM_HOME/kernels (the name
-carries a hash of the source and of the CPU's flags, so a different CPU builds its own copy). Any failure
-(no compiler, no ninja) leaves `load()` returning None and the layers fall back to torch's kernels.
-Set TOKENLOOM_CPP_KERNELS=0 to disable them.
+Built on first use by layers.cpp_extension (cached in $TOKENLOOM_HOME/kernels); where that fails, `load()`
+returns None and the layers fall back to torch's kernels. Set TOKENLOOM_CPP_KERNELS=0 to disable them.
 """
 from __future__ import annotations
 
-import hashlib
-import logging
-import os
-import threading
-
-import torch
-
-log = logging.getLogger("tokenloom")
+from tokenloom.layers.cpp_extension import InlineExtension
 
 SOURCE = r"""
 #include <torch/extension.h>
@@ -423,65 +414,12 @@ bool has_bf16() {
 }
 """
 
-_LOCK = threading.Lock()
-_MODULE: list = []  # [module or None] once tried
+EXTENSION = InlineExtension("tokenloom_qgemv", SOURCE, ["gemv_u8", "gemv_u4", "gemv_u4_bf16", "dequant", "has_bf16"])
 HAS_BF16 = [False]  # the module has the AVX512-BF16 variant (gemv_u4_bf16 runs natively)
-
-
-def _cpu_fingerprint() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line for line in f if line.startswith("flags")), "")
-    except OSError:
-        flags = ""
-    return hashlib.sha1((flags + torch.__version__).encode()).hexdigest()[:10]
-
-
-def enabled() -> bool:
-    return os.environ.get("TOKENLOOM_CPP_KERNELS", "1") not in ("0", "false", "no")
 
 
 def load():
     """The compiled extension, or None (disabled, unsupported platform, or the build failed)."""
-    if _MODULE:
-        return _MODULE[0]
-    with _LOCK:
-        if _MODULE:
-            return _MODULE[0]
-        mod = None
-        cap = cpu_capability()
-        if enabled() and (cap.startswith(("AVX512", "AMX")) or os.environ.get("TOKENLOOM_CPP_KERNELS") == "force"):
-            mod = _build()
-        _MODULE.append(mod)
-        return mod
-
-
-def _build():
-    try:
-        from torch.utils.cpp_extension import load_inline
-
-        from tokenloom.loader.sources import tokenloom_home
-
-        tag = hashlib.sha1(SOURCE.encode()).hexdigest()[:8] + "_" + _cpu_fingerprint()
-        build_dir = tokenloom_home() / "kernels" / tag
-        build_dir.mkdir(parents=True, exist_ok=True)
-        mod = load_inline(name=f"tokenloom_qgemv_{tag}", cpp_sources=[SOURCE],
-                          functions=["gemv_u8", "gemv_u4", "gemv_u4_bf16", "dequant", "has_avx512", "has_bf16"],
-                          extra_cflags=["-O3", "-march=native", "-fno-math-errno"], build_directory=str(build_dir),
-                          verbose=False)
-        if not mod.has_avx512():
-            log.info("tokenloom: quantized GEMV kernels built without AVX-512; using torch's kernels")
-            return None
-        HAS_BF16[0] = bool(mod.has_bf16())
-        return mod
-    except Exception as exc:  # no compiler / ninja / headers: torch's kernels remain
-        log.warning("tokenloom: could not build the quantized GEMV kernels (%s); using torch's kernels",
-                    str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
-        return None
-
-
-def cpu_capability() -> str:
-    try:
-        return torch.backends.cpu.get_cpu_capability()
-    except Exception:
-        return "unknown"
+    mod = EXTENSION.load()
+    HAS_BF16[0] = bool(mod is not None and mod.has_bf16())
+    return mod
