@@ -125,9 +125,11 @@ class LLMEngine:
             quantize_model(self.model, config.quantization, tokenizer=self.tokenizer,
                            gguf_path=source.path if source.kind == "gguf" else None)
         if self.device.type == "cpu":
+            from tokenloom.layers import cpu_ops
             from tokenloom.layers.linear import pack_linear_layers
 
             pack_linear_layers(self.model)
+            cpu_ops.EXTENSION.load()  # build or load the fused kernels now, not inside the first request's TTFT
 
         cache_cfg, sched_cfg = config.cache, config.scheduler
         max_model_len = min(sched_cfg.max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
