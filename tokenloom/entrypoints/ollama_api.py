@@ -28,6 +28,7 @@ from tokenloom.entrypoints.openai_api import (
     ServerState,
     _chat_logprobs,
     close_all,
+    documented_errors,
     dumps,
     embed_inputs,
     error_for,
@@ -45,13 +46,7 @@ class OllamaError(BaseModel):
     error: str
 
 
-ERRORS: dict[int | str, dict] = {
-    400: {"model": OllamaError, "description": "Malformed JSON, wrong types, invalid options, or a prompt (plus "
-                                               "num_predict) longer than the context window"},
-    401: {"model": OllamaError, "description": "Missing or wrong API key (when the server has one)"},
-    404: {"model": OllamaError, "description": "Unknown model"},
-    503: {"model": OllamaError, "description": "Too many waiting requests (--max-queue); retry later"},
-}
+ERRORS = documented_errors(OllamaError, "invalid options", "num_predict")
 
 
 class Options(BaseModel):

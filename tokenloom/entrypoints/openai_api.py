@@ -50,13 +50,18 @@ class ErrorResponse(BaseModel):
     error: ErrorDetail
 
 
-ERROR_RESPONSES: dict[int | str, dict] = {
-    400: {"model": ErrorResponse, "description": "Malformed JSON, wrong types, invalid sampling values, or a prompt "
-                                                  "(plus max_tokens) longer than the context window"},
-    401: {"model": ErrorResponse, "description": "Missing or wrong API key (when the server has one)"},
-    404: {"model": ErrorResponse, "description": "Unknown model"},
-    503: {"model": ErrorResponse, "description": "Too many waiting requests (--max-queue); retry later"},
-}
+def documented_errors(body: type[BaseModel], invalid: str, length_field: str) -> dict[int | str, dict]:
+    """The error statuses an API's OpenAPI document lists, each with that API's error body."""
+    return {
+        400: {"model": body, "description": f"Malformed JSON, wrong types, {invalid}, or a prompt (plus "
+                                             f"{length_field}) longer than the context window"},
+        401: {"model": body, "description": "Missing or wrong API key (when the server has one)"},
+        404: {"model": body, "description": "Unknown model"},
+        503: {"model": body, "description": "Too many waiting requests (--max-queue); retry later"},
+    }
+
+
+ERROR_RESPONSES = documented_errors(ErrorResponse, "invalid sampling values", "max_tokens")
 
 
 def error_for(exc: Exception) -> APIError:
@@ -336,12 +341,16 @@ class CompletionLogprobs(BaseModel):
     text_offset: list[int]
 
 
-class CompletionChoice(BaseModel):
+class _Choice(BaseModel):
+    """What every completion and chat choice carries."""
     index: int
-    text: str
-    logprobs: CompletionLogprobs | None = None
     finish_reason: Literal["stop", "length"] | None = None
     stop_reason: int | str | None = None
+
+
+class CompletionChoice(_Choice):
+    text: str
+    logprobs: CompletionLogprobs | None = None
 
 
 class Usage(BaseModel):
@@ -350,14 +359,18 @@ class Usage(BaseModel):
     total_tokens: int
 
 
-class CompletionResponse(BaseModel):
+class _Response(BaseModel):
+    """What every completion and chat response carries."""
     id: str
-    object: Literal["text_completion"] = "text_completion"
     created: int
     model: str
+    system_fingerprint: str | None = None
+
+
+class CompletionResponse(_Response):
+    object: Literal["text_completion"] = "text_completion"
     choices: list[CompletionChoice]
     usage: Usage | None = None
-    system_fingerprint: str | None = None
 
 
 class ContentPart(BaseModel):
@@ -412,22 +425,15 @@ class AssistantMessage(BaseModel):
     content: str | None = None
 
 
-class ChatChoice(BaseModel):
-    index: int
+class ChatChoice(_Choice):
     message: AssistantMessage
     logprobs: ChatLogprobs | None = None
-    finish_reason: Literal["stop", "length"] | None = None
-    stop_reason: int | str | None = None
 
 
-class ChatCompletionResponse(BaseModel):
-    id: str
+class ChatCompletionResponse(_Response):
     object: Literal["chat.completion"] = "chat.completion"
-    created: int
-    model: str
     choices: list[ChatChoice]
     usage: Usage
-    system_fingerprint: str | None = None
 
 
 class EmbeddingRequest(BaseModel):
@@ -564,7 +570,8 @@ async def create_completion(body: CompletionRequest, request: Request):
     n = params.n
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        gen = _completion_events(state, streams, rid, created, model, n, echo, include_usage, body.logprobs)
+        gen = _sse_response(state, streams, _completion_chunks(state, streams, rid, created, model, n, echo,
+                                                              include_usage, body.logprobs))
         return StreamingResponse(gen, media_type="text/event-stream", headers=SSE_HEADERS,
                                  background=close_all(streams))
 
@@ -607,42 +614,14 @@ def _sse(obj) -> str:
     return f"data: {dumps(obj)}\n\n"
 
 
-async def _completion_events(state: ServerState, streams, rid, created, model, n, echo, include_usage, logprobs):
-    tracker = DeltaTracker()
-    n_prompt: dict[int, int] = {}
-    n_out = 0
+async def _sse_response(state: ServerState, streams, chunks: AsyncIterator[dict]) -> AsyncIterator[str]:
+    """Server-sent events of a streaming endpoint: its chunks, then [DONE]. An engine error mid-stream becomes an
+    error event (then [DONE]); a client that leaves early counts as aborted. The streams are closed either way."""
     finished = False
-    base = {"id": rid, "object": "text_completion", "created": created, "model": model, "system_fingerprint": None}
-    if include_usage:
-        base["usage"] = None
     try:
-        if any(echo):
-            for i, e in enumerate(echo):
-                for j in range(n):
-                    yield _sse({**base, "choices": [{"index": i * n + j, "text": e, "logprobs": None,
-                                                     "finish_reason": None}]})
-        async for i, out in merge_streams(streams):
-            n_prompt[i] = len(out.prompt_token_ids)
-            for o in out.outputs:
-                key = i * n + o.index
-                if key in tracker.done:
-                    continue
-                text, t0, t1 = tracker.delta(key, o)
-                if not text and not o.finished and (logprobs is None or t0 == t1):
-                    continue
-                lp = (_completion_logprobs(state, o, t0, t1, tracker.text[key] - len(text) + len(echo[i]))
-                      if logprobs is not None else None)
-                choice = {"index": key, "text": text, "logprobs": lp, "finish_reason": o.finish_reason}
-                if o.finished:
-                    tracker.done.add(key)
-                    n_out += len(o.token_ids)
-                    choice["stop_reason"] = o.stop_reason
-                yield _sse({**base, "choices": [choice]})
-            if out.finished:
-                state.observe(out)
+        async for chunk in chunks:
+            yield _sse(chunk)
         finished = True
-        if include_usage:
-            yield _sse({**base, "choices": [], "usage": _usage(sum(n_prompt.values()), n_out)})
         yield "data: [DONE]\n\n"
     except asyncio.CancelledError:
         raise
@@ -655,6 +634,41 @@ async def _completion_events(state: ServerState, streams, rid, created, model, n
             state.observe_aborted()
         for s in streams:
             s.close()
+
+
+async def _completion_chunks(state: ServerState, streams, rid, created, model, n, echo, include_usage, logprobs):
+    tracker = DeltaTracker()
+    n_prompt: dict[int, int] = {}
+    n_out = 0
+    base = {"id": rid, "object": "text_completion", "created": created, "model": model, "system_fingerprint": None}
+    if include_usage:
+        base["usage"] = None
+    if any(echo):
+        for i, e in enumerate(echo):
+            for j in range(n):
+                yield {**base, "choices": [{"index": i * n + j, "text": e, "logprobs": None,
+                                            "finish_reason": None}]}
+    async for i, out in merge_streams(streams):
+        n_prompt[i] = len(out.prompt_token_ids)
+        for o in out.outputs:
+            key = i * n + o.index
+            if key in tracker.done:
+                continue
+            text, t0, t1 = tracker.delta(key, o)
+            if not text and not o.finished and (logprobs is None or t0 == t1):
+                continue
+            lp = (_completion_logprobs(state, o, t0, t1, tracker.text[key] - len(text) + len(echo[i]))
+                  if logprobs is not None else None)
+            choice = {"index": key, "text": text, "logprobs": lp, "finish_reason": o.finish_reason}
+            if o.finished:
+                tracker.done.add(key)
+                n_out += len(o.token_ids)
+                choice["stop_reason"] = o.stop_reason
+            yield {**base, "choices": [choice]}
+        if out.finished:
+            state.observe(out)
+    if include_usage:
+        yield {**base, "choices": [], "usage": _usage(sum(n_prompt.values()), n_out)}
 
 
 # ---- /v1/chat/completions ------------------------------------------------------------------------------------
@@ -704,8 +718,8 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request):
     streams = await state.submit_all([prompt_ids], params, rid)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        gen = _chat_events(state, streams, rid, created, model, params.n, include_usage,
-                           top_n if body.logprobs else None)
+        gen = _sse_response(state, streams, _chat_chunks(state, streams, rid, created, model, params.n,
+                                                        include_usage, top_n if body.logprobs else None))
         return StreamingResponse(gen, media_type="text/event-stream", headers=SSE_HEADERS,
                                  background=close_all(streams))
 
@@ -724,51 +738,36 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request):
                          "system_fingerprint": None})
 
 
-async def _chat_events(state: ServerState, streams, rid, created, model, n, include_usage, top_n):
+async def _chat_chunks(state: ServerState, streams, rid, created, model, n, include_usage, top_n):
     tracker = DeltaTracker()
     n_prompt = n_out = 0
-    finished = False
     base = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
             "system_fingerprint": None}
     if include_usage:
         base["usage"] = None
-    try:
-        for j in range(n):
-            yield _sse({**base, "choices": [{"index": j, "delta": {"role": "assistant", "content": ""},
-                                             "logprobs": None, "finish_reason": None}]})
-        async for _, out in merge_streams(streams):
-            n_prompt = len(out.prompt_token_ids)
-            for o in out.outputs:
-                if o.index in tracker.done:
-                    continue
-                text, t0, t1 = tracker.delta(o.index, o)
-                if not text and not o.finished and (top_n is None or t0 == t1):
-                    continue
-                lp = {"content": _chat_logprobs(state, o, t0, t1, top_n)} if top_n is not None else None
-                choice = {"index": o.index, "delta": {"content": text} if text else {}, "logprobs": lp,
-                          "finish_reason": o.finish_reason}
-                if o.finished:
-                    tracker.done.add(o.index)
-                    n_out += len(o.token_ids)
-                    choice["stop_reason"] = o.stop_reason
-                yield _sse({**base, "choices": [choice]})
-            if out.finished:
-                state.observe(out)
-        finished = True
-        if include_usage:
-            yield _sse({**base, "choices": [], "usage": _usage(n_prompt, n_out)})
-        yield "data: [DONE]\n\n"
-    except asyncio.CancelledError:
-        raise
-    except Exception as exc:  # noqa: BLE001
-        finished = True
-        yield _sse(error_for(exc).openai_body())
-        yield "data: [DONE]\n\n"
-    finally:
-        if not finished:
-            state.observe_aborted()
-        for s in streams:
-            s.close()
+    for j in range(n):
+        yield {**base, "choices": [{"index": j, "delta": {"role": "assistant", "content": ""},
+                                    "logprobs": None, "finish_reason": None}]}
+    async for _, out in merge_streams(streams):
+        n_prompt = len(out.prompt_token_ids)
+        for o in out.outputs:
+            if o.index in tracker.done:
+                continue
+            text, t0, t1 = tracker.delta(o.index, o)
+            if not text and not o.finished and (top_n is None or t0 == t1):
+                continue
+            lp = {"content": _chat_logprobs(state, o, t0, t1, top_n)} if top_n is not None else None
+            choice = {"index": o.index, "delta": {"content": text} if text else {}, "logprobs": lp,
+                      "finish_reason": o.finish_reason}
+            if o.finished:
+                tracker.done.add(o.index)
+                n_out += len(o.token_ids)
+                choice["stop_reason"] = o.stop_reason
+            yield {**base, "choices": [choice]}
+        if out.finished:
+            state.observe(out)
+    if include_usage:
+        yield {**base, "choices": [], "usage": _usage(n_prompt, n_out)}
 
 
 # ---- /v1/embeddings ------------------------------------------------------------------------------------------

@@ -64,7 +64,8 @@ def build_attention_metadata(
     q_lens = torch.tensor(query_lens, dtype=torch.long)
     offsets = torch.cumsum(q_lens, 0) - q_lens
     # Slots of the new tokens (flattened over sequences).
-    table = _block_table(block_tables)
+    width = max(len(bt) for bt in block_tables)
+    table = torch.tensor([bt + [0] * (width - len(bt)) for bt in block_tables], dtype=torch.long)
     seq_of_token = torch.repeat_interleave(torch.arange(B), q_lens)
     tok_pos = torch.arange(T) - offsets[seq_of_token] + (torch.tensor(context_lens) - q_lens)[seq_of_token]
     slot_mapping = (table[seq_of_token, tok_pos // block_size] * block_size + tok_pos % block_size).to(device)
@@ -82,20 +83,14 @@ def build_attention_metadata(
         if len(groups) > 1:
             rows = torch.cat([torch.arange(offsets[i], offsets[i] + query_lens[i]) for i in seqs]).to(device)
         batches.append(_build_batch([query_lens[i] for i in seqs], [context_lens[i] for i in seqs],
-                                    [block_tables[i] for i in seqs], rows, block_size, group_size, sliding_window,
-                                    device))
+                                    table[seqs] if len(groups) > 1 else table, rows, block_size, group_size,
+                                    sliding_window, device))
     return AttentionMetadata(slot_mapping, batches)
 
 
-def _block_table(block_tables: list[list[int]]) -> torch.Tensor:
-    width = max(len(bt) for bt in block_tables)
-    return torch.tensor([bt + [0] * (width - len(bt)) for bt in block_tables], dtype=torch.long)
-
-
-def _build_batch(query_lens, context_lens, block_tables, token_rows, block_size, group_size, sliding_window,
+def _build_batch(query_lens, context_lens, table, token_rows, block_size, group_size, sliding_window,
                  device) -> AttentionBatch:
     B, Q, L, T = len(query_lens), max(query_lens), max(context_lens), sum(query_lens)
-    table = _block_table(block_tables)
     q_lens = torch.tensor(query_lens, dtype=torch.long)
     ctx_lens = torch.tensor(context_lens, dtype=torch.long)
     start = ctx_lens - q_lens  # position of each sequence's first new token
@@ -173,17 +168,16 @@ def paged_attention(
         )
         return out.transpose(0, 1).reshape(T, H * D)
     if len(meta.batches) == 1:
-        return _attend(q, k, v, cache, meta.batches[0], scale)
+        return _attend(q, cache, meta.batches[0], scale)
     out = q.new_empty(T, H * D)
     for b in meta.batches:
-        out[b.token_rows] = _attend(q[b.token_rows], k[b.token_rows], v[b.token_rows], cache, b, scale)
+        out[b.token_rows] = _attend(q[b.token_rows], cache, b, scale)
     return out
 
 
-def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: LayerKVCache, meta: AttentionBatch,
-            scale: float) -> torch.Tensor:
-    """Attention of one batch's query tokens [tokens, H, D] (their new K/V [tokens, KVH, D]) over their
-    sequences' cached context."""
+def _attend(q: torch.Tensor, cache: LayerKVCache, meta: AttentionBatch, scale: float) -> torch.Tensor:
+    """Attention of one batch's query tokens [tokens, H, D] over their sequences' cached context (their own new
+    K/V already written)."""
     T, H, D = q.shape
     KVH = cache.k.shape[1]
     G = H // KVH

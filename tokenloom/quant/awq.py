@@ -136,17 +136,12 @@ def awq_quantize_model(model, samples: list[list[int]], opts, act_dtype, result,
         quantize_moe,
         swap_linear,
     )
-    from tokenloom.quant.evaluate import SequenceForward
+    from tokenloom.quant.evaluate import SequenceRunners
 
-    runners: dict[int, SequenceForward] = {}
-
-    def runner(length: int) -> SequenceForward:
-        if length not in runners:
-            runners[length] = SequenceForward(model, length)
-        return runners[length]
+    runners = SequenceRunners(model)
 
     bits, gs = opts.bits, opts.group_size
-    xs = [runner(len(s)).embed(torch.tensor(s)) for s in samples]
+    xs = [runners[len(s)].embed(torch.tensor(s)) for s in samples]
     report = {}
     for i, layer in _layer_iter(model, "awq", progress):
         attn, moe = layer.self_attn, is_moe(layer)
@@ -166,7 +161,7 @@ def awq_quantize_model(model, samples: list[list[int]], opts, act_dtype, result,
             mods.update(gate_up=layer.mlp.gate_up_proj, down=layer.mlp.down_proj)
         handles = [mods[n].register_forward_pre_hook(hook(n)) for n in names]
         try:
-            xs = [runner(x.shape[0]).layer(layer, x) for x in xs]  # float layer: next layer's inputs
+            xs = [runners[x.shape[0]].layer(layer, x) for x in xs]  # float layer: next layer's inputs
         finally:
             for h in handles:
                 h.remove()

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from tokenloom.config import TokenloomError
-from tokenloom.layers.attention import build_attention_metadata
+from tokenloom.layers.attention import LayerKVCache, build_attention_metadata
 
 # ---------------------------------------------------------------------------------------------------------
 # single-sequence causal forward (no engine, no paged cache bookkeeping)
@@ -41,7 +41,7 @@ class SequenceForward:
         self.positions = torch.arange(length, device=device)
         self.cache = torch.zeros(2, n_blocks * self.BLOCK, cfg.num_kv_heads, cfg.head_dim, dtype=self.dtype,
                                  device=device)
-        self.kv = _layer_cache(self.cache[0], self.cache[1])
+        self.kv = LayerKVCache(self.cache[0], self.cache[1])
         self._rope = None
 
     def rope(self):
@@ -70,13 +70,16 @@ class SequenceForward:
         return self.model(ids, self.positions, kv, self.meta)
 
 
-def _layer_cache(k: torch.Tensor, v: torch.Tensor):
-    """The per-layer cache object paged_attention takes (a LayerKVCache, or a (k, v) pair in older versions)."""
-    try:
-        from tokenloom.layers.attention import LayerKVCache
-    except ImportError:
-        return (k, v)
-    return LayerKVCache(k, v)
+class SequenceRunners(dict):
+    """runners[length]: a SequenceForward for sequences of that length, made on first use and then reused."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def __missing__(self, length: int) -> SequenceForward:
+        self[length] = runner = SequenceForward(self.model, length)
+        return runner
 
 
 def capture_input(module, fn):
@@ -141,11 +144,10 @@ def perplexity(model, token_ids: list[int] | torch.Tensor, window: int = 1024, s
         from tqdm import tqdm
 
         bar = tqdm(total=len(spans), desc="perplexity", unit="window", file=sys.stderr)
-    runners: dict[int, SequenceForward] = {}
+    runners = SequenceRunners(model)
     for begin, end, first_scored in spans:
         chunk = ids[begin:end]
-        runner = runners.get(chunk.numel()) or runners.setdefault(chunk.numel(), SequenceForward(model, chunk.numel()))
-        hidden = runner.hidden(chunk)
+        hidden = runners[chunk.numel()].hidden(chunk)
         rows = torch.arange(first_scored - 1 - begin, end - 1 - begin)  # predicting tokens first_scored..end-1
         logits = model.compute_logits(hidden[rows])
         nll_sum += float(F.cross_entropy(logits.float(), chunk[rows + 1], reduction="sum"))

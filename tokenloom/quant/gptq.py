@@ -139,16 +139,11 @@ def gptq_quantize_model(model, samples: list[list[int]], opts, act_dtype, result
         quantize_moe,
         swap_linear,
     )
-    from tokenloom.quant.evaluate import SequenceForward, capture_input
+    from tokenloom.quant.evaluate import SequenceRunners, capture_input
 
-    runners: dict[int, SequenceForward] = {}
+    runners = SequenceRunners(model)
 
-    def runner(length: int) -> SequenceForward:
-        if length not in runners:
-            runners[length] = SequenceForward(model, length)
-        return runners[length]
-
-    xs = [runner(len(s)).embed(torch.tensor(s)) for s in samples]
+    xs = [runners[len(s)].embed(torch.tensor(s)) for s in samples]
     errors = {}
 
     def quantize(name: str, hess: Hessian, inputs: list[torch.Tensor] | None = None):
@@ -171,7 +166,7 @@ def gptq_quantize_model(model, samples: list[list[int]], opts, act_dtype, result
             hess.add(h)
         recs["self_attn.qkv_proj"] = quantize(pfx + "self_attn.qkv_proj", hess)
         # 2. o: inputs are the attention outputs (with the quantized q/k/v)
-        att = [capture_input(attn.o_proj, lambda h=h, layer=layer: runner(h.shape[0]).attention(layer, h))
+        att = [capture_input(attn.o_proj, lambda h=h, layer=layer: runners[h.shape[0]].attention(layer, h))
                for h in h1]
         del h1
         hess = Hessian(att[0].shape[-1])
