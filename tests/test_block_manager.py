@@ -5,8 +5,8 @@ import hypothesis.strategies as st
 from hypothesis import settings
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from tokenloom.engine.block_manager import BlockManager
-from tokenloom.engine.sequence import Request
+from tokenloom.core.block_pool import BlockManager
+from tokenloom.core.request import Request
 from tokenloom.sampling_params import SamplingParams
 
 BLOCK = 4

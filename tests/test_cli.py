@@ -12,7 +12,7 @@ ENGINE = ["--kv-cache-memory", "256MiB", "--max-model-len", "1024"]
 
 
 def tokenloom(*args, stdin: str | None = None, env: dict | None = None, timeout: int = 300):
-    return subprocess.run([sys.executable, "-m", "tokenloom.entrypoints.cli", *args], input=stdin,
+    return subprocess.run([sys.executable, "-m", "tokenloom", *args], input=stdin,
                           capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})})
 
 

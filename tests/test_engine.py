@@ -129,7 +129,7 @@ def test_too_long_prompt_is_rejected_not_truncated(tiny_llama):
 def test_paged_attention_matches_contiguous(D, window, kernels, monkeypatch):
     """Attention through scattered blocks equals plain causal attention over contiguous K/V: a mixed step (the
     decodes through the fused CPU kernel where it is built, or torch's path) and a pure decode step."""
-    from tokenloom.layers import cpu_ops
+    from tokenloom.kernels import cpu_ops
 
     if not kernels:
         monkeypatch.setattr(cpu_ops.EXTENSION, "state", [None])
@@ -142,7 +142,7 @@ def test_paged_attention_matches_contiguous(D, window, kernels, monkeypatch):
 
 
 def _check_paged_attention(lens_ctx, lens_q, H, KVH, D, bs, window):
-    from tokenloom.layers.attention import LayerKVCache, build_attention_metadata, paged_attention
+    from tokenloom.model_executor.layers.attention import LayerKVCache, build_attention_metadata, paged_attention
 
     num_blocks = 40
     perm = torch.randperm(num_blocks).tolist()
@@ -192,7 +192,7 @@ def test_int8_kv_cache_halves_memory_and_stays_close(tiny_llama):
     D = plain.config.head_dim
     assert bytes_int8 / bytes_plain == (D + 4) / (2 * D)  # int8 values + a float32 scale per head vs bfloat16
     from tokenloom.config import ModelConfig
-    from tokenloom.engine.model_runner import kv_bytes_per_block
+    from tokenloom.worker.model_runner import kv_bytes_per_block
 
     smollm = ModelConfig("llama", 49152, 576, 1536, 30, 9, 3)  # head_dim 64: the int8 pool is about half
     assert kv_bytes_per_block(smollm, 16, torch.bfloat16, "int8") / kv_bytes_per_block(smollm, 16, torch.bfloat16) < 0.54
@@ -201,7 +201,7 @@ def test_int8_kv_cache_halves_memory_and_stays_close(tiny_llama):
 
 
 def test_packed_bf16_linears_change_nothing(tiny_llama, monkeypatch):
-    import tokenloom.layers.linear as linear
+    import tokenloom.model_executor.layers.linear as linear
 
     path, _ = tiny_llama
     prompts = _prompts(3, 320, seed=4)
@@ -218,9 +218,9 @@ def test_packed_bf16_linears_change_nothing(tiny_llama, monkeypatch):
 def test_fused_cpu_ops_match_torch(dtype, monkeypatch):
     """The fused RMSNorm (with and without the residual add) and rotary kernels give the torch code's numbers:
     the same roundings to the dtype, so bfloat16 results are bit-identical."""
-    from tokenloom.layers import cpu_ops
-    from tokenloom.layers.norm import RMSNorm
-    from tokenloom.layers.rotary import apply_rotary_qk_
+    from tokenloom.kernels import cpu_ops
+    from tokenloom.model_executor.layers.norm import RMSNorm
+    from tokenloom.model_executor.layers.rotary import apply_rotary_qk_
 
     if cpu_ops.EXTENSION.load() is None:
         pytest.skip("the fused CPU kernels are not available on this machine")

@@ -13,8 +13,8 @@ from gguf.quants import dequantize as ref_dequantize
 from gguf.quants import quantize as ref_quantize
 
 from tokenloom.config import TokenloomError
-from tokenloom.loader.gguf_loader import config_from_metadata, load_gguf
-from tokenloom.loader.gguf_quants import SUPPORTED_QTYPES, dequantize
+from tokenloom.gguf.loader import config_from_metadata, load_gguf
+from tokenloom.gguf.quants import SUPPORTED_QTYPES, dequantize
 
 Q = gguf.GGMLQuantizationType
 

@@ -147,7 +147,7 @@ EXPECTED_TORCH_KERNELS = {"int8": "int8pack_mm", "int4-g128": "int4pack_mm", "in
 @pytest.fixture(params=["gemv", "torch"])
 def backend(request, monkeypatch):
     """tokenloom's compiled GEMV kernels, or torch's weight-only kernels (what runs without a compiler)."""
-    from tokenloom.quant import cpu_kernels
+    from tokenloom.kernels import quant_ops as cpu_kernels
 
     if request.param == "gemv":
         if cpu_kernels.load() is None:
@@ -368,10 +368,10 @@ LINEARS = ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.do
 
 @pytest.mark.parametrize("method", ["gptq", "awq", "int4", "int8", "nf4"])
 def test_checkpoint_round_trip_reproduces_layers(tiny_llama, tmp_path, method, backend):
-    from tokenloom.loader.model_loader import load_model
+    from tokenloom.worker.model_loading import load_model
     from tokenloom.loader.sources import resolve_model
     from tokenloom.quant.checkpoint import save_quantized
-    from tokenloom.quant.evaluate import SequenceForward
+    from tokenloom.model_executor.sequence_forward import SequenceForward
 
     path, _ = tiny_llama
     model, _ = load_model(resolve_model(str(path)), torch.float32, torch.device("cpu"))
@@ -421,7 +421,7 @@ def test_checkpoint_round_trip_reproduces_layers(tiny_llama, tmp_path, method, b
 def test_checkpoint_formats_load_through_engine(tiny_llama, tmp_path):
     """A quantized directory works with --model DIR like any other (engine, generation)."""
     from tokenloom import LLM, SamplingParams
-    from tokenloom.loader.model_loader import load_model
+    from tokenloom.worker.model_loading import load_model
     from tokenloom.loader.sources import resolve_model
     from tokenloom.quant.checkpoint import save_quantized
 
@@ -439,10 +439,10 @@ def test_checkpoint_formats_load_through_engine(tiny_llama, tmp_path):
 def test_mixtral_experts_quantized_and_reloaded(tmp_path, method):
     from conftest import make_tiny
 
-    from tokenloom.loader.model_loader import load_model
+    from tokenloom.worker.model_loading import load_model
     from tokenloom.loader.sources import resolve_model
     from tokenloom.quant.checkpoint import save_quantized
-    from tokenloom.quant.evaluate import SequenceForward
+    from tokenloom.model_executor.sequence_forward import SequenceForward
     from tokenloom.quant.moe import QuantSparseMoE
 
     make_tiny("mixtral", tmp_path / "hf")
@@ -492,7 +492,7 @@ def _gguf_rows(qtype, rows=32, k=512, seed=0):
 def test_gguf_blocks_exact(qtype, backend):
     import gguf
 
-    from tokenloom.loader.gguf_quants import dequantize
+    from tokenloom.gguf.quants import dequantize
     from tokenloom.quant.gguf_linear import GGUFLinear, build_gguf_linear, gguf_affine
 
     qt = gguf.GGMLQuantizationType[qtype]
@@ -516,9 +516,10 @@ def test_gguf_blocks_exact(qtype, backend):
 
 
 def test_perplexity_counts_each_token_once(tiny_llama):
-    from tokenloom.loader.model_loader import load_model
+    from tokenloom.worker.model_loading import load_model
     from tokenloom.loader.sources import resolve_model
-    from tokenloom.quant.evaluate import SequenceForward, perplexity
+    from tokenloom.eval.perplexity import perplexity
+    from tokenloom.model_executor.sequence_forward import SequenceForward
 
     path, _ = tiny_llama
     model, _ = load_model(resolve_model(str(path)), torch.float32, torch.device("cpu"))
@@ -539,7 +540,7 @@ def test_engine_perplexity_matches_direct_forward(tiny_llama):
     """Scoring through the engine (prompt logprobs, 16-token prefill chunks over the paged cache) gives the
     perplexity of one plain causal forward per window."""
     from tokenloom import LLM
-    from tokenloom.quant.evaluate import engine_perplexity, perplexity
+    from tokenloom.eval.perplexity import engine_perplexity, perplexity
 
     path, _ = tiny_llama
     llm = LLM(str(path), dtype="float32", max_num_batched_tokens=16)
@@ -553,7 +554,7 @@ def test_engine_perplexity_matches_direct_forward(tiny_llama):
 
 
 def test_rouge():
-    from tokenloom.quant.evaluate import rouge, rouge_corpus
+    from tokenloom.eval.rouge import rouge, rouge_corpus
 
     assert rouge("the cat sat", "the cat sat")["rougeL"]["f1"] == 1.0
     assert rouge("a b", "c d")["rouge1"]["f1"] == 0.0
@@ -565,7 +566,7 @@ def test_rouge():
 
 
 def test_cli_parsers():
-    from tokenloom.entrypoints.cli import build_parser
+    from tokenloom.cli.main import build_parser
 
     p = build_parser()
     a = p.parse_args(["quantize", "smollm2-135m", "--method", "gptq", "--bits", "3", "--group-size", "64",
@@ -602,7 +603,7 @@ def test_quantize_model_options():
 
 @pytest.fixture(scope="module")
 def corpus_tokens():
-    from tokenloom.loader.model_loader import load_model
+    from tokenloom.worker.model_loading import load_model
     from tokenloom.loader.sources import resolve_model
     from tokenloom.quant.calib import calibration_samples, evaluation_tokens
 
@@ -611,14 +612,14 @@ def corpus_tokens():
 
 
 def _model(dtype):
-    from tokenloom.loader.model_loader import load_model
+    from tokenloom.worker.model_loading import load_model
     from tokenloom.loader.sources import resolve_model
 
     return load_model(resolve_model("smollm2-135m"), dtype, torch.device("cpu"))[0]
 
 
 def _ppl(model, ids):
-    from tokenloom.quant.evaluate import perplexity
+    from tokenloom.eval.perplexity import perplexity
 
     return perplexity(model, ids, window=256, stride=128).ppl
 
@@ -658,7 +659,7 @@ def test_default_model_int8_kv_cache(corpus_tokens, one_thread):
     """int8 KV cache: Δppl <= 0.5 % on held-out text, scored in 32-token prefill chunks so that every key a
     token attends to is read back from the quantized cache."""
     from tokenloom import LLM
-    from tokenloom.quant.evaluate import engine_perplexity
+    from tokenloom.eval.perplexity import engine_perplexity
 
     _, ids, _ = corpus_tokens
     ppl = {}
@@ -690,7 +691,7 @@ def test_default_model_4bit_methods(corpus_tokens, one_thread, capsys):
 @pytest.mark.slow
 def test_quantize_cli_output_loads(tmp_path, corpus_tokens, one_thread):
     from tokenloom import LLM, SamplingParams
-    from tokenloom.entrypoints.cli import main
+    from tokenloom.cli.main import main
 
     out = tmp_path / "int4"
     assert main(["quantize", "smollm2-135m", "--method", "int4", "--group-size", "64", "--out", str(out)]) == 0

@@ -16,7 +16,7 @@ from scipy.stats import chisquare
 
 from tokenloom import LLM, SamplingParams
 from tokenloom.config import TokenloomError
-from tokenloom.layers.sampler import Sampler, SamplingRow, apply_penalties
+from tokenloom.sample.sampler import Sampler, SamplingRow, apply_penalties
 from tokenloom.sampling_params import SamplingParamsError
 
 P_MIN = 1e-4  # chi-square p-value threshold: a correct sampler fails with probability 1e-4 per test (seeds fixed)
@@ -243,7 +243,7 @@ def test_distribution_through_every_path(name, config, monkeypatch):
     """With a tiny partial top-k, rows go through every path (exact from the candidates, retried with more
     candidates, the histogram search for the nucleus, the full-vocabulary draw); peaked and flat logits in one
     batch make each path happen. Each row still matches its reference."""
-    import tokenloom.layers.sampler as sampler_mod
+    import tokenloom.sample.sampler as sampler_mod
 
     for attr, value in PATHS[config].items():
         monkeypatch.setattr(sampler_mod._Workspace if attr == "MAX_ELEMENTS" else sampler_mod, attr, value)
@@ -282,7 +282,7 @@ def test_seeded_row_ignores_the_rest_of_the_batch(target, bf16, monkeypatch):
     """The same seeded row, step after step (peaked and flat logits), alone / beside rows that change how many
     candidates the batch looks at / in another order / forced through the full-vocabulary path: the same
     tokens every time."""
-    import tokenloom.layers.sampler as sampler_mod
+    import tokenloom.sample.sampler as sampler_mod
 
     V, steps = 3000, 60
     g = torch.Generator().manual_seed(0)

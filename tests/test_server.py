@@ -53,7 +53,7 @@ def served():
     """The default model behind a real server. Greedy references come from LLM.generate on the same engine,
     computed before the engine thread takes it over."""
     from tokenloom import LLM
-    from tokenloom.entrypoints.async_engine import AsyncEngine
+    from tokenloom.engine.async_engine import AsyncEngine
     from tokenloom.entrypoints.server import build_app
 
     llm = LLM(MODEL, dtype="float32", max_model_len=2048, kv_cache_memory=384 << 20)
@@ -507,7 +507,7 @@ def test_api_key(served, monkeypatch):
         assert schema["components"]["securitySchemes"]["bearer"]["scheme"] == "bearer"
     finally:
         server.stop()
-    from tokenloom.entrypoints.cli import build_parser
+    from tokenloom.cli.main import build_parser
 
     monkeypatch.setenv("TOKENLOOM_API_KEY", "from-env")
     assert build_parser().parse_args(["serve"]).api_key == "from-env"
@@ -568,7 +568,7 @@ def test_bench_serve_smoke(served, capsys):
 # ---- the `tokenloom serve` process: SIGTERM drains in-flight requests, then exits 0 ------------------------------
 def test_serve_sigterm_finishes_inflight_requests(tiny_llama):
     path, _ = tiny_llama
-    cmd = [sys.executable, "-m", "tokenloom.entrypoints.cli", "serve", str(path), "--port", "0", "--dtype",
+    cmd = [sys.executable, "-m", "tokenloom", "serve", str(path), "--port", "0", "--dtype",
            "float32", "--max-model-len", "1024", "--kv-cache-memory", "16MiB"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
                             env={**os.environ, "TOKENLOOM_API_KEY": ""})

@@ -62,7 +62,7 @@ STREAM_TEXTS = [
 # --------------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="session")
 def smollm_meta(smollm_gguf):
-    from tokenloom.loader.gguf_meta import open_gguf, read_metadata
+    from tokenloom.gguf.reader import open_gguf, read_metadata
 
     return read_metadata(open_gguf(smollm_gguf))
 

@@ -1,8 +1,8 @@
 """tokenloom: a small, fast LLM inference engine and server on PyTorch."""
 from tokenloom.config import TokenloomError
 from tokenloom.sampling_params import SamplingParams
+from tokenloom.version import __version__
 
-__version__ = "0.1.0"
 __all__ = ["LLM", "SamplingParams", "TokenloomError", "__version__"]
 
 

@@ -454,7 +454,7 @@ class Tokenizer:
 
     @classmethod
     def from_gguf(cls, path: str) -> "Tokenizer":
-        from tokenloom.loader.gguf_meta import open_gguf, read_metadata
+        from tokenloom.gguf.reader import open_gguf, read_metadata
 
         return cls.from_gguf_metadata(read_metadata(open_gguf(path)))
 

@@ -9,7 +9,7 @@ from tokenloom.bench.common import hf_generate_timed, load_hf_reference, random_
 
 
 def bench_latency(args) -> dict:
-    from tokenloom.entrypoints.cli import make_llm
+    from tokenloom.entrypoints.engine_args import make_llm
     from tokenloom.sampling_params import SamplingParams
 
     llm = make_llm(args)

@@ -51,7 +51,7 @@ def _peak_rss() -> int:
 def _worker_quantize(job: dict) -> dict:
     import torch
 
-    from tokenloom.loader.model_loader import load_model
+    from tokenloom.worker.model_loading import load_model
     from tokenloom.loader.sources import resolve_model
     from tokenloom.quant import QuantOptions, quantize_model
     from tokenloom.quant.checkpoint import save_quantized
@@ -73,7 +73,7 @@ def _worker_measure(job: dict) -> dict:
     from tokenloom.entrypoints.llm import LLM
     from tokenloom.quant import quantize_model
     from tokenloom.quant.calib import evaluation_tokens
-    from tokenloom.quant.evaluate import perplexity
+    from tokenloom.eval.perplexity import perplexity
     from tokenloom.quant.linear import weight_bytes
     from tokenloom.sampling_params import SamplingParams
 

@@ -21,7 +21,7 @@ def _run_all(llm, prompts, params_list):
 
 
 def bench_throughput(args) -> dict:
-    from tokenloom.entrypoints.cli import make_llm
+    from tokenloom.entrypoints.engine_args import make_llm
     from tokenloom.sampling_params import SamplingParams
 
     llm = make_llm(args)
@@ -71,7 +71,7 @@ def bench_throughput(args) -> dict:
 
 def bench_sampling(args) -> dict:
     """The same batch decoded all-greedy, then with every row's own mix of sampling settings."""
-    from tokenloom.entrypoints.cli import make_llm
+    from tokenloom.entrypoints.engine_args import make_llm
     from tokenloom.sampling_params import SamplingParams
 
     llm = make_llm(args)

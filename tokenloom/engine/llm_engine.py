@@ -9,11 +9,11 @@ from dataclasses import dataclass, field
 import torch
 
 from tokenloom.config import EngineConfig, TokenloomError, resolve_dtype
-from tokenloom.engine.block_manager import BlockManager
-from tokenloom.engine.model_runner import ModelRunner, kv_bytes_per_block
-from tokenloom.engine.scheduler import Scheduler
-from tokenloom.engine.sequence import Request, RequestStatus
-from tokenloom.loader.model_loader import load_model
+from tokenloom.core.block_pool import BlockManager
+from tokenloom.worker.model_runner import ModelRunner, kv_bytes_per_block
+from tokenloom.core.scheduler import Scheduler
+from tokenloom.core.request import Request, RequestStatus
+from tokenloom.worker.model_loading import load_model
 from tokenloom.loader.sources import resolve_model
 from tokenloom.sampling_params import SamplingParams
 
@@ -125,8 +125,8 @@ class LLMEngine:
             quantize_model(self.model, config.quantization, tokenizer=self.tokenizer,
                            gguf_path=source.path if source.kind == "gguf" else None)
         if self.device.type == "cpu":
-            from tokenloom.layers import cpu_ops
-            from tokenloom.layers.linear import pack_linear_layers
+            from tokenloom.kernels import cpu_ops
+            from tokenloom.model_executor.layers.linear import pack_linear_layers
 
             pack_linear_layers(self.model)
             cpu_ops.EXTENSION.load()  # build or load the fused kernels now, not inside the first request's TTFT

@@ -20,7 +20,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-import tokenloom
+from tokenloom.version import __version__
 from tokenloom.engine.llm_engine import RequestOutput
 from tokenloom.entrypoints.openai_api import (
     APIError,
@@ -528,4 +528,4 @@ async def show(body: ShowRequest, request: Request):
 @router.get("/api/version", response_model=VersionResponse)
 async def version(request: Request):
     """The server's version (tokenloom's)."""
-    return {"version": tokenloom.__version__}
+    return {"version": __version__}

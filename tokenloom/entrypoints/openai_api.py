@@ -21,7 +21,7 @@ from starlette.background import BackgroundTask
 
 from tokenloom.config import TokenloomError
 from tokenloom.engine.llm_engine import CompletionOutput, RequestOutput
-from tokenloom.entrypoints.async_engine import AsyncEngine, EngineDeadError, QueueFullError, RequestStream
+from tokenloom.engine.async_engine import AsyncEngine, EngineDeadError, QueueFullError, RequestStream
 from tokenloom.sampling_params import SamplingParams, SamplingParamsError
 
 

@@ -25,10 +25,10 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-import tokenloom
+from tokenloom.version import __version__
 from tokenloom.config import TokenloomError
 from tokenloom.entrypoints import ollama_api, openai_api
-from tokenloom.entrypoints.async_engine import AsyncEngine
+from tokenloom.engine.async_engine import AsyncEngine
 from tokenloom.entrypoints.metrics import CONTENT_TYPE_LATEST, ServerMetrics
 from tokenloom.entrypoints.openai_api import APIError, ServerState
 
@@ -124,7 +124,7 @@ def build_app(async_engine: AsyncEngine, served_model_name: str | None = None, a
         yield
 
     app = FastAPI(
-        title="tokenloom", version=tokenloom.__version__, lifespan=lifespan,
+        title="tokenloom", version=__version__, lifespan=lifespan,
         description="OpenAI- and Ollama-compatible inference server. OpenAI endpoints answer errors as "
                     "`{\"error\": {\"message\", \"type\", \"param\", \"code\"}}`, Ollama endpoints (/api/*) as "
                     "`{\"error\": \"...\"}`; invalid requests are 400." +
@@ -211,45 +211,3 @@ def _truthful_openapi(app: FastAPI, secured: bool) -> None:
         return schema
 
     app.openapi = openapi
-
-
-def serve(args) -> None:
-    """Load the model, start the engine thread and uvicorn; SIGTERM / Ctrl-C stop accepting connections, let
-    in-flight requests finish (at most GRACEFUL_SHUTDOWN_S seconds), then exit."""
-    import uvicorn
-
-    from tokenloom.entrypoints.cli import make_llm
-
-    llm = make_llm(args)
-    aengine = AsyncEngine(llm.engine).start()
-    name = args.served_model_name or llm.engine.model_name
-    app = build_app(aengine, name, api_key=args.api_key, max_queue=args.max_queue)
-    config = uvicorn.Config(app, host=args.host, port=args.port, log_level="info",
-                            timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S)
-
-    class Server(uvicorn.Server):
-        async def startup(self, sockets=None):
-            await super().startup(sockets)
-            if self.started:
-                host, port = self.servers[0].sockets[0].getsockname()[:2]
-                shown = host if ":" not in host else f"[{host}]"
-                url = f"http://{shown}:{port}"
-                auth = "  (API key required)" if args.api_key else ""
-                print(f"tokenloom: serving '{name}' at {url}  -  OpenAI API: {url}/v1  Ollama API: {url}/api  "
-                      f"metrics: {url}/metrics{auth}", flush=True)
-
-    server = Server(config)
-    # uvicorn handles SIGTERM gracefully, then re-raises it once done: answer that with a clean exit.
-    restore = None
-    if threading.current_thread() is threading.main_thread():
-        restore = signal.signal(signal.SIGTERM, lambda *_: None)
-    try:
-        server.run()
-    except SystemExit as exc:
-        if exc.code not in (0, None):
-            raise TokenloomError(f"could not start the server on {args.host}:{args.port}") from None
-    finally:
-        aengine.shutdown()
-        if restore is not None:
-            signal.signal(signal.SIGTERM, restore)
-    print("tokenloom: server stopped", file=sys.stderr, flush=True)

@@ -13,8 +13,8 @@ def describe_model(model: str) -> dict[str, str]:
     info: dict[str, str] = {"model": src.name, "path": str(src.path)}
     template = None
     if src.kind == "gguf":
-        from tokenloom.loader.gguf_loader import config_from_metadata, open_gguf_checked
-        from tokenloom.loader.gguf_meta import read_metadata
+        from tokenloom.gguf.loader import config_from_metadata, open_gguf_checked
+        from tokenloom.gguf.reader import read_metadata
 
         reader = open_gguf_checked(str(src.path))
         meta = read_metadata(reader)
@@ -26,7 +26,7 @@ def describe_model(model: str) -> dict[str, str]:
         info["format"] = "GGUF"
         size = src.path.stat().st_size
     else:
-        from tokenloom.loader.model_loader import load_hf_config, safetensors_files
+        from tokenloom.loader.safetensors import load_hf_config, safetensors_files
 
         raw = json.loads((src.path / "config.json").read_text())
         cfg = ModelConfig.from_hf(load_hf_config(src.path))

@@ -129,21 +129,21 @@ def search_clip(w: torch.Tensor, gram: torch.Tensor, bits: int, group_size: int,
 
 @torch.no_grad()
 def awq_quantize_model(model, samples: list[list[int]], opts, act_dtype, result, progress=False, keep=False):
-    from tokenloom.quant import (
-        _layer_iter,
+    from tokenloom.quant.modules import (
+        layer_iter,
         float_weight,
         is_moe,
         quantize_moe,
         swap_linear,
     )
-    from tokenloom.quant.evaluate import SequenceRunners
+    from tokenloom.model_executor.sequence_forward import SequenceRunners
 
     runners = SequenceRunners(model)
 
     bits, gs = opts.bits, opts.group_size
     xs = [runners[len(s)].embed(torch.tensor(s)) for s in samples]
     report = {}
-    for i, layer in _layer_iter(model, "awq", progress):
+    for i, layer in layer_iter(model, "awq", progress):
         attn, moe = layer.self_attn, is_moe(layer)
         names = ["qkv", "o"] + ([] if moe else ["gate_up", "down"])
         stats: dict[str, InputStats] = {}

@@ -415,7 +415,7 @@ class _Tensors:
     def __init__(self, path: Path):
         from safetensors import safe_open
 
-        from tokenloom.loader.model_loader import safetensors_files
+        from tokenloom.loader.safetensors import safetensors_files
 
         self.handles = []
         self.where: dict[str, object] = {}
@@ -463,13 +463,8 @@ def load_quantized(model, path, quant_config: dict, dtype: torch.dtype) -> None:
     loads as usual through model.load_hf_weights."""
     from torch import nn
 
-    from tokenloom.quant import (
-        QuantizeResult,
-        QuantOptions,
-        get_module,
-        quantize_lm_head,
-        set_module,
-    )
+    from tokenloom.quant.modules import get_module, quantize_lm_head, set_module
+    from tokenloom.quant.options import QuantizeResult, QuantOptions
     from tokenloom.quant.kernels import kernel_act_dtype
     from tokenloom.quant.linear import build_linear
     from tokenloom.quant.moe import QuantSparseMoE

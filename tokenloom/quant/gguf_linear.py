@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tokenloom.loader.gguf_quants import (
+from tokenloom.gguf.quants import (
     QK_K,
     _bits,
     _f16,
@@ -180,7 +180,7 @@ def build_gguf_linear(parts: list[tuple[torch.Tensor, object]], in_features: int
     qtypes = [Q(qt) for _, qt in parts]
     if any(qt in (Q.F32, Q.F16, Q.BF16) for qt in qtypes):
         return None
-    from tokenloom.quant import cpu_kernels
+    from tokenloom.kernels import quant_ops as cpu_kernels
 
     recs = [gguf_affine(raw, qt, in_features) for raw, qt in parts]
     if cpu_kernels.load() is None or not use_kernel:  # 16-wide groups only have a fast path in tokenloom's gemv
@@ -210,13 +210,13 @@ _FUSED = (("self_attn.qkv_proj", ("attn_q", "attn_k", "attn_v")), ("self_attn.o_
 @torch.no_grad()
 def quantize_model_gguf(model, gguf_path, act_dtype, use_kernel: bool = True, progress: bool = False) -> dict:
     """Swap the model's (dequantized) linears for modules over the GGUF file's own quantized blocks."""
-    from tokenloom.loader.gguf_loader import (
+    from tokenloom.gguf.loader import (
         GGUF_ARCHITECTURES,
         _raw_bytes,
         open_gguf_checked,
         unpermute_rows,
     )
-    from tokenloom.quant import get_module, is_moe, model_dtype, set_module
+    from tokenloom.quant.modules import get_module, is_moe, model_dtype, set_module
 
     reader = open_gguf_checked(str(gguf_path))
     tensors = {t.name: t for t in reader.tensors}

@@ -131,15 +131,15 @@ def layer_error(x: torch.Tensor, w: torch.Tensor, wq: torch.Tensor) -> float:
 
 @torch.no_grad()
 def gptq_quantize_model(model, samples: list[list[int]], opts, act_dtype, result, progress=False, keep=False):
-    from tokenloom.quant import (
-        _layer_iter,
+    from tokenloom.quant.modules import (
+        layer_iter,
         float_weight,
         get_module,
         is_moe,
         quantize_moe,
         swap_linear,
     )
-    from tokenloom.quant.evaluate import SequenceRunners, capture_input
+    from tokenloom.model_executor.sequence_forward import SequenceRunners, capture_input
 
     runners = SequenceRunners(model)
 
@@ -155,7 +155,7 @@ def gptq_quantize_model(model, samples: list[list[int]], opts, act_dtype, result
         lin.weight.copy_(rec.dequantize().to(w.dtype))  # fake-quantized weights for the rest of calibration
         return rec
 
-    for i, layer in _layer_iter(model, "gptq", progress):
+    for i, layer in layer_iter(model, "gptq", progress):
         pfx = f"layers.{i}."
         attn = layer.self_attn
         recs = {}

@@ -95,7 +95,7 @@ def _cpu_bf16() -> bool:
 def kernel_act_dtype(model_dtype: torch.dtype, device: torch.device | str = "cpu") -> torch.dtype:
     """Activation dtype of quantized layers: the model's, except float32 on a CPU with native bfloat16 when
     tokenloom's compiled kernels are unavailable: torch's kernels only run fast in bfloat16 (W8A16 / W4A16)."""
-    from tokenloom.quant import cpu_kernels
+    from tokenloom.kernels import quant_ops as cpu_kernels
 
     if torch.device(device).type == "cpu" and model_dtype == torch.float32 and _cpu_bf16() \
             and int8_kernel_ok(torch.bfloat16) and cpu_kernels.load() is None:

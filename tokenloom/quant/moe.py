@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tokenloom.layers.moe import route_and_combine
+from tokenloom.model_executor.layers.moe import route_and_combine
 
 
 class QuantSparseMoE(nn.Module):

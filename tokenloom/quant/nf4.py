@@ -7,16 +7,47 @@ float32 scale per 256 of them.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from tokenloom.config import TokenloomError
-from tokenloom.quant.linear import NF4Quant
 
 NF4_CODE = torch.tensor([
     -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
     -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
     0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
 ])
+
+
+
+@dataclass
+class NF4Quant:
+    q: torch.Tensor  # uint8 [N, K] code indices in [0, 15]
+    absmax: torch.Tensor  # float32 [N, K // block]: the scales used to dequantize (after double quantization)
+    block_size: int = 64
+    # double quantization of absmax (QLoRA): absmax ~= absmax_q * absmax_scale[i // 256] + absmax_mean
+    absmax_q: torch.Tensor | None = None  # int8 [N * K // block]
+    absmax_scale: torch.Tensor | None = None  # float32 [ceil(len / 256)]
+    absmax_mean: torch.Tensor | None = None  # float32 scalar
+    dq_block: int = 256
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.q.shape)
+
+    def dequantize(self) -> torch.Tensor:
+        n, k = self.q.shape
+        w = NF4_CODE[self.q.long()].reshape(n, k // self.block_size, self.block_size) * self.absmax[..., None]
+        return w.reshape(n, k)
+
+    @staticmethod
+    def cat(recs: list[NF4Quant]) -> NF4Quant:
+        if any(r.absmax_q is not None for r in recs):  # double-quant blocks do not line up across tensors
+            out = NF4Quant(torch.cat([r.q for r in recs]), torch.cat([r.absmax for r in recs]), recs[0].block_size)
+            return double_quantize(out)
+        return NF4Quant(torch.cat([r.q for r in recs]), torch.cat([r.absmax for r in recs]), recs[0].block_size)
+
 
 
 def quantize_nf4(w: torch.Tensor, block_size: int = 64, double_quant: bool = False) -> NF4Quant:

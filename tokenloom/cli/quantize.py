@@ -1,4 +1,4 @@
-"""`tokenloom quantize MODEL --method ... --out DIR` (and the `eval` parser, from evaluate.py)."""
+"""`tokenloom quantize MODEL --method ... --out DIR`: quantize a model and write a directory that loads."""
 from __future__ import annotations
 
 import sys
@@ -8,9 +8,7 @@ from pathlib import Path
 from tokenloom.config import TokenloomError
 
 
-def add_quant_parsers(sub, add_engine_args) -> None:
-    from tokenloom.quant.evaluate import add_eval_parser, eval_command
-
+def add_quantize_parser(sub) -> None:
     p = sub.add_parser("quantize", help="quantize a model's weights and write a directory that loads with --model")
     p.add_argument("model", nargs="?", default="smollm2-135m")
     p.add_argument("--method", "-m", required=True, choices=["int8", "int4", "gptq", "awq", "nf4"])
@@ -32,15 +30,12 @@ def add_quant_parsers(sub, add_engine_args) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=quantize_command)
 
-    add_eval_parser(sub, add_engine_args)
-    sub.choices["eval"].set_defaults(func=eval_command)
-
 
 def quantize_command(args) -> None:
     import torch
 
     from tokenloom.config import resolve_dtype
-    from tokenloom.loader.model_loader import load_model
+    from tokenloom.worker.model_loading import load_model
     from tokenloom.loader.sources import resolve_model
     from tokenloom.quant import QuantOptions, quantize_model
     from tokenloom.quant.checkpoint import save_quantized

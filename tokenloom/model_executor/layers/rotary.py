@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from tokenloom.config import ModelConfig, TokenloomError
-from tokenloom.layers import cpu_ops
+from tokenloom.kernels import cpu_ops
 
 
 def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:

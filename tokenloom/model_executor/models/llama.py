@@ -12,10 +12,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from tokenloom.config import ModelConfig, TokenloomError
-from tokenloom.layers.attention import AttentionMetadata, paged_attention
-from tokenloom.layers.moe import SparseMoE
-from tokenloom.layers.norm import RMSNorm
-from tokenloom.layers.rotary import RotaryEmbedding, apply_rotary_qk_
+from tokenloom.model_executor.layers.attention import AttentionMetadata, paged_attention
+from tokenloom.model_executor.layers.moe import SparseMoE
+from tokenloom.model_executor.layers.norm import RMSNorm
+from tokenloom.model_executor.layers.rotary import RotaryEmbedding, apply_rotary_qk_
 
 
 class Attention(nn.Module):

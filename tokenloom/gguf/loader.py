@@ -1,7 +1,7 @@
 """Load a GGUF checkpoint into (ModelConfig, HF-named state dict, metadata).
 
 The file is memory-mapped (copy-on-write, never written); each tensor is dequantised on its own
-with :mod:`tokenloom.loader.gguf_quants` into a fresh tensor of the requested dtype, so at most one
+with :mod:`tokenloom.gguf.quants` into a fresh tensor of the requested dtype, so at most one
 tensor's worth of temporaries exists at any time besides the result.
 """
 from __future__ import annotations
@@ -13,8 +13,8 @@ import numpy as np
 import torch
 
 from tokenloom.config import SUPPORTED_ARCHITECTURES, ModelConfig, TokenloomError
-from tokenloom.loader.gguf_meta import GGUFFile, open_gguf, read_metadata
-from tokenloom.loader.gguf_quants import check_supported, dequantize
+from tokenloom.gguf.reader import GGUFFile, open_gguf, read_metadata
+from tokenloom.gguf.quants import check_supported, dequantize
 
 # GGUF `general.architecture` values we can load, and whether llama.cpp permuted their q/k rows
 # (convert_hf_to_gguf.py's LlamaModel.permute, applied to llama / mistral / mixtral checkpoints).

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from tokenloom.layers.cpp_extension import InlineExtension
+from tokenloom.kernels.build import InlineExtension
 
 SOURCE = r"""
 #include <torch/extension.h>

@@ -11,8 +11,8 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from tokenloom.config import SchedulerConfig
-from tokenloom.engine.block_manager import BlockManager
-from tokenloom.engine.sequence import Request, RequestStatus
+from tokenloom.core.block_pool import BlockManager
+from tokenloom.core.request import Request, RequestStatus
 
 
 @dataclass

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from tokenloom.layers import cpu_ops
+from tokenloom.kernels import cpu_ops
 
 
 # Above this many attention scores (B*H*Q*L) a batch goes through the flash kernel, which never holds them all.

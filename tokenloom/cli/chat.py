@@ -108,3 +108,12 @@ class ChatSession:
                 self.reply(line, out)
             except TokenloomError as exc:  # e.g. the conversation outgrew the context window
                 out.write(f"error: {exc}\n")
+
+
+def cmd_run(args) -> None:
+    import sys
+
+    from tokenloom.cli.args import sampling_from_args
+    from tokenloom.entrypoints.engine_args import make_llm
+
+    ChatSession(make_llm(args), sampling_from_args(args), system=args.system).loop(sys.stdin, sys.stdout)

@@ -17,7 +17,7 @@ returns None and the layers fall back to torch's kernels. Set TOKENLOOM_CPP_KERN
 """
 from __future__ import annotations
 
-from tokenloom.layers.cpp_extension import InlineExtension
+from tokenloom.kernels.build import InlineExtension
 
 SOURCE = r"""
 #include <torch/extension.h>

@@ -1,7 +1,7 @@
 import torch
 from torch import nn
 
-from tokenloom.layers import cpu_ops
+from tokenloom.kernels import cpu_ops
 
 
 class RMSNorm(nn.Module):

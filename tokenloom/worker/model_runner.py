@@ -7,11 +7,11 @@ import numpy as np
 import torch
 
 from tokenloom.config import CacheConfig, ModelConfig
-from tokenloom.engine.scheduler import SchedulerOutput
-from tokenloom.engine.sequence import Request
-from tokenloom.layers.attention import LayerKVCache, build_attention_metadata
-from tokenloom.layers.sampler import Sampler, SamplerOutput, SamplingRow
-from tokenloom.models.llama import CausalLM
+from tokenloom.core.scheduler import SchedulerOutput
+from tokenloom.core.request import Request
+from tokenloom.model_executor.layers.attention import LayerKVCache, build_attention_metadata
+from tokenloom.sample.sampler import Sampler, SamplerOutput, SamplingRow
+from tokenloom.model_executor.models.llama import CausalLM
 
 
 def kv_bytes_per_block(cfg: ModelConfig, block_size: int, dtype: torch.dtype, kv_cache_dtype: str = "auto") -> int:

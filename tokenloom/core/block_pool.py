@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
-from tokenloom.engine.sequence import Request
+from tokenloom.core.request import Request
 
 
 def chain_hash(parent: int | None, tokens: tuple[int, ...]) -> int:

@@ -1,0 +1,82 @@
+"""`tokenloom bench ...`: the parser of the benchmark commands and their dispatch."""
+from __future__ import annotations
+
+import argparse
+
+from tokenloom.cli.args import add_engine_args
+
+
+def add_bench_parser(sub) -> None:
+    p = sub.add_parser("bench", help="benchmarks: latency, throughput, sampling, serve, quant")
+    p.set_defaults(func=run_bench)
+    bsub = p.add_subparsers(dest="bench", required=True)
+
+    b = bsub.add_parser("latency", help="batch-1 TTFT and decode tokens/s")
+    b.add_argument("model", nargs="?", default="smollm2-135m")
+    b.add_argument("--input-len", type=int, default=128)
+    b.add_argument("--output-len", type=int, default=128)
+    b.add_argument("--num-iters", type=int, default=3)
+    b.add_argument("--compare-hf", action="store_true", help="measure transformers on the same weights")
+    add_engine_args(b)
+
+    b = bsub.add_parser("throughput", help="N requests submitted at once")
+    b.add_argument("model", nargs="?", default="smollm2-135m")
+    b.add_argument("--num-prompts", type=int, default=32)
+    b.add_argument("--input-len", type=int, default=128)
+    b.add_argument("--output-len", type=int, default=128)
+    b.add_argument("--dist", choices=["fixed", "uniform", "sharegpt"], default="fixed",
+                   help="length distribution: fixed, uniform in [len/2, 3len/2], or a ShareGPT-like lognormal mix")
+    b.add_argument("--compare-hf", action="store_true", help="also run transformers' batched generate")
+    add_engine_args(b)
+
+    b = bsub.add_parser("sampling", help="decode tokens/s of a mixed-sampling batch vs all-greedy")
+    b.add_argument("model", nargs="?", default="smollm2-135m")
+    b.add_argument("--batch", type=int, default=32)
+    b.add_argument("--input-len", type=int, default=64)
+    b.add_argument("--output-len", type=int, default=64)
+    add_engine_args(b)
+
+    b = bsub.add_parser("serve", help="load test a running server (OpenAI API)")
+    b.add_argument("--base-url", default="http://127.0.0.1:8000")
+    b.add_argument("--model", default=None)
+    b.add_argument("--num-prompts", type=int, default=64)
+    b.add_argument("--request-rate", type=float, default=float("inf"), help="requests/s (Poisson); inf = all at once")
+    b.add_argument("--concurrency", type=int, default=0, help="max in-flight requests (0 = unbounded)")
+    b.add_argument("--input-len", type=int, default=128)
+    b.add_argument("--output-len", type=int, default=128)
+    b.add_argument("--dist", choices=["fixed", "uniform", "sharegpt"], default="fixed")
+    b.add_argument("--slo-ttft-ms", type=float, default=2000.0)
+    b.add_argument("--slo-tpot-ms", type=float, default=200.0)
+    b.add_argument("--api-key", default=None)
+    b.add_argument("--seed", type=int, default=0)
+
+    b = bsub.add_parser("quant", help="weight bytes, RSS, perplexity and speed for every quantization method")
+    b.add_argument("model", nargs="?", default="smollm2-135m")
+    b.add_argument("--methods", default="int8,int4,gptq,awq,nf4,gguf")
+    b.add_argument("--eval-tokens", type=int, default=4096)
+    b.add_argument("--out", default="bench_out", help="folder for the table and PNG chart")
+    b.add_argument("--input-len", type=int, default=128, help="prompt tokens of the speed runs")
+    b.add_argument("--output-len", type=int, default=64, help="new tokens of the speed runs")
+    b.add_argument("--rounds", type=int, default=5, help="round-robin speed rounds; the best of each is kept")
+    b.add_argument("--window", type=int, default=1024, help="perplexity window (stride: half of it)")
+    b.add_argument("--group-size", type=int, default=128, choices=[32, 64, 128], help="4-bit group size")
+    b.add_argument("--calib-samples", type=int, default=64, help="GPTQ/AWQ calibration sequences")
+    b.add_argument("--calib-seq-len", type=int, default=256, help="tokens per calibration sequence")
+    b.add_argument("--corpus", default="moby-dick", choices=["moby-dick", "sotu"],
+                   help="calibration (first half) and evaluation (second half) text")
+    b.add_argument("--requantize", action="store_true", help="ignore quantized checkpoints cached in OUT")
+    add_engine_args(b)
+
+
+def run_bench(args: argparse.Namespace) -> None:
+    if args.bench == "latency":
+        from tokenloom.bench.latency import bench_latency as fn
+    elif args.bench == "throughput":
+        from tokenloom.bench.throughput import bench_throughput as fn
+    elif args.bench == "sampling":
+        from tokenloom.bench.throughput import bench_sampling as fn
+    elif args.bench == "serve":
+        from tokenloom.bench.serve import bench_serve as fn
+    else:
+        from tokenloom.bench.quant import bench_quant as fn
+    fn(args)

@@ -1,0 +1,107 @@
+"""`tokenloom` command line: pull, list, show, generate, run, serve, bench, quantize, eval.
+
+The only place that parses arguments: each command lives in a module of its own and gets the parsed namespace.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from tokenloom.cli import models
+from tokenloom.cli.args import add_engine_args, add_sampling_args
+from tokenloom.cli.bench import add_bench_parser
+from tokenloom.cli.eval import add_eval_parser
+from tokenloom.cli.quantize import add_quantize_parser
+from tokenloom.config import TokenloomError
+from tokenloom.loader.sources import DEFAULT_MODEL
+from tokenloom.version import __version__
+
+
+def cmd_generate(args):
+    from tokenloom.cli.generate import cmd_generate as run
+
+    run(args)
+
+
+def cmd_run(args):
+    from tokenloom.cli.chat import cmd_run as run
+
+    run(args)
+
+
+def cmd_serve(args):
+    from tokenloom.cli.serve import serve  # FastAPI loads only for this command
+
+    serve(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tokenloom", description="Run and serve open-weight language models.")
+    parser.add_argument("--version", action="version", version=f"tokenloom {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("pull", help="download a catalogue model into the cache")
+    p.add_argument("model", nargs="?", default=DEFAULT_MODEL)
+    p.set_defaults(func=models.cmd_pull)
+
+    p = sub.add_parser("list", help="list catalogue models and what is cached")
+    p.set_defaults(func=models.cmd_list)
+
+    p = sub.add_parser("show", help="architecture, parameters, quantization, context length, template")
+    p.add_argument("model", nargs="?", default=DEFAULT_MODEL)
+    p.set_defaults(func=models.cmd_show)
+
+    p = sub.add_parser("generate", help="complete a prompt, streaming to the terminal")
+    p.add_argument("args", nargs="+", metavar="[MODEL] PROMPT")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt as a user message in the chat template")
+    p.add_argument("--verbose", "-v", action="store_true", help="print timings")
+    add_engine_args(p)
+    add_sampling_args(p)
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("run", help="interactive chat in the terminal")
+    p.add_argument("model", nargs="?", default=DEFAULT_MODEL)
+    p.add_argument("--system", default=None, help="system prompt")
+    add_engine_args(p)
+    add_sampling_args(p, max_tokens=None)
+    p.set_defaults(func=cmd_run, temperature=0.8, top_k=40, top_p=0.9)  # Ollama's defaults
+
+    p = sub.add_parser("serve", help="OpenAI- and Ollama-compatible HTTP server")
+    p.add_argument("model", nargs="?", default=DEFAULT_MODEL)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=os.environ.get("TOKENLOOM_API_KEY"))
+    p.add_argument("--max-queue", type=int, default=256, help="waiting requests beyond which new ones get 503")
+    p.add_argument("--served-model-name", default=None)
+    add_engine_args(p)
+    p.set_defaults(func=cmd_serve)
+
+    add_bench_parser(sub)
+    add_quantize_parser(sub)
+    add_eval_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command == "generate" and not any(e.startswith("-") for e in extra):
+        args.args += extra  # positionals after options: `generate MODEL --chat "prompt"`
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if args.command == "generate":
+        if len(args.args) > 2:
+            parser.error("generate takes [MODEL] PROMPT (quote the prompt)")
+        args.model, args.prompt = (args.args if len(args.args) == 2 else [DEFAULT_MODEL, args.args[0]])
+    try:
+        args.func(args)
+    except TokenloomError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+    return 0

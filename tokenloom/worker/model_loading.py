@@ -1,0 +1,44 @@
+"""Load a model and its tokenizer from a resolved source: a HF safetensors directory (plain, or a GPTQ / AWQ /
+tokenloom-quantized checkpoint) or a GGUF file."""
+from __future__ import annotations
+
+import torch
+
+from tokenloom.config import ModelConfig
+from tokenloom.loader.safetensors import iter_safetensors, load_hf_config
+from tokenloom.loader.sources import ModelSource
+from tokenloom.model_executor.model_loader import build_model
+from tokenloom.quant.checkpoint import load_quantized
+
+
+def load_model(source: ModelSource, dtype: torch.dtype, device: torch.device, max_positions: int | None = None):
+    """Returns (model, tokenizer)."""
+    raw_config: dict = {}
+    if source.kind == "hf_dir":
+        raw_config = load_hf_config(source.path)
+        cfg = ModelConfig.from_hf(raw_config)
+        # A directory without tokenizer files still runs on token ids (as vLLM's skip_tokenizer_init).
+        has_tok = (source.path / "tokenizer.json").is_file()
+        tokenizer = None
+        if has_tok:
+            from tokenloom.tokenizer import Tokenizer
+
+            tokenizer = Tokenizer.from_hf_dir(source.path)
+        weights = iter_safetensors(source.path, dtype)
+    else:
+        from tokenloom.gguf.loader import load_gguf
+
+        cfg, state_dict, metadata = load_gguf(str(source.path), dtype)
+        from tokenloom.tokenizer import Tokenizer
+
+        tokenizer = Tokenizer.from_gguf_metadata(metadata)
+        weights = iter(state_dict.items())
+    if tokenizer is not None:  # generation_config / tokenizer may declare more end-of-turn ids than config
+        cfg.eos_token_ids = tuple(dict.fromkeys([*cfg.eos_token_ids, *tokenizer.eos_token_ids]))
+    max_positions = max_positions or cfg.max_position_embeddings
+    model = build_model(cfg, dtype, device, max_positions)
+    if "quantization_config" in raw_config:  # GPTQ / AWQ / tokenloom-quantized directory
+        load_quantized(model, source.path, raw_config["quantization_config"], dtype)
+    else:
+        model.load_hf_weights(weights)
+    return model, tokenizer
