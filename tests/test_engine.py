@@ -126,12 +126,17 @@ def test_too_long_prompt_is_rejected_not_truncated(tiny_llama):
 
 @pytest.mark.parametrize("D,window", [(16, None), (64, None), (64, 6)])
 @pytest.mark.parametrize("kernels", [True, False])
-def test_paged_attention_matches_contiguous(D, window, kernels, monkeypatch):
+def test_paged_attention_matches_contiguous(D, window, kernels, monkeypatch, kernel_calls):
     """Attention through scattered blocks equals plain causal attention over contiguous K/V: a mixed step (the
-    decodes through the fused CPU kernel where it is built, or torch's path) and a pure decode step."""
+    decodes through the fused CPU kernel, or torch's path) and a pure decode step. The kernel case skips, saying
+    why, where the kernels are not built, and checks that they really ran."""
     from tokenloom.kernels import cpu_ops
 
-    if not kernels:
+    if kernels:
+        if cpu_ops.ops_for(torch.zeros(1)) is None:
+            pytest.skip(f"fused CPU kernels unavailable: {cpu_ops.EXTENSION.reason}")
+        calls = kernel_calls(cpu_ops.EXTENSION, "fused CPU kernels")
+    else:
         monkeypatch.setattr(cpu_ops.EXTENSION, "state", [None])
     torch.manual_seed(0)
     H, KVH, bs = 6, 2, 4
@@ -139,6 +144,8 @@ def test_paged_attention_matches_contiguous(D, window, kernels, monkeypatch):
     lens_ctx, lens_q = [13, 1, 9, 22, 7], [5, 1, 9, 1, 1]
     _check_paged_attention(lens_ctx, lens_q, H, KVH, D, bs, window)
     _check_paged_attention([13, 30, 2], [1, 1, 1], H, KVH, D, bs, window)
+    if kernels:
+        assert calls.get("paged_decode_attention", 0) == 2  # the decodes of each step
 
 
 def _check_paged_attention(lens_ctx, lens_q, H, KVH, D, bs, window):
@@ -192,7 +199,7 @@ def test_int8_kv_cache_halves_memory_and_stays_close(tiny_llama):
     D = plain.config.head_dim
     assert bytes_int8 / bytes_plain == (D + 4) / (2 * D)  # int8 values + a float32 scale per head vs bfloat16
     from tokenloom.config import ModelConfig
-    from tokenloom.worker.model_runner import kv_bytes_per_block
+    from tokenloom.worker.kv_cache import kv_bytes_per_block
 
     smollm = ModelConfig("llama", 49152, 576, 1536, 30, 9, 3)  # head_dim 64: the int8 pool is about half
     assert kv_bytes_per_block(smollm, 16, torch.bfloat16, "int8") / kv_bytes_per_block(smollm, 16, torch.bfloat16) < 0.54
@@ -215,15 +222,14 @@ def test_packed_bf16_linears_change_nothing(tiny_llama, monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_fused_cpu_ops_match_torch(dtype, monkeypatch):
+def test_fused_cpu_ops_match_torch(dtype, monkeypatch, kernel_calls):
     """The fused RMSNorm (with and without the residual add) and rotary kernels give the torch code's numbers:
     the same roundings to the dtype, so bfloat16 results are bit-identical."""
     from tokenloom.kernels import cpu_ops
     from tokenloom.model_executor.layers.norm import RMSNorm
     from tokenloom.model_executor.layers.rotary import apply_rotary_qk_
 
-    if cpu_ops.EXTENSION.load() is None:
-        pytest.skip("the fused CPU kernels are not available on this machine")
+    calls = kernel_calls(cpu_ops.EXTENSION, "fused CPU kernels")
     torch.manual_seed(0)
     T, H, KVH, D = 37, 9, 3, 64
     norm = RMSNorm(576, 1e-5).to(dtype)
@@ -232,6 +238,7 @@ def test_fused_cpu_ops_match_torch(dtype, monkeypatch):
     qkv = torch.randn(T, (H + 2 * KVH) * D).to(dtype)
     cos, sin = torch.randn(T, 1, D).to(dtype), torch.randn(T, 1, D).to(dtype)
     fused = norm(x), norm(x, residual=r), apply_rotary_qk_(qkv.clone(), cos, sin, H, KVH, D)
+    assert calls == {"rms_norm": 2, "rotary_": 1}
     monkeypatch.setattr(cpu_ops.EXTENSION, "state", [None])
     plain = norm(x), norm(x, residual=r), apply_rotary_qk_(qkv.clone(), cos, sin, H, KVH, D)
     exact = dtype == torch.bfloat16

@@ -13,8 +13,9 @@ from gguf.quants import dequantize as ref_dequantize
 from gguf.quants import quantize as ref_quantize
 
 from tokenloom.config import TokenloomError
-from tokenloom.gguf.loader import config_from_metadata, load_gguf
+from tokenloom.gguf.loader import config_from_metadata
 from tokenloom.gguf.quants import SUPPORTED_QTYPES, dequantize
+from tokenloom.model_executor.model_loader import load_gguf  # names mapped by the model class
 
 Q = gguf.GGMLQuantizationType
 

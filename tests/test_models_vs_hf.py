@@ -51,17 +51,19 @@ CASES = {
     "qwen2": dict(),
     "mistral": dict(sliding_window=24),  # a window shorter than the sequence, so it matters
     "mixtral": dict(),
+    "qwen3": dict(),  # q/k norm per head, head_dim 32 != hidden 64 / 4 heads (conftest.make_tiny)
+    "qwen3-bias": dict(attention_bias=True),
 }
 
 
-@pytest.mark.parametrize("case", list(CASES))
-def test_logits_and_greedy_match_transformers(case, tmp_path):
+def check_against_transformers(case: str, path) -> LLM:
+    """Prefill and STEPS decode steps: logits within 1e-4 of transformers' (float32), the same greedy tokens."""
     arch = case.split("-")[0]
     overrides = dict(CASES[case])
     if arch == "mistral":
         overrides["attn_implementation"] = "eager"
-    ref = make_tiny(arch, tmp_path, **overrides)
-    llm = LLM(str(tmp_path), dtype="float32", num_blocks=64, block_size=4)  # small blocks: many per sequence
+    ref = make_tiny(arch, path, **overrides)
+    llm = LLM(str(path), dtype="float32", num_blocks=64, block_size=4)  # small blocks: many per sequence
     rec = record_logits(llm)
     g = torch.Generator().manual_seed(7)
     prompt = torch.randint(0, ref.config.vocab_size, (21,), generator=g).tolist()
@@ -73,6 +75,29 @@ def test_logits_and_greedy_match_transformers(case, tmp_path):
         assert diff < 1e-4, f"{case}: step {step} logits differ by {diff}"
     assert out.outputs[0].token_ids == ref_tokens
     assert llm.engine.block_manager.num_used_blocks == 0
+    return llm
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_logits_and_greedy_match_transformers(case, tmp_path):
+    check_against_transformers(case, tmp_path)
+
+
+@pytest.mark.parametrize("kernels", [True, False])
+def test_qwen3_qk_norm_on_kernel_and_torch_paths(kernels, tmp_path, monkeypatch, kernel_calls):
+    """Qwen3's per-head q/k RMSNorm (rows of head_dim) and the rotary of q and k apart, through the fused CPU
+    kernels where they are built and through torch's code: both match transformers."""
+    from tokenloom.kernels import cpu_ops
+
+    if kernels:
+        calls = kernel_calls(cpu_ops.EXTENSION, "the fused CPU kernels")
+    else:
+        monkeypatch.setattr(cpu_ops.EXTENSION, "state", [None])
+    llm = check_against_transformers("qwen3", tmp_path)
+    if kernels:
+        layers, forwards = llm.engine.model.config.num_layers, STEPS
+        assert calls["rotary_"] == 2 * layers * forwards  # q and k rotated apart, every layer, every step
+        assert calls["rms_norm"] == (4 * layers + 1) * forwards  # 2 hidden + q and k norms per layer, final
 
 
 def test_unsupported_architecture_is_a_clear_error(tmp_path):

@@ -145,26 +145,37 @@ EXPECTED_TORCH_KERNELS = {"int8": "int8pack_mm", "int4-g128": "int4pack_mm", "in
 
 
 @pytest.fixture(params=["gemv", "torch"])
-def backend(request, monkeypatch):
-    """tokenloom's compiled GEMV kernels, or torch's weight-only kernels (what runs without a compiler)."""
+def backend(request, monkeypatch, kernel_calls):
+    """tokenloom's compiled GEMV kernels (their calls counted: kernel_calls(EXTENSION) gives the counts; skipped,
+    saying why, where they are not built), or torch's weight-only kernels (what runs without a compiler)."""
     from tokenloom.kernels import quant_ops as cpu_kernels
 
     if request.param == "gemv":
-        if cpu_kernels.load() is None:
-            pytest.skip("tokenloom's GEMV kernels are not available on this machine")
+        cpu_kernels.load()  # sets HAS_BF16
+        kernel_calls(cpu_kernels.EXTENSION, "tokenloom's GEMV kernels")
     else:
         monkeypatch.setattr(cpu_kernels.EXTENSION, "state", [None])
     return request.param
 
 
+def _gemv_calls(calls) -> int:
+    return sum(n for name, n in calls.items() if name.startswith("gemv_"))
+
+
 @pytest.mark.parametrize("act_dtype", [torch.float32, torch.bfloat16])
-def test_kernel_path_matches_reference(act_dtype, backend):
+def test_kernel_path_matches_reference(act_dtype, backend, kernel_calls):
+    from tokenloom.kernels import quant_ops as cpu_kernels
+
+    calls = kernel_calls(cpu_kernels.EXTENSION) if backend == "gemv" else {}
     w = _weights(n=192, k=576)
     g = torch.Generator().manual_seed(1)
     for name, rec in _records(w, torch.randn(512, 576, generator=g)).items():
         m = build_linear(rec, torch.randn(192, generator=g) * 0.1, act_dtype)
         if backend == "gemv":
             assert m.kernel == "gemv", name
+            before = _gemv_calls(calls)
+            m(torch.ones(1, 576, dtype=act_dtype))
+            assert _gemv_calls(calls) == before + 1, name  # a decode row really went through tokenloom's GEMV
         elif K.int8_kernel_ok(act_dtype) and K.int4_kernel_ok(act_dtype):
             assert m.kernel == EXPECTED_TORCH_KERNELS[name], (name, m.kernel)
         ref_w = rec.dequantize()
@@ -367,7 +378,8 @@ LINEARS = ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.do
 
 
 @pytest.mark.parametrize("method", ["gptq", "awq", "int4", "int8", "nf4"])
-def test_checkpoint_round_trip_reproduces_layers(tiny_llama, tmp_path, method, backend):
+def test_checkpoint_round_trip_reproduces_layers(tiny_llama, tmp_path, method, backend, kernel_calls):
+    from tokenloom.kernels import quant_ops as cpu_kernels
     from tokenloom.worker.model_loading import load_model
     from tokenloom.loader.sources import resolve_model
     from tokenloom.quant.checkpoint import save_quantized
@@ -395,6 +407,7 @@ def test_checkpoint_round_trip_reproduces_layers(tiny_llama, tmp_path, method, b
     assert all(not k.endswith(".weight") or "norm" in k or "embed" in k or k == "lm_head.weight" for k in tensors)
 
     loaded, _ = load_model(resolve_model(str(out)), torch.float32, torch.device("cpu"))
+    calls = kernel_calls(cpu_kernels.EXTENSION) if backend == "gemv" else {}
     for i in range(len(model.layers)):
         for lname in LINEARS:
             a = model.get_submodule(f"layers.{i}.{lname}")
@@ -403,6 +416,7 @@ def test_checkpoint_round_trip_reproduces_layers(tiny_llama, tmp_path, method, b
             x = torch.randn(5, a.in_features)
             assert torch.equal(a(x), b(x)), (method, i, lname)
             assert torch.equal(a.dequantize(), b.dequantize())
+    assert (_gemv_calls(calls) > 0) == (backend == "gemv")  # the layers ran tokenloom's GEMV, or torch's path
     # whole model: the float tensors went through the file as float16, the LM head is re-quantized from it
     from tokenloom.quant import QuantizeResult, quantize_lm_head
 
@@ -489,10 +503,11 @@ def _gguf_rows(qtype, rows=32, k=512, seed=0):
 
 
 @pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K", "Q3_K"])
-def test_gguf_blocks_exact(qtype, backend):
+def test_gguf_blocks_exact(qtype, backend, kernel_calls):
     import gguf
 
     from tokenloom.gguf.quants import dequantize
+    from tokenloom.kernels import quant_ops as cpu_kernels
     from tokenloom.quant.gguf_linear import GGUFLinear, build_gguf_linear, gguf_affine
 
     qt = gguf.GGMLQuantizationType[qtype]
@@ -508,7 +523,9 @@ def test_gguf_blocks_exact(qtype, backend):
     assert torch.equal(m.dequantize(), ref)
     x = torch.randn(3, 512)
     expect = x @ ref.t()
+    calls = kernel_calls(cpu_kernels.EXTENSION) if backend == "gemv" else {}
     assert (m(x) - expect).abs().max() <= 1e-5 * expect.abs().max()
+    assert _gemv_calls(calls) == (backend == "gemv" and qtype != "Q3_K")  # Q3_K: raw blocks, dequantized per call
 
 
 # ---------------------------------------------------------------------------------------------------------

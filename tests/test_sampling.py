@@ -16,8 +16,22 @@ from scipy.stats import chisquare
 
 from tokenloom import LLM, SamplingParams
 from tokenloom.config import TokenloomError
-from tokenloom.sample.sampler import Sampler, SamplingRow, apply_penalties
+from tokenloom.sample import Sampler as _Sampler
+from tokenloom.sample import SamplingMetadata, SamplingRow
+from tokenloom.sample.logits_processors import apply_penalties as _apply_penalties
 from tokenloom.sampling_params import SamplingParamsError
+
+
+class Sampler(_Sampler):
+    """The tests hand over rows; the metadata is built from them as the model runner does."""
+
+    def __call__(self, logits, rows, **kw):
+        return super().__call__(logits, SamplingMetadata.from_rows(rows, logits.device), **kw)
+
+
+def apply_penalties(logits, rows):
+    return _apply_penalties(logits, SamplingMetadata.from_rows(rows, logits.device))
+
 
 P_MIN = 1e-4  # chi-square p-value threshold: a correct sampler fails with probability 1e-4 per test (seeds fixed)
 DRAWS = 20_000
@@ -243,10 +257,10 @@ def test_distribution_through_every_path(name, config, monkeypatch):
     """With a tiny partial top-k, rows go through every path (exact from the candidates, retried with more
     candidates, the histogram search for the nucleus, the full-vocabulary draw); peaked and flat logits in one
     batch make each path happen. Each row still matches its reference."""
-    import tokenloom.sample.sampler as sampler_mod
+    import tokenloom.sample.ops as sampler_mod
 
     for attr, value in PATHS[config].items():
-        monkeypatch.setattr(sampler_mod._Workspace if attr == "MAX_ELEMENTS" else sampler_mod, attr, value)
+        monkeypatch.setattr(sampler_mod.Workspace if attr == "MAX_ELEMENTS" else sampler_mod, attr, value)
     paths = {"candidates": 0, "full": 0}
     def spy(fn, key):
         def wrapped(*a):
@@ -282,7 +296,7 @@ def test_seeded_row_ignores_the_rest_of_the_batch(target, bf16, monkeypatch):
     """The same seeded row, step after step (peaked and flat logits), alone / beside rows that change how many
     candidates the batch looks at / in another order / forced through the full-vocabulary path: the same
     tokens every time."""
-    import tokenloom.sample.sampler as sampler_mod
+    import tokenloom.sample.ops as sampler_mod
 
     V, steps = 3000, 60
     g = torch.Generator().manual_seed(0)
@@ -395,6 +409,142 @@ def test_presence_and_frequency_ignore_the_prompt_and_logit_bias_and_min_tokens(
     assert out.token_ids == [2]
     lp = dict(out.logprobs[0][1:])
     assert lp[2] == pytest.approx(5 - np.log(np.exp(5) + np.exp(3) + V - 2), abs=1e-5)
+
+
+# ---- logits processors, the grammar bitmask, the final distributions ------------------------------------------
+def _pack(allowed: np.ndarray) -> torch.Tensor:
+    """A dense boolean mask [rows, V] packed as structured output does: int32 words, bit b of word w = token
+    32 * w + b (least significant bit first), bit set = allowed."""
+    rows, V = allowed.shape
+    words = -(-V // 32)
+    padded = np.zeros((rows, words * 32), dtype=np.uint64)
+    padded[:, :V] = allowed
+    packed = (padded.reshape(rows, words, 32) << np.arange(32, dtype=np.uint64)).sum(-1)
+    return torch.from_numpy(packed.astype(np.uint32).view(np.int32))
+
+
+def test_token_bitmask_matches_a_dense_mask():
+    from tokenloom.sample import apply_token_bitmask
+
+    rng = np.random.default_rng(0)
+    for V in (100, 128, 31):  # a partial last word, whole words, a single word
+        allowed = rng.random((6, V)) < 0.4
+        allowed[:, 31 % V] = True  # bit 31: the int32 sign bit
+        allowed[0] = True
+        bitmask = _pack(allowed)
+        assert bitmask.dtype == torch.int32 and bitmask.shape == (6, -(-V // 32))
+        logits = torch.randn(6, V, generator=torch.Generator().manual_seed(V))
+        want = torch.where(torch.from_numpy(allowed), logits, float("-inf"))
+        got = logits.clone()
+        apply_token_bitmask(got, bitmask)
+        assert torch.equal(got, want)
+        # rows: the bitmask's rows apply to those logits rows only
+        got = logits.clone()
+        apply_token_bitmask(got, bitmask[[1, 4]], torch.tensor([2, 5]))
+        assert torch.equal(got[[2, 5]], torch.where(torch.from_numpy(allowed[[1, 4]]), logits[[2, 5]], float("-inf")))
+        assert torch.equal(got[[0, 1, 3, 4]], logits[[0, 1, 3, 4]])
+    # a padded vocabulary (logits wider than the bitmask covers): the extra columns are left alone
+    logits = torch.randn(2, 70)
+    got = logits.clone()
+    apply_token_bitmask(got, _pack(np.zeros((2, 40), dtype=bool)))
+    assert torch.isneginf(got[:, :64]).all() and torch.equal(got[:, 64:], logits[:, 64:])
+
+
+def test_grammar_bitmask_and_request_processors_through_the_sampler():
+    V = 40
+    logits = _logits(V, seed=2).expand(4, -1).clone()
+    before = logits.clone()
+    allowed = np.zeros((4, V), dtype=bool)
+    allowed[:, [5, 9, 17, 33, 38]] = True
+    calls = []
+
+    def ban_nine(output_ids, row):  # a per-request processor
+        calls.append(list(output_ids))
+        row[9] = float("-inf")
+        return row
+
+    rows = [SamplingRow(SamplingParams(temperature=0), [], [], None),
+            SamplingRow(SamplingParams(temperature=1.0), [], [1, 2], None, logits_processors=(ban_nine,)),
+            SamplingRow(SamplingParams(temperature=1.3, top_p=0.9), [], [], None),
+            SamplingRow(SamplingParams(temperature=0), [], [], None, logits_processors=(ban_nine,))]
+    meta = SamplingMetadata.from_rows(rows * 500, "cpu", token_bitmask=_pack(np.tile(allowed, (500, 1))))
+    out = _Sampler(torch.Generator().manual_seed(0))(logits.repeat(500, 1), meta, return_probs=True)
+    tokens = np.asarray(out.token_ids).reshape(500, 4)
+    best = [t for t in before[0].argsort(descending=True).tolist() if allowed[0, t]]
+    assert (tokens[:, 0] == best[0]).all() and (tokens[:, 3] == [t for t in best if t != 9][0]).all()
+    assert np.isin(tokens, np.flatnonzero(allowed[0])).all()
+    assert (tokens[:, 1] != 9).all()
+    assert calls[0] == [1, 2] and len(calls) == 1000
+    forbidden = ~torch.from_numpy(np.tile(allowed, (500, 1)))
+    assert (out.probs[forbidden] == 0).all() and (out.probs[1::4, 9] == 0).all()
+    # the sampled rows draw from exactly the masked distribution
+    ref = _softmax(np.where(allowed[0] & (np.arange(V) != 9), before[0].numpy().astype(np.float64), -np.inf))
+    assert chi2_pvalue(np.bincount(tokens[:, 1], minlength=V), ref) > P_MIN
+    assert torch.equal(logits, before)
+
+
+PROBS_CASES = {**SETTINGS, "penalties+bias": dict(temperature=0.9, top_p=0.8, repetition_penalty=1.3,
+                                                  presence_penalty=0.5, logit_bias={4: 1.5})}
+
+
+@pytest.mark.parametrize("config", ["default", "histogram"])
+def test_probs_are_the_distribution_drawn_from(config, monkeypatch):
+    """return_probs: each row's final distribution (after processors, temperature and truncation; one-hot for
+    greedy rows), [rows, V] float32: rows sum to 1, are zero outside the truncation set, equal the reference, and
+    the tokens drawn follow them; asking for them changes no token."""
+    import tokenloom.sample.ops as ops_mod
+
+    if config != "default":  # tiny candidate sets: the full-vocabulary paths report their thresholds too
+        for attr, value in PATHS[config].items():
+            monkeypatch.setattr(ops_mod, attr, value)
+    names = list(PROBS_CASES)
+    logits = torch.stack([_logits(seed=20 + i, scale=1.0 + (i % 4)) for i in range(len(names))] + [_logits(seed=1)])
+    rows = [SamplingRow(SamplingParams(**PROBS_CASES[n]), [4, 6], [6, 7, 6], None) for n in names]
+    rows.append(SamplingRow(SamplingParams(temperature=0, logprobs=1), [], [], None))
+    out = Sampler(torch.Generator().manual_seed(3))(logits.clone(), rows, return_probs=True)
+    same = Sampler(torch.Generator().manual_seed(3))(logits.clone(), rows)
+    assert out.token_ids == same.token_ids and out.logprobs == same.logprobs and same.probs is None
+    probs = out.probs
+    assert probs.dtype == torch.float32 and probs.shape == logits.shape
+    assert torch.allclose(probs.sum(-1), torch.ones(len(rows)), atol=1e-6)
+    for i, n in enumerate(names):
+        x = logits[i]
+        if n == "penalties+bias":  # logit_bias, then the penalties (their formulas are checked below)
+            x = x.clone()
+            x[4] += 1.5
+            x = apply_penalties(x[None], [rows[i]])[0]
+        kw = {k: v for k, v in PROBS_CASES[n].items() if k in ("temperature", "top_k", "top_p", "min_p")}
+        ref = reference_probs(x.numpy(), **kw)
+        assert ((probs[i] > 0).numpy() == (ref > 0)).all(), n
+        assert np.allclose(probs[i].double().numpy(), ref, atol=1e-6), n
+    assert probs[-1].tolist() == [float(t == out.token_ids[-1]) for t in range(32)]
+    # the draws follow probs: many copies of one row in one call
+    for i in (names.index("top_k+top_p+min_p"), names.index("penalties+bias")):
+        n = 8000
+        rep = Sampler(torch.Generator().manual_seed(i))(logits[i].expand(n, -1).clone(), [rows[i]] * n,
+                                                         return_probs=True)
+        p = rep.probs[0].double().numpy()
+        assert torch.equal(rep.probs, rep.probs[:1].expand(n, -1))
+        assert chi2_pvalue(np.bincount(rep.token_ids, minlength=32), p / p.sum()) > P_MIN
+
+
+def test_sample_modules_put_every_tensor_on_the_logits_device():
+    """Tensors made from nothing (torch.tensor, empty, zeros, ...) in tokenloom/sample/ name their device: none is
+    left on the CPU by default while the logits are elsewhere."""
+    import ast
+    from pathlib import Path
+
+    import tokenloom.sample
+
+    makers = {"tensor", "empty", "zeros", "ones", "full", "arange", "rand", "randn", "as_tensor"}
+    offenders = []
+    for path in Path(tokenloom.sample.__file__).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in makers
+                    and isinstance(node.func.value, ast.Name) and node.func.value.id == "torch"
+                    and not any(k.arg == "device" for k in node.keywords)):
+                offenders.append(f"{path.name}:{node.lineno}")
+    assert not offenders, offenders
 
 
 # ---- the engine ----------------------------------------------------------------------------------------------

@@ -15,16 +15,14 @@ def tokenloom_home() -> Path:
     return Path(os.environ.get("TOKENLOOM_HOME") or Path.home() / ".cache" / "tokenloom")
 
 
-SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "mixtral")
-
-
 class TokenloomError(Exception):
     """An error whose message is meant for the user as it is (CLI prints it without a traceback)."""
 
 
 @dataclass
 class ModelConfig:
-    """Architecture of a decoder-only transformer, normalised from HF config.json or GGUF metadata."""
+    """Architecture of a decoder-only transformer, normalised from HF config.json or GGUF metadata. Which
+    architectures tokenloom runs is the model registry's business (model_executor/models/registry.py)."""
 
     architecture: str
     vocab_size: int
@@ -47,10 +45,6 @@ class ModelConfig:
     eos_token_ids: tuple[int, ...] = ()
 
     def __post_init__(self):
-        if self.architecture not in SUPPORTED_ARCHITECTURES:
-            raise TokenloomError(
-                f"unsupported architecture '{self.architecture}' (supported: {', '.join(SUPPORTED_ARCHITECTURES)})"
-            )
         if not self.head_dim:
             self.head_dim = self.hidden_size // self.num_heads
         if self.num_heads % self.num_kv_heads:
@@ -58,14 +52,13 @@ class ModelConfig:
         self.eos_token_ids = tuple(int(t) for t in self.eos_token_ids)
 
     @classmethod
-    def from_hf(cls, cfg: dict) -> "ModelConfig":
-        """Map a transformers config.json dict onto ModelConfig."""
-        model_type = cfg.get("model_type", "")
-        if model_type not in SUPPORTED_ARCHITECTURES:
-            archs = cfg.get("architectures") or [model_type or "unknown"]
-            raise TokenloomError(
-                f"unsupported architecture '{model_type or archs[0]}' (supported: {', '.join(SUPPORTED_ARCHITECTURES)})"
-            )
+    def from_hf(cls, cfg: dict, defaults: dict | None = None) -> "ModelConfig":
+        """Map a transformers config.json dict onto ModelConfig; `defaults`: values the architecture's config class
+        implies when config.json leaves them out (the model class's hf_config_defaults)."""
+        cfg = {**(defaults or {}), **cfg}
+        needed = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+        if missing := [k for k in needed if k not in cfg]:
+            raise TokenloomError(f"config.json (model_type '{cfg.get('model_type', '')}') lacks {', '.join(missing)}")
         eos = cfg.get("eos_token_id")
         eos = [] if eos is None else (eos if isinstance(eos, list) else [eos])
         rope_scaling = cfg.get("rope_scaling") or None
@@ -75,11 +68,9 @@ class ModelConfig:
             rope_theta = rope_theta or rope_params.get("rope_theta")
             if rope_params.get("rope_type", "default") != "default":
                 rope_scaling = rope_params
-        sliding = cfg.get("sliding_window")
-        if model_type == "qwen2" and not cfg.get("use_sliding_window", False):
-            sliding = None
+        sliding = cfg.get("sliding_window") if cfg.get("use_sliding_window", True) else None
         return cls(
-            architecture=model_type,
+            architecture=cfg.get("model_type", ""),
             vocab_size=cfg["vocab_size"],
             hidden_size=cfg["hidden_size"],
             intermediate_size=cfg["intermediate_size"],
@@ -92,7 +83,7 @@ class ModelConfig:
             rope_scaling=rope_scaling,
             max_position_embeddings=cfg.get("max_position_embeddings", 2048),
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-            attention_bias=bool(cfg.get("attention_bias", model_type == "qwen2")),
+            attention_bias=bool(cfg.get("attention_bias", False)),
             sliding_window=sliding,
             num_experts=cfg.get("num_local_experts", 0) or 0,
             num_experts_per_tok=cfg.get("num_experts_per_tok", 0) or 0,

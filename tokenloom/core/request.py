@@ -36,10 +36,10 @@ class Request:
     group_id: str = ""  # the user request this completion belongs to
     fork_of: "Request | None" = None  # n > 1: shares the parent's prompt blocks once the parent is prefilled
     forks: list["Request"] = field(default_factory=list)  # children waiting for this request's prefill
+    # Draft tokens a proposer guessed to follow the output; verified (and accepted or rolled back) next step.
+    spec_token_ids: list[int] = field(default_factory=list)
     first_token_time: float | None = None
-    last_token_time: float | None = None
     logprobs: list = field(default_factory=list)  # per output token: {token_id: logprob}
-    prompt_logprobs: list = field(default_factory=list)
     generator: object = None  # torch.Generator for seeded requests
     detokenizer: object = None
     text: str = ""

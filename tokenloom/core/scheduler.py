@@ -1,39 +1,39 @@
 """Continuous-batching scheduler in the vLLM v1 style.
 
 Every request carries num_computed_tokens, which catches up with its token count. Each step packs, under a
-token budget, one token for every decoding request and prefill chunks for the rest, running requests first
-(FCFS), then waiting ones. When KV blocks run out, the most recently admitted request is preempted: its blocks
-are freed and it is recomputed later (cheaply, when its blocks are still in the prefix cache).
+token budget, one token (plus its draft tokens, when a proposer made some) for every decoding request and prefill
+chunks for the rest, running requests first (FCFS), then waiting ones. When KV blocks run out, the most recently
+admitted request is preempted: its blocks are freed and it is recomputed later (cheaply, when its blocks are still
+in the prefix cache).
+
+`schedule()` decides what runs; `update_from_output()` is the only place where sampled tokens are accepted: it
+advances num_computed_tokens, rolls back rejected draft tokens, attaches the forks of n > 1 requests, appends the
+kept tokens and finishes requests that hit a token-level stop (EOS, stop token ids, max_tokens, the context).
 """
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass, field
 
 from tokenloom.config import SchedulerConfig
-from tokenloom.core.block_pool import BlockManager
+from tokenloom.core.kv_cache_manager import KVCacheManager
 from tokenloom.core.request import Request, RequestStatus
-
-
-@dataclass
-class SchedulerOutput:
-    scheduled: list[tuple[Request, int]] = field(default_factory=list)  # (request, tokens to compute now)
-    blocks_to_copy: list[tuple[int, int]] = field(default_factory=list)
-    num_preempted: int = 0
-
-    @property
-    def num_tokens(self) -> int:
-        return sum(n for _, n in self.scheduled)
+from tokenloom.core.scheduler_output import ScheduledRequest, SchedulerOutput
+from tokenloom.worker.outputs import ModelRunnerOutput
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, block_manager: BlockManager):
+    def __init__(self, config: SchedulerConfig, kv_cache_manager: KVCacheManager, max_model_len: int,
+                 eos_token_ids: tuple[int, ...] = ()):
         self.config = config
-        self.block_manager = block_manager
+        self.kv_cache_manager = kv_cache_manager
+        self.max_model_len = max_model_len
+        self.eos_token_ids = frozenset(eos_token_ids)
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.num_preemptions = 0
         self.num_reused_tokens = 0  # prompt tokens served from the prefix cache instead of computed
+        self.num_draft_tokens = 0  # speculative tokens verified
+        self.num_accepted_tokens = 0  # of which accepted
 
     def add_request(self, req: Request) -> None:
         self.waiting.append(req)
@@ -41,41 +41,57 @@ class Scheduler:
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 
+    # ---- schedule ------------------------------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
-        budget = self.config.max_num_batched_tokens
-        bm = self.block_manager
+        budget = self._schedule_running(out, self.config.max_num_batched_tokens)
+        if not out.num_preempted:  # a step that had to preempt admits nobody
+            self._schedule_waiting(out, budget)
+        return out
 
-        # 1. Running requests: decodes and unfinished prefill chunks.
+    def _num_drafts(self, req: Request, budget: int) -> int:
+        """Draft tokens to verify with the request's next token: within the budget, the context and max_tokens."""
+        if not req.spec_token_ids or req.num_computed_tokens != req.num_tokens - 1:
+            return 0
+        room = min(budget - 1, self.max_model_len - req.num_tokens - 1, req.max_tokens - len(req.output_token_ids) - 1)
+        return max(0, min(len(req.spec_token_ids), room))
+
+    def _schedule_running(self, out: SchedulerOutput, budget: int) -> int:
+        """Decodes and unfinished prefill chunks of running requests; preempts from the back when blocks run out."""
+        kv = self.kv_cache_manager
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
-            n = min(req.num_tokens - req.num_computed_tokens, budget)
-            copies = bm.allocate(req, req.num_computed_tokens + n)
+            k = self._num_drafts(req, budget)
+            n = min(req.num_tokens - req.num_computed_tokens, budget - k)
+            copies = kv.allocate_slots(req, n, num_lookahead_tokens=k)
             while copies is None:  # out of blocks: preempt from the back until this request fits
                 victim = self.running.pop()
                 self._preempt(victim)
                 out.num_preempted += 1
                 if victim is req:
                     break
-                copies = bm.allocate(req, req.num_computed_tokens + n)
+                copies = kv.allocate_slots(req, n, num_lookahead_tokens=k)
             if copies is None:
                 break
-            out.scheduled.append((req, n))
+            out.scheduled.append(ScheduledRequest(req, n + k, req.spec_token_ids[:k]))
             out.blocks_to_copy += copies
-            budget -= n
+            budget -= n + k
             i += 1
+        return budget
 
-        # 2. Waiting requests, in arrival order, while there is room (not in a step that had to preempt).
-        while self.waiting and budget > 0 and not out.num_preempted and len(self.running) < self.config.max_num_seqs:
+    def _schedule_waiting(self, out: SchedulerOutput, budget: int) -> None:
+        """Waiting requests, in arrival order, while there is room; prefix-cache hits are adopted first."""
+        kv = self.kv_cache_manager
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             req = self.waiting[0]
             # Prompt logprobs need every prompt position computed, so such requests skip the prefix cache.
             wants_all = req.params.prompt_logprobs is not None
-            cached = bm.find_cached_prefix(req) if req.num_computed_tokens == 0 and not wants_all else []
-            num_cached = len(cached) * bm.block_size
+            cached = kv.find_cached_prefix(req) if req.num_computed_tokens == 0 and not wants_all else []
+            num_cached = len(cached) * kv.block_size
             n = min(req.num_tokens - num_cached, budget)
             req.num_computed_tokens = num_cached
-            if bm.allocate(req, num_cached + n, cached) is None:
+            if kv.allocate(req, num_cached + n, cached) is None:
                 req.num_computed_tokens = 0
                 break
             req.num_cached_tokens = num_cached
@@ -83,17 +99,77 @@ class Scheduler:
             self.waiting.popleft()
             req.status = RequestStatus.RUNNING
             self.running.append(req)
-            out.scheduled.append((req, n))
+            out.scheduled.append(ScheduledRequest(req, n))
             budget -= n
-        return out
 
     def _preempt(self, req: Request) -> None:
-        self.block_manager.free_request(req)
+        self.kv_cache_manager.free_request(req)
         req.num_computed_tokens = 0
+        req.spec_token_ids = []
         req.status = RequestStatus.WAITING
         req.num_preemptions += 1
         self.num_preemptions += 1
         self.waiting.appendleft(req)
+
+    # ---- update --------------------------------------------------------------------------------------
+    def update_from_output(self, sched: SchedulerOutput, out: ModelRunnerOutput) -> list[tuple[Request, int]]:
+        """Accept the step's results. Returns (request, number of tokens it gained) for every request that
+        gained tokens, in the runner's order (finished ones included; aborted ones left out)."""
+        kept = {id(req): tokens for req, tokens in zip(out.requests, out.sampled_token_ids)}
+        for item in sched.scheduled:
+            req, num_drafts = item.request, len(item.spec_token_ids)
+            req.num_computed_tokens += item.num_tokens
+            if num_drafts and id(req) in kept:
+                accepted = len(kept[id(req)]) - 1
+                req.num_computed_tokens -= num_drafts - accepted  # roll back the rejected drafts' K/V
+                self.num_draft_tokens += num_drafts
+                self.num_accepted_tokens += accepted
+            req.spec_token_ids = []
+            self.kv_cache_manager.cache_full_blocks(req)
+        for req in out.requests:  # attach forks before any parent can finish and free the shared blocks
+            if req.fork_of is not None and req.status == RequestStatus.WAITING:
+                self._attach_fork(req)
+        gained = []
+        for req, tokens, logprobs in zip(out.requests, out.sampled_token_ids, out.logprobs):
+            req.forks = []
+            if req.is_finished:  # aborted while in flight
+                continue
+            n = self._append_tokens(req, tokens, logprobs)
+            gained.append((req, n))
+        return gained
+
+    def _append_tokens(self, req: Request, tokens: list[int], logprobs: list | None) -> int:
+        """Append kept tokens up to (and including) the first that stops the request; returns how many."""
+        for i, token in enumerate(tokens):
+            req.output_token_ids.append(token)
+            if logprobs is not None:
+                req.logprobs.append(dict(logprobs[i]))
+            reason, stop = self._token_stop(req, token)
+            if reason is not None:
+                req.finish_reason, req.stop_reason = reason, stop
+                self.finish(req)
+                return i + 1
+        return len(tokens)
+
+    def _token_stop(self, req: Request, token: int) -> tuple[str | None, int | None]:
+        p = req.params
+        n_out = len(req.output_token_ids)
+        if n_out >= p.min_tokens:
+            if not p.ignore_eos and token in self.eos_token_ids:
+                return "stop", None
+            if token in p.stop_token_ids:
+                return "stop", token
+        if n_out >= req.max_tokens or req.num_tokens >= self.max_model_len:
+            return "length", None
+        return None, None
+
+    def _attach_fork(self, child: Request) -> None:
+        parent = child.fork_of
+        self.kv_cache_manager.fork(parent, child)
+        child.num_computed_tokens = parent.num_computed_tokens
+        child.num_cached_tokens = parent.num_cached_tokens
+        child.status = RequestStatus.RUNNING
+        self.running.append(child)
 
     def finish(self, req: Request) -> None:
         """Remove a finished or aborted request wherever it is and free its blocks."""
@@ -101,5 +177,8 @@ class Scheduler:
             self.running.remove(req)
         elif req in self.waiting:
             self.waiting.remove(req)
-        self.block_manager.free_request(req)
+        self.kv_cache_manager.free_request(req)
         req.status = RequestStatus.FINISHED
+
+    def reset_prefix_cache(self) -> None:
+        self.kv_cache_manager.reset_prefix_cache()

@@ -10,14 +10,16 @@
 
 Errors: OpenAI-style {"error": {"message", "type", "param", "code"}} bodies everywhere but under /api/, where
 they are Ollama's {"error": "..."}; request validation failures are 400 (not FastAPI's 422).
+
+Layout: openai/ and ollama/ hold each API's schemas (protocol.py) and routes; both share the app's ServerState
+and APIError (server_state.py) and the stream plumbing: SSE / NDJSON framing, client disconnects
+(streaming.py). This module builds the app: the routers, the API-key and metrics middleware, error bodies,
+/health, /metrics.
 """
 from __future__ import annotations
 
 import hmac
 import logging
-import signal
-import sys
-import threading
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
@@ -27,10 +29,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tokenloom.version import __version__
 from tokenloom.config import TokenloomError
-from tokenloom.entrypoints import ollama_api, openai_api
 from tokenloom.engine.async_engine import AsyncEngine
+from tokenloom.entrypoints import ollama, openai
 from tokenloom.entrypoints.metrics import CONTENT_TYPE_LATEST, ServerMetrics
-from tokenloom.entrypoints.openai_api import APIError, ServerState
+from tokenloom.entrypoints.server_state import APIError, ServerState, error_for
 
 log = logging.getLogger("tokenloom.server")
 
@@ -132,8 +134,8 @@ def build_app(async_engine: AsyncEngine, served_model_name: str | None = None, a
     )
     metrics = ServerMetrics(async_engine, name)
     app.state.tokenloom = ServerState(async_engine, name, max_queue, metrics)
-    app.include_router(openai_api.router)
-    app.include_router(ollama_api.router)
+    app.include_router(openai.router)
+    app.include_router(ollama.router)
 
     @app.get("/health", tags=["Server"], responses={503: {"description": "The engine is not running"}})
     async def health():
@@ -175,7 +177,7 @@ def build_app(async_engine: AsyncEngine, served_model_name: str | None = None, a
 
     @app.exception_handler(TokenloomError)
     async def on_engine_error(request: Request, exc: TokenloomError):
-        return error_response(request.url.path, openai_api.error_for(exc))
+        return error_response(request.url.path, error_for(exc))
 
     @app.exception_handler(Exception)
     async def on_error(request: Request, exc: Exception):

@@ -1,51 +1,91 @@
-"""Load a GGUF checkpoint into (ModelConfig, HF-named state dict, metadata).
+"""Load a GGUF checkpoint into (ModelConfig, checkpoint-named state dict, metadata).
 
 The file is memory-mapped (copy-on-write, never written); each tensor is dequantised on its own
 with :mod:`tokenloom.gguf.quants` into a fresh tensor of the requested dtype, so at most one
 tensor's worth of temporaries exists at any time besides the result.
+
+Which architectures load, and what their llama.cpp tensor names mean, is the model classes' business
+(model_executor): each declares a GGUFTensorNames, which the model loader passes down here.
 """
 from __future__ import annotations
 
+import dataclasses
 import re
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 
-from tokenloom.config import SUPPORTED_ARCHITECTURES, ModelConfig, TokenloomError
+from tokenloom.config import ModelConfig, TokenloomError
 from tokenloom.gguf.reader import GGUFFile, open_gguf, read_metadata
 from tokenloom.gguf.quants import check_supported, dequantize
-
-# GGUF `general.architecture` values we can load, and whether llama.cpp permuted their q/k rows
-# (convert_hf_to_gguf.py's LlamaModel.permute, applied to llama / mistral / mixtral checkpoints).
-GGUF_ARCHITECTURES = {"llama": True, "mistral": True, "qwen2": False}
 
 # elements dequantised per step (bounds the float32 temporaries of one big tensor)
 _CHUNK_ELEMENTS = 1 << 22
 
-_GLOBAL_NAMES = {
-    "token_embd": "model.embed_tokens",
-    "output_norm": "model.norm",
-    "output": "lm_head",
-}
-_BLOCK_NAMES = {
-    "attn_norm": "input_layernorm",
-    "attn_q": "self_attn.q_proj",
-    "attn_k": "self_attn.k_proj",
-    "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj",
-    "ffn_norm": "post_attention_layernorm",
-    "ffn_gate": "mlp.gate_proj",
-    "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj",
-    "ffn_gate_inp": "block_sparse_moe.gate",
-}
-# MoE experts: stacked [n_expert, out, in] tensors or (older files) one tensor per expert
-_EXPERT_NAMES = {"ffn_gate": "w1", "ffn_down": "w2", "ffn_up": "w3"}
 _BLK_RE = re.compile(r"^blk\.(\d+)\.([a-z_]+?)(?:_exps|\.(\d+))?\.(weight|bias)$")
-_BLK_EXPS_RE = re.compile(r"^blk\.(\d+)\.(ffn_gate|ffn_up|ffn_down)_exps\.(weight)$")
-# tensors llama.cpp writes that have no HF parameter (recomputed by the model)
+_BLK_EXPS_RE = re.compile(r"^blk\.(\d+)\.([a-z_]+)_exps\.(weight)$")
+# tensors llama.cpp writes that have no checkpoint parameter (recomputed by the model)
 _IGNORED = {"rope_freqs.weight"}
+# convert_hf_to_gguf.py's LlamaModel.permute reorders these rows, per head (q) or per KV head (k)
+_PERMUTED = {"attn_q": "num_heads", "attn_k": "num_kv_heads"}
+
+
+@dataclass(frozen=True)
+class GGUFTensorNames:
+    """A model's llama.cpp tensor names: GGUF stem -> checkpoint (transformers) module. Declared by the model
+    class, passed down to the loader (which sits below model_executor and knows no architecture)."""
+
+    globals: dict[str, str]  # token_embd -> model.embed_tokens
+    layers: dict[str, str]  # blk.N.<stem> -> <layer_prefix>N.<module>
+    # MoE experts, stacked (blk.N.<stem>_exps [E, out, in]) or one per expert (blk.N.<stem>.J): module with {j}
+    experts: dict[str, str] = field(default_factory=dict)
+    permuted_qk: bool = True  # llama.cpp permuted the attn_q / attn_k rows (llama, mistral, mixtral)
+    layer_prefix: str = "model.layers."
+
+    def extended(self, layers: dict[str, str] | None = None, **changes) -> "GGUFTensorNames":
+        """These names with more layer tensors (and other fields changed): a subclass's declaration."""
+        return dataclasses.replace(self, layers={**self.layers, **(layers or {})}, **changes)
+
+    def checkpoint_name(self, gguf_name: str) -> str | None:
+        """Checkpoint name of a (non-stacked) GGUF tensor, or None if unknown."""
+        stem, _, suffix = gguf_name.rpartition(".")
+        if stem in self.globals:
+            return f"{self.globals[stem]}.{suffix}"
+        m = _BLK_RE.match(gguf_name)
+        if not m or gguf_name.endswith(("_exps.weight", "_exps.bias")):
+            return None
+        layer, part, expert, suffix = m.groups()
+        if expert is not None:
+            return self.expert_name(layer, part, int(expert), suffix)
+        return f"{self.layer_prefix}{layer}.{self.layers[part]}.{suffix}" if part in self.layers else None
+
+    def expert_name(self, layer: str, stem: str, j: int, suffix: str = "weight") -> str | None:
+        if stem not in self.experts:
+            return None
+        return f"{self.layer_prefix}{layer}.{self.experts[stem].format(j=j)}.{suffix}"
+
+    def gguf_name(self, checkpoint_name: str) -> str | None:
+        """GGUF name of a checkpoint tensor (None for MoE experts, which GGUF may stack, and unknown names)."""
+        module, _, suffix = checkpoint_name.rpartition(".")
+        for stem, theirs in self.globals.items():
+            if theirs == module:
+                return f"{stem}.{suffix}"
+        if not module.startswith(self.layer_prefix):
+            return None
+        layer, _, rest = module.removeprefix(self.layer_prefix).partition(".")
+        for stem, theirs in self.layers.items():
+            if theirs == rest:
+                return f"blk.{layer}.{stem}.{suffix}"
+        return None
+
+    def permuted_heads(self, gguf_name: str, cfg: ModelConfig) -> int:
+        """Heads whose rows llama.cpp permuted in this tensor (0: not permuted)."""
+        if not self.permuted_qk or not gguf_name.startswith("blk."):
+            return 0
+        stem = gguf_name.split(".")[2]
+        return getattr(cfg, _PERMUTED[stem]) if stem in _PERMUTED else 0
 
 
 def open_gguf_checked(path: str) -> GGUFFile:
@@ -62,12 +102,17 @@ def _f32(v) -> float:
     return float(str(np.float32(v)))
 
 
+def gguf_architecture(meta: dict[str, Any]) -> str:
+    """The architecture (ModelConfig.architecture) of a GGUF file: its general.architecture, except that a
+    llama / mistral file with experts is Mixtral."""
+    arch = str(meta.get("general.architecture"))
+    if arch in ("llama", "mistral") and int(meta.get(f"{arch}.expert_count", 0) or 0) > 0:
+        return "mixtral"
+    return arch
+
+
 def config_from_metadata(meta: dict[str, Any], tensor_names: set[str] | None = None) -> ModelConfig:
     arch = meta.get("general.architecture")
-    if arch not in GGUF_ARCHITECTURES:
-        raise TokenloomError(
-            f"unsupported architecture '{arch}' (supported: {', '.join(SUPPORTED_ARCHITECTURES)})"
-        )
     tensor_names = tensor_names or set()
 
     def get(key: str, default: Any = None) -> Any:
@@ -80,9 +125,6 @@ def config_from_metadata(meta: dict[str, Any], tensor_names: set[str] | None = N
         return v
 
     n_expert = int(get("expert_count", 0) or 0)
-    name = arch
-    if arch in ("llama", "mistral") and n_expert > 0:
-        name = "mixtral"
 
     vocab = get("vocab_size")
     if vocab is None and meta.get("tokenizer.ggml.tokens") is not None:
@@ -125,7 +167,7 @@ def config_from_metadata(meta: dict[str, Any], tensor_names: set[str] | None = N
     bos = meta.get("tokenizer.ggml.bos_token_id")
 
     return ModelConfig(
-        architecture=name,
+        architecture=gguf_architecture(meta),
         vocab_size=int(vocab),
         hidden_size=hidden,
         intermediate_size=int(ffn),
@@ -138,7 +180,7 @@ def config_from_metadata(meta: dict[str, Any], tensor_names: set[str] | None = N
         rope_scaling=rope_scaling,
         max_position_embeddings=int(get("context_length", 2048)),
         tie_word_embeddings="output.weight" not in tensor_names,
-        attention_bias=("blk.0.attn_q.bias" in tensor_names) or (arch == "qwen2" and not tensor_names),
+        attention_bias="blk.0.attn_q.bias" in tensor_names,
         sliding_window=None,
         num_experts=n_expert,
         num_experts_per_tok=int(get("expert_used_count", 0) or 0),
@@ -149,24 +191,6 @@ def config_from_metadata(meta: dict[str, Any], tensor_names: set[str] | None = N
 
 # ---------------------------------------------------------------------------------------------
 # tensors
-
-
-def hf_name(gguf_name: str) -> str | None:
-    """HF parameter name of a (non-stacked) GGUF tensor, or None if unknown."""
-    stem, _, suffix = gguf_name.rpartition(".")
-    if stem in _GLOBAL_NAMES:
-        return f"{_GLOBAL_NAMES[stem]}.{suffix}"
-    m = _BLK_RE.match(gguf_name)
-    if not m or gguf_name.endswith(("_exps.weight", "_exps.bias")):
-        return None
-    layer, part, expert, suffix = m.groups()
-    if expert is not None:
-        if part not in _EXPERT_NAMES:
-            return None
-        return f"model.layers.{layer}.block_sparse_moe.experts.{expert}.{_EXPERT_NAMES[part]}.{suffix}"
-    if part not in _BLOCK_NAMES:
-        return None
-    return f"model.layers.{layer}.{_BLOCK_NAMES[part]}.{suffix}"
 
 
 def unpermute_rows(t: torch.Tensor, n_head: int) -> torch.Tensor:
@@ -203,77 +227,73 @@ def _dequantize_rows(raw: torch.Tensor, qtype, row_len: int, dtype: torch.dtype)
     return out
 
 
-def load_gguf(
-    path: str, dtype: torch.dtype = torch.float32
-) -> tuple[ModelConfig, dict[str, torch.Tensor], dict[str, Any]]:
-    """Read a llama / mistral / mixtral / qwen2 GGUF file.
+class GGUFCheckpoint:
+    """An open GGUF model file: its metadata now, its tensors (dequantised, checkpoint-named) on state_dict()."""
 
-    Returns (config, state dict with transformers parameter names in `dtype`, GGUF metadata as plain
-    Python values). llama.cpp's q/k permutation is undone for llama-family files.
-    """
-    reader = open_gguf_checked(path)
-    try:
-        meta = read_metadata(reader)
-    except Exception as exc:
-        raise TokenloomError(f"cannot read GGUF file '{path}': corrupt metadata ({exc})") from None
-    tensors = {t.name: t for t in reader.tensors}
-    cfg = config_from_metadata(meta, set(tensors))
-    permuted = GGUF_ARCHITECTURES[meta["general.architecture"]]
+    def __init__(self, path: str):
+        self.path = path
+        self.reader = open_gguf_checked(path)
+        try:
+            self.metadata = read_metadata(self.reader)
+        except Exception as exc:
+            raise TokenloomError(f"cannot read GGUF file '{path}': corrupt metadata ({exc})") from None
+        self.tensors = {t.name: t for t in self.reader.tensors}
+        self.architecture = gguf_architecture(self.metadata)
 
-    required = ["token_embd.weight", "output_norm.weight"]
-    for i in range(cfg.num_layers):
-        required += [f"blk.{i}.{p}.weight" for p in ("attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_norm")]
-        if cfg.num_experts:
-            required.append(f"blk.{i}.ffn_gate_inp.weight")
-        else:
-            required += [f"blk.{i}.{p}.weight" for p in ("ffn_gate", "ffn_up", "ffn_down")]
-    missing = [n for n in required if n not in tensors]
-    if missing:
-        more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
-        raise TokenloomError(f"GGUF file '{path}' is missing required tensor(s): {', '.join(missing[:5])}{more}")
+    def config(self) -> ModelConfig:
+        return config_from_metadata(self.metadata, set(self.tensors))
 
-    state: dict[str, torch.Tensor] = {}
-    rope_freqs = None
-    for name, t in tensors.items():
-        qtype = check_supported(t.tensor_type)
-        shape = tuple(int(d) for d in reversed(t.shape.tolist()))
-        if name in _IGNORED:
-            if name == "rope_freqs.weight":
-                rope_freqs = _dequantize_rows(_raw_bytes(reader, t), qtype, shape[-1], torch.float32).reshape(-1)
-            continue
-        exps = _BLK_EXPS_RE.match(name)
-        target = None if exps else hf_name(name)
-        if target is None and not exps:
-            raise TokenloomError(f"GGUF file '{path}' has a tensor tokenloom does not know: '{name}'")
+    def state_dict(self, cfg: ModelConfig, names: GGUFTensorNames, expected: set[str],
+                   dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+        """Every tensor in `dtype` under its checkpoint name (names: the model class's declaration), llama.cpp's
+        q/k permutation undone where it was applied. `expected`: the checkpoint names the model needs; those
+        with a GGUF name of their own are checked before anything is read. A Llama-3.1 rope_freqs tensor
+        becomes cfg.rope_scaling (and metadata["tokenloom.rope_freqs"])."""
+        self._check_present(expected, names)
+        state: dict[str, torch.Tensor] = {}
+        for name, t in self.tensors.items():
+            qtype = check_supported(t.tensor_type)
+            shape = tuple(int(d) for d in reversed(t.shape.tolist()))
+            if name in _IGNORED:
+                if name == "rope_freqs.weight":
+                    freqs = _dequantize_rows(_raw_bytes(self.reader, t), qtype, shape[-1], torch.float32).reshape(-1)
+                    self.metadata["tokenloom.rope_freqs"] = freqs.tolist()
+                    cfg.rope_scaling = {"rope_type": "freq_factors", "factors": freqs.tolist()}
+                continue
+            exps = _BLK_EXPS_RE.match(name)
+            target = names.expert_name(exps[1], exps[2], 0) if exps else names.checkpoint_name(name)
+            if target is None:
+                raise TokenloomError(f"GGUF file '{self.path}' has a tensor tokenloom does not know: '{name}'")
+            heads = names.permuted_heads(name, cfg)
+            raw = _raw_bytes(self.reader, t)
+            if heads and len(shape) > 1:
+                raw = unpermute_rows(raw, heads)  # rows of blocks: copies only the (small) quantised bytes
+            w = _dequantize_rows(raw, qtype, shape[-1], dtype).reshape(shape)
+            if heads and len(shape) == 1:  # a permuted bias
+                w = unpermute_rows(w, heads).contiguous()
+            if exps:
+                if w.dim() != 3 or w.shape[0] != cfg.num_experts:
+                    raise TokenloomError(f"GGUF tensor '{name}' has shape {list(w.shape)}, "
+                                         f"expected [{cfg.num_experts}, ...]")
+                for j in range(w.shape[0]):
+                    state[names.expert_name(exps[1], exps[2], j, exps[3])] = w[j]
+            else:
+                state[target] = w
+            del raw, w
+        missing = sorted(expected - set(state))
+        if missing:
+            raise TokenloomError(f"GGUF file '{self.path}' is missing the weights for {', '.join(missing[:5])}")
+        return state
 
-        heads = 0
-        if permuted and name.startswith("blk.") and (".attn_q." in name or ".attn_k." in name):
-            heads = cfg.num_heads if ".attn_q." in name else cfg.num_kv_heads
-        raw = _raw_bytes(reader, t)
-        if heads and len(shape) > 1:
-            raw = unpermute_rows(raw, heads)  # rows of blocks: copies only the (small) quantised bytes
-        w = _dequantize_rows(raw, qtype, shape[-1], dtype).reshape(shape)
-        if heads and len(shape) == 1:  # a permuted bias
-            w = unpermute_rows(w, heads).contiguous()
-        if exps:
-            layer, part, suffix = exps.groups()
-            if w.dim() != 3 or w.shape[0] != cfg.num_experts:
-                raise TokenloomError(f"GGUF tensor '{name}' has shape {list(w.shape)}, expected [{cfg.num_experts}, ...]")
-            for j in range(w.shape[0]):
-                state[f"model.layers.{layer}.block_sparse_moe.experts.{j}.{_EXPERT_NAMES[part]}.{suffix}"] = w[j]
-        else:
-            state[target] = w
-        del raw, w
+    def _check_present(self, expected: set[str], names: GGUFTensorNames) -> None:
+        required = [g for g in map(names.gguf_name, expected) if g is not None]
+        missing = sorted((n for n in required if n not in self.tensors), key=_natural)
+        if missing:
+            more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
+            raise TokenloomError(
+                f"GGUF file '{self.path}' is missing required tensor(s): {', '.join(missing[:5])}{more}")
 
-    if cfg.num_experts:
-        for i in range(cfg.num_layers):
-            for j in range(cfg.num_experts):
-                for wn in ("w1", "w2", "w3"):
-                    key = f"model.layers.{i}.block_sparse_moe.experts.{j}.{wn}.weight"
-                    if key not in state:
-                        raise TokenloomError(f"GGUF file '{path}' is missing the expert weights for {key}")
-    if rope_freqs is not None:
-        # Llama 3.1-style rope scaling is stored as per-frequency divisors instead of metadata.
-        meta["tokenloom.rope_freqs"] = rope_freqs.tolist()
-        cfg.rope_scaling = {"rope_type": "freq_factors", "factors": rope_freqs.tolist()}
-    return cfg, state, meta
+
+def _natural(name: str) -> list:
+    """blk.2 before blk.10."""
+    return [int(p) if p.isdigit() else p for p in name.split(".")]

@@ -28,10 +28,10 @@ from pathlib import Path
 import torch
 
 from tokenloom.config import ModelConfig, TokenloomError
+from tokenloom.model_executor.models.registry import hf_architecture
+from tokenloom.model_executor.models.weights import shard_view
 from tokenloom.quant.linear import AffineQuant, Int8Quant, NF4Quant, cat_records
 
-HF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
-                    "mixtral": "MixtralForCausalLM"}
 AWQ_ORDER = [0, 2, 4, 6, 1, 3, 5, 7]  # column of each 4-bit slot of an AWQ word
 AWQ_REVERSE = [0, 4, 1, 5, 2, 6, 3, 7]  # slot of each column
 
@@ -223,40 +223,9 @@ def nf4_unpack(t: dict[str, torch.Tensor], block_size: int, in_features: int) ->
 # names
 
 
-def linear_parts(cfg: ModelConfig, name: str) -> list[tuple[str, int]]:
-    """Our module path -> [(transformers module name, rows)] it fuses."""
-    parts = name.split(".")
-    if parts[0] == "layers":
-        i = parts[1]
-        rest = ".".join(parts[2:])
-        base = f"model.layers.{i}"
-        if rest == "self_attn.qkv_proj":
-            q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-            return [(f"{base}.self_attn.q_proj", q), (f"{base}.self_attn.k_proj", kv), (f"{base}.self_attn.v_proj", kv)]
-        if rest == "mlp.gate_up_proj":
-            return [(f"{base}.mlp.gate_proj", cfg.intermediate_size), (f"{base}.mlp.up_proj", cfg.intermediate_size)]
-        if rest.startswith("mlp.experts."):  # layers.i.mlp.experts.j.w13 / w2
-            j, w = parts[4], parts[5]
-            e = f"{base}.block_sparse_moe.experts.{j}"
-            if w == "w13":
-                return [(f"{e}.w1", cfg.intermediate_size), (f"{e}.w3", cfg.intermediate_size)]
-            return [(f"{e}.w2", cfg.hidden_size)]
-        return [(f"{base}.{rest}", -1)]
-    return [(name, -1)]
-
-
-def hf_param_name(name: str) -> str:
-    """Our (non-fused) parameter name -> transformers'."""
-    if name.startswith("lm_head."):
-        return name
-    if ".mlp.gate." in name:  # MoE router
-        name = name.replace(".mlp.gate.", ".block_sparse_moe.gate.")
-    return "model." + name
-
-
 def hf_config(cfg: ModelConfig, dtype: str = "float16") -> dict:
     d = {
-        "architectures": [HF_ARCHITECTURES[cfg.architecture]],
+        "architectures": [hf_architecture(cfg.architecture)],
         "model_type": cfg.architecture,
         "vocab_size": cfg.vocab_size,
         "hidden_size": cfg.hidden_size,
@@ -276,8 +245,7 @@ def hf_config(cfg: ModelConfig, dtype: str = "float16") -> dict:
         "eos_token_id": list(cfg.eos_token_ids) if len(cfg.eos_token_ids) != 1 else cfg.eos_token_ids[0],
         "torch_dtype": dtype,
     }
-    if cfg.architecture == "qwen2":
-        d["use_sliding_window"] = cfg.sliding_window is not None
+    d["use_sliding_window"] = cfg.sliding_window is not None
     if cfg.sliding_window is not None:
         d["sliding_window"] = cfg.sliding_window
     if cfg.num_experts:
@@ -328,7 +296,7 @@ def save_quantized(model, result, out_dir: str | os.PathLike, tokenizer=None, fl
         if name == "lm_head":
             continue  # recomputed at load (tokenloom_lm_head)
         quantized_modules.add(name)
-        parts = linear_parts(cfg, name)
+        parts = model.checkpoint_parts(name)
         if fmt == "tokenloom":  # own format: fused modules as they are
             for key, t in nf4_pack(rec).items():
                 tensors[f"model.{name}.{key}"] = t
@@ -338,20 +306,12 @@ def save_quantized(model, result, out_dir: str | os.PathLike, tokenizer=None, fl
             packed = awq_pack(piece) if fmt == "awq" else gptq_pack(piece, qc["checkpoint_format"])
             for key, t in packed.items():
                 tensors[f"{hf}.{key}"] = t
-    # float tensors (and the biases of quantized modules)
-    for name, p in model.named_parameters():
-        mod_name = name.rpartition(".")[0]
-        if mod_name in ("lm_head",) and isinstance(model.lm_head, QuantLinear):
-            raise TokenloomError("save_quantized needs the float LM head: quantize with lm_head='none'")
-        if name == "lm_head.weight" and cfg.tie_word_embeddings:
-            continue
-        t = p.detach().to(float_dtype).contiguous()
-        if mod_name in quantized_modules:
-            parts = linear_parts(cfg, mod_name)
-            for (hf, _), piece in zip(parts, t.split([r for _, r in parts]) if len(parts) > 1 else [t]):
-                tensors[f"{hf}.{name.rpartition('.')[2]}"] = piece.contiguous()
-        else:
-            tensors[hf_param_name(name)] = t
+    # float tensors (and the biases of quantized modules), each checkpoint tensor the slice of ours it fills
+    if isinstance(model.lm_head, QuantLinear):
+        raise TokenloomError("save_quantized needs the float LM head: quantize with lm_head='none'")
+    params = dict(model.named_parameters())
+    for key, (name, shard) in model.checkpoint_keys().items():
+        tensors[key] = shard_view(params[name].detach(), shard).to(float_dtype).contiguous()
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
     config = hf_config(cfg, str(float_dtype).removeprefix("torch."))
     config["quantization_config"] = qc
@@ -477,7 +437,7 @@ def load_quantized(model, path, quant_config: dict, dtype: torch.dtype) -> None:
     consumed: set[str] = set()
 
     def build(name: str, in_features: int, has_bias: bool):
-        parts = linear_parts(cfg, name)
+        parts = model.checkpoint_parts(name)
         if qc["method"] in ("gptq", "awq"):
             recs = [_read_record(ts, hf, qc, in_features) for hf, _ in parts]
             prefixes = [hf for hf, _ in parts]

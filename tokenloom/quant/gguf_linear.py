@@ -203,32 +203,24 @@ def build_gguf_linear(parts: list[tuple[torch.Tensor, object]], in_features: int
     return ConcatLinear(mods)
 
 
-_FUSED = (("self_attn.qkv_proj", ("attn_q", "attn_k", "attn_v")), ("self_attn.o_proj", ("attn_output",)),
-          ("mlp.gate_up_proj", ("ffn_gate", "ffn_up")), ("mlp.down_proj", ("ffn_down",)))
-
-
 @torch.no_grad()
 def quantize_model_gguf(model, gguf_path, act_dtype, use_kernel: bool = True, progress: bool = False) -> dict:
     """Swap the model's (dequantized) linears for modules over the GGUF file's own quantized blocks."""
-    from tokenloom.gguf.loader import (
-        GGUF_ARCHITECTURES,
-        _raw_bytes,
-        open_gguf_checked,
-        unpermute_rows,
-    )
+    from tokenloom.gguf.loader import _raw_bytes, open_gguf_checked, unpermute_rows
     from tokenloom.quant.modules import get_module, is_moe, model_dtype, set_module
+    from tokenloom.quant.options import LINEAR_NAMES
 
     reader = open_gguf_checked(str(gguf_path))
     tensors = {t.name: t for t in reader.tensors}
-    arch = reader.metadata.get("general.architecture")
-    permuted = GGUF_ARCHITECTURES.get(arch, False)
+    names = model.gguf_tensor_names  # the model class's llama.cpp names
     cfg = model.config
     kinds: dict[str, int] = {}
 
-    def raw_of(name: str, heads: int = 0):
+    def raw_of(checkpoint_name: str):
+        name = names.gguf_name(checkpoint_name)
         t = tensors[name]
         raw = _raw_bytes(reader, t)
-        if heads:
+        if heads := names.permuted_heads(name, cfg):
             raw = unpermute_rows(raw, heads)
         return raw, t.tensor_type
 
@@ -238,32 +230,31 @@ def quantize_model_gguf(model, gguf_path, act_dtype, use_kernel: bool = True, pr
 
         layers = tqdm(layers, desc="gguf blocks", unit="layer", file=sys.stderr)
     for i, layer in layers:
-        for ours, theirs in _FUSED:
+        for ours in LINEAR_NAMES:
             if ours.startswith("mlp.") and is_moe(layer):
                 continue  # Mixtral experts stay as loaded (float)
-            old = get_module(model, f"layers.{i}.{ours}")
-            parts = []
-            for p in theirs:
-                heads = 0
-                if permuted and p in ("attn_q", "attn_k"):
-                    heads = cfg.num_heads if p == "attn_q" else cfg.num_kv_heads
-                parts.append(raw_of(f"blk.{i}.{p}.weight", heads))
+            name = f"layers.{i}.{ours}"
+            old = get_module(model, name)
+            # the checkpoint modules fused into ours (q, k, v / gate, up), each a GGUF tensor
+            parts = [raw_of(f"{theirs}.weight") for theirs, _ in model.checkpoint_parts(name)]
             bias = None if old.bias is None else old.bias.detach().float().clone()
             new = build_gguf_linear(parts, old.in_features, bias, act_dtype, use_kernel)
             if new is not None:
-                set_module(model, f"layers.{i}.{ours}", new)
+                set_module(model, name, new)
                 kinds[new.kernel] = kinds.get(new.kernel, 0) + 1
     # LM head and token embedding
     dtype = model_dtype(model)
-    emb_raw, emb_qt = raw_of("token_embd.weight")
-    head_name = "output.weight" if "output.weight" in tensors else "token_embd.weight"
+    emb_name, head_name = (model.checkpoint_module(m) + ".weight" for m in ("embed_tokens", "lm_head"))
+    emb_raw, emb_qt = raw_of(emb_name)
+    if names.gguf_name(head_name) not in tensors:  # tied: the embedding is the head
+        head_name = emb_name
     head_raw, head_qt = raw_of(head_name)
     head = build_gguf_linear([(head_raw, head_qt)], cfg.hidden_size, None, act_dtype, use_kernel)
     if head is not None:
         model.lm_head = head
         kinds["lm_head:" + head.kernel] = 1
     if Q(emb_qt) not in (Q.F32, Q.F16, Q.BF16):
-        if head is not None and head_name == "token_embd.weight" and hasattr(head, "dequantize_rows"):
+        if head is not None and head_name == emb_name and hasattr(head, "dequantize_rows"):
             model.embed_tokens = QuantizedEmbedding(head, dtype)  # tied: one copy of the matrix
         else:
             model.embed_tokens = GGUFEmbedding(emb_raw, emb_qt, cfg.hidden_size, dtype)

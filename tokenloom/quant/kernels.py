@@ -46,11 +46,7 @@ class reference_mode:
         _FORCE_REFERENCE[0] = self.prev
 
 
-_ENV_REFERENCE = _reference_forced()
-
-
-def use_reference() -> bool:
-    return _FORCE_REFERENCE[0] or _ENV_REFERENCE
+_ENV_REFERENCE = _reference_forced()  # TOKENLOOM_QUANT_REFERENCE=1: the same, for the whole process
 
 
 @functools.cache

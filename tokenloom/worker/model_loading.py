@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from tokenloom.config import ModelConfig
 from tokenloom.loader.safetensors import iter_safetensors, load_hf_config
 from tokenloom.loader.sources import ModelSource
-from tokenloom.model_executor.model_loader import build_model
+from tokenloom.model_executor.model_loader import build_model, config_from_hf, load_gguf
 from tokenloom.quant.checkpoint import load_quantized
 
 
@@ -16,7 +15,7 @@ def load_model(source: ModelSource, dtype: torch.dtype, device: torch.device, ma
     raw_config: dict = {}
     if source.kind == "hf_dir":
         raw_config = load_hf_config(source.path)
-        cfg = ModelConfig.from_hf(raw_config)
+        cfg = config_from_hf(raw_config)  # the architecture's model class must exist
         # A directory without tokenizer files still runs on token ids (as vLLM's skip_tokenizer_init).
         has_tok = (source.path / "tokenizer.json").is_file()
         tokenizer = None
@@ -26,8 +25,6 @@ def load_model(source: ModelSource, dtype: torch.dtype, device: torch.device, ma
             tokenizer = Tokenizer.from_hf_dir(source.path)
         weights = iter_safetensors(source.path, dtype)
     else:
-        from tokenloom.gguf.loader import load_gguf
-
         cfg, state_dict, metadata = load_gguf(str(source.path), dtype)
         from tokenloom.tokenizer import Tokenizer
 

@@ -1,37 +1,26 @@
-"""Runs one scheduled step as one forward pass over the paged KV cache, then samples."""
+"""Runs one scheduled step as one forward pass over the paged KV cache, then samples (and verifies draft tokens).
+
+Input: the scheduler output (core/scheduler_output.py), read and never changed. Output: a ModelRunnerOutput with
+the tokens each request keeps. A request with draft tokens gets one sampled row per position; the drafts are kept
+while they equal the token sampled at their position, then the first sampled token that differs (or the bonus
+token after them all) ends the run: every kept token is a draw from the model's own distribution given the
+tokens before it, so outputs are exactly those of decoding without drafts.
+"""
 from __future__ import annotations
 
-import math
-
-import numpy as np
 import torch
 
 from tokenloom.config import CacheConfig, ModelConfig
-from tokenloom.core.scheduler import SchedulerOutput
-from tokenloom.core.request import Request
+from tokenloom.model_executor.forward_context import ForwardContext, bound_kv_caches, set_forward_context
 from tokenloom.model_executor.layers.attention import LayerKVCache, build_attention_metadata
-from tokenloom.sample.sampler import Sampler, SamplerOutput, SamplingRow
-from tokenloom.model_executor.models.llama import CausalLM
-
-
-def kv_bytes_per_block(cfg: ModelConfig, block_size: int, dtype: torch.dtype, kv_cache_dtype: str = "auto") -> int:
-    slots = cfg.num_layers * 2 * block_size * cfg.num_kv_heads
-    if kv_cache_dtype == "int8":  # one byte per element plus a float32 scale per slot and head
-        return slots * (cfg.head_dim + 4)
-    return slots * cfg.head_dim * torch.finfo(dtype).bits // 8
-
-
-def zeros_lazily(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A zero tensor whose pages the OS supplies on first touch (calloc), so a large KV pool costs nothing
-    up front. Slots never written must read as zeros: padded attention keys may point at them."""
-    if device.type != "cpu":
-        return torch.zeros(shape, dtype=dtype, device=device)
-    nbytes = math.prod(shape) * (torch.finfo(dtype).bits if dtype.is_floating_point else torch.iinfo(dtype).bits) // 8
-    return torch.from_numpy(np.zeros(nbytes, dtype=np.uint8)).view(dtype).view(shape)
+from tokenloom.sample import Sampler, SamplingMetadata, SamplingRow
+from tokenloom.worker.input_batch import InputBatch
+from tokenloom.worker.kv_cache import KVCache
+from tokenloom.worker.outputs import ModelRunnerOutput
 
 
 class ModelRunner:
-    def __init__(self, model: CausalLM, cache_config: CacheConfig, num_blocks: int, device: torch.device,
+    def __init__(self, model, cache_config: CacheConfig, num_blocks: int, device: torch.device,
                  generator: torch.Generator):
         self.model = model
         self.config: ModelConfig = model.config
@@ -40,73 +29,54 @@ class ModelRunner:
         self.dtype = model.embed_tokens.weight.dtype
         cfg = self.config
         self.num_blocks = num_blocks
-        # One tensor for the whole cache: [layer, k/v, slot, kv_head, head_dim].
-        shape = (cfg.num_layers, 2, num_blocks * self.block_size, cfg.num_kv_heads, cfg.head_dim)
-        quantized = cache_config.kv_cache_dtype == "int8"
-        self.kv_cache = zeros_lazily(shape, torch.int8 if quantized else self.dtype, device)
-        self.kv_scales = zeros_lazily(shape[:-1], torch.float32, device) if quantized else None
-        self.layer_caches = [
-            LayerKVCache(self.kv_cache[i, 0], self.kv_cache[i, 1],
-                         *((self.kv_scales[i, 0], self.kv_scales[i, 1]) if quantized else ()))
-            for i in range(cfg.num_layers)
-        ]
+        self.cache = KVCache(cfg, cache_config, num_blocks, self.dtype, device)
+        self.kv_cache, self.kv_scales = self.cache.tensor, self.cache.scales
+        self.layer_caches = self.cache.layers
+        model.bind_kv_caches(self.layer_caches)  # each attention layer keeps its view of the cache
         self.sampler = Sampler(generator)
 
-    def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
-        bs = self.block_size
-        for src, dst in copies:
-            for t in (self.kv_cache, self.kv_scales) if self.kv_scales is not None else (self.kv_cache,):
-                t[:, :, dst * bs : (dst + 1) * bs] = t[:, :, src * bs : (src + 1) * bs]
-
     @torch.inference_mode()
-    def execute(self, sched: SchedulerOutput) -> tuple[list[Request], SamplerOutput | None, list]:
-        """Run the step; returns the requests that produced a next token (a fork shares its parent's row),
-        their samples, and prompt logprobs computed this step [(request, first position, [{token: logprob}])]."""
+    def execute(self, sched) -> ModelRunnerOutput:
+        """Run one step of the scheduler output `sched`."""
         if sched.blocks_to_copy:
-            self.copy_blocks(sched.blocks_to_copy)
-        input_ids, positions, query_lens, context_lens, tables = [], [], [], [], []
-        sample_rows: list[int] = []  # index into the flat batch of each row to sample
-        sample_reqs: list[Request] = []
-        prompt_lp: list[tuple[Request, int, int, int]] = []  # (request, first flat row, rows, first position)
-        offset = 0
-        for req, n in sched.scheduled:
-            start = req.num_computed_tokens
-            end = start + n
-            if n == 1 and req.output_token_ids:  # decode: only the last token is new
-                input_ids.append(req.output_token_ids[-1])
-            else:
-                input_ids.extend(req.all_token_ids[start:end])
-            positions.append((start, end))
-            query_lens.append(n)
-            context_lens.append(end)
-            tables.append(req.block_table)
-            if req.params.prompt_logprobs is not None and start < req.num_prompt_tokens - 1:
-                # Row p predicts prompt token p + 1.
-                prompt_lp.append((req, offset, min(end, req.num_prompt_tokens - 1) - start, start))
-            offset += n
-            if end == req.num_tokens:  # caught up: this step yields the request's next token
-                family = [req] + req.forks  # n > 1: every completion draws its first token from this row
-                sample_rows += [offset - 1] * len(family)
-                sample_reqs += family
-        ids = torch.tensor(input_ids, dtype=torch.long, device=self.device)
-        pos = torch.cat([torch.arange(s, e) for s, e in positions]).to(self.device)
+            self.cache.copy_blocks(sched.blocks_to_copy)
+        batch = InputBatch.from_scheduled(sched.scheduled, self.device)
         meta = build_attention_metadata(
-            query_lens, context_lens, tables, self.block_size,
+            batch.query_lens, batch.context_lens, batch.block_tables, self.block_size,
             self.config.num_heads // self.config.num_kv_heads, self.config.sliding_window, self.device,
         )
-        hidden = self.model(ids, pos, self.layer_caches, meta)
-        prompt_logprobs = [
+        with set_forward_context(ForwardContext(meta)):
+            hidden = self.model(batch.input_ids, batch.positions)
+        out = ModelRunnerOutput()
+        out.prompt_logprobs = [
             (req, start, self._prompt_logprobs(req, hidden[o : o + n], req.prompt_token_ids[start + 1 : start + n + 1]))
-            for req, o, n, start in prompt_lp
+            for req, o, n, start in batch.prompt_logprob_spans
         ]
-        if not sample_reqs:
-            return [], None, prompt_logprobs
-        logits = self.model.compute_logits(hidden[sample_rows])
-        rows = [
-            SamplingRow(r.params, r.prompt_token_ids, r.output_token_ids, r.generator, self.config.eos_token_ids)
-            for r in sample_reqs
-        ]
-        return sample_reqs, self.sampler(logits, rows), prompt_logprobs
+        if batch.samples:
+            self._sample(batch, hidden, out)
+        return out
+
+    def _sample(self, batch: InputBatch, hidden: torch.Tensor, out: ModelRunnerOutput) -> None:
+        logits = self.model.compute_logits(hidden[batch.sample_rows])
+        rows = []
+        for g in batch.samples:
+            r = g.request
+            for j in range(len(g.rows)):  # row j sees the drafts before it as output already
+                history = r.output_token_ids + g.draft_token_ids[:j] if j else r.output_token_ids
+                rows.append(SamplingRow(r.params, r.prompt_token_ids, history, r.generator, self.config.eos_token_ids))
+        samples = self.sampler(logits, SamplingMetadata.from_rows(rows, logits.device))
+        row = 0
+        for g in batch.samples:
+            tokens = samples.token_ids[row : row + len(g.rows)]
+            kept = len(g.rows)
+            for j, draft in enumerate(g.draft_token_ids):
+                if tokens[j] != draft:
+                    kept = j + 1
+                    break
+            out.requests.append(g.request)
+            out.sampled_token_ids.append(tokens[:kept])
+            out.logprobs.append(samples.logprobs[row : row + kept] if g.request.params.logprobs is not None else None)
+            row += len(g.rows)
 
     @torch.inference_mode()
     def hidden_states(self, token_ids: list[int]) -> torch.Tensor:
@@ -119,9 +89,10 @@ class ModelRunner:
         meta = build_attention_metadata([n], [n], [list(range(n))], 1, cfg.num_heads // cfg.num_kv_heads,
                                         cfg.sliding_window, self.device)
         ids = torch.tensor(token_ids, dtype=torch.long, device=self.device)
-        return self.model(ids, torch.arange(n, device=self.device), [cache] * cfg.num_layers, meta)
+        with bound_kv_caches(self.model, [cache] * cfg.num_layers), set_forward_context(ForwardContext(meta)):
+            return self.model(ids, torch.arange(n, device=self.device))
 
-    def _prompt_logprobs(self, req: Request, hidden: torch.Tensor, next_tokens: list[int]) -> list[dict]:
+    def _prompt_logprobs(self, req, hidden: torch.Tensor, next_tokens: list[int]) -> list[dict]:
         logprobs = torch.log_softmax(self.model.compute_logits(hidden), dim=-1)
         next_ids = torch.tensor(next_tokens, device=logprobs.device)
         chosen = logprobs.gather(1, next_ids[:, None])[:, 0].tolist()

@@ -53,13 +53,18 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return x * cos + rotated * sin
 
 
+def apply_rotary_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int, head_dim: int) -> torch.Tensor:
+    """Rotate the first `heads` heads of each row of x [T, >= heads * head_dim] in place."""
+    T = x.shape[0]
+    if head_dim % 32 == 0 and cos.dtype == x.dtype and x.stride(-1) == 1 and (ops := cpu_ops.ops_for(x)):
+        ops.rotary_(x, cos.reshape(T, head_dim), sin.reshape(T, head_dim), heads, head_dim)
+        return x
+    xh = x[:, : heads * head_dim].view(T, heads, head_dim)
+    xh.copy_(apply_rotary(xh, cos, sin))
+    return x
+
+
 def apply_rotary_qk_(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, num_heads: int, num_kv_heads: int,
                      head_dim: int) -> torch.Tensor:
     """Rotate the q and k heads of a fused [T, (H + 2*KVH) * D] qkv output in place (the v heads follow them)."""
-    T = qkv.shape[0]
-    if head_dim % 32 == 0 and cos.dtype == qkv.dtype and qkv.stride(-1) == 1 and (ops := cpu_ops.ops_for(qkv)):
-        ops.rotary_(qkv, cos.reshape(T, head_dim), sin.reshape(T, head_dim), num_heads + num_kv_heads, head_dim)
-        return qkv
-    qk = qkv[:, : (num_heads + num_kv_heads) * head_dim].view(T, num_heads + num_kv_heads, head_dim)
-    qk.copy_(apply_rotary(qk, cos, sin))
-    return qkv
+    return apply_rotary_(qkv, cos, sin, num_heads + num_kv_heads, head_dim)

@@ -1,0 +1,33 @@
+"""The scheduler's output: everything the worker needs to run one step, and nothing it may change."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from tokenloom.core.request import Request
+
+
+@dataclass
+class ScheduledRequest:
+    request: Request
+    num_tokens: int  # tokens whose K/V this step computes, from request.num_computed_tokens on
+    # Draft tokens verified this step: the last num_spec_tokens of the num_tokens (their K/V is computed too, and
+    # rolled back for the ones rejected).
+    spec_token_ids: list[int] = field(default_factory=list)
+
+    def __iter__(self):  # `for req, n in scheduled` reads like the pair it mostly is
+        return iter((self.request, self.num_tokens))
+
+
+@dataclass
+class SchedulerOutput:
+    scheduled: list[ScheduledRequest] = field(default_factory=list)
+    blocks_to_copy: list[tuple[int, int]] = field(default_factory=list)  # copy-on-write, before the step runs
+    num_preempted: int = 0
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(s.num_tokens for s in self.scheduled)
+
+    @property
+    def num_spec_tokens(self) -> int:
+        return sum(len(s.spec_token_ids) for s in self.scheduled)

@@ -1,0 +1,403 @@
+// Built on first use by tokenloom.kernels.build.CppExtension; the Python side, and what these kernels
+// do, is in tokenloom.kernels.quant_ops.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <cstdint>
+#include <cstring>
+#include <c10/util/BFloat16.h>
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
+
+namespace {
+
+constexpr int64_t GRAIN = 16;  // output rows per parallel task
+
+// per-group sums of x: xs[m, g] = sum_{k in group g} x[m, k]
+std::vector<float> group_sums(const float* x, int64_t M, int64_t K, int64_t group) {
+  int64_t G = (K + group - 1) / group;
+  std::vector<float> xs(M * G, 0.f);
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t k = 0; k < K; ++k) xs[m * G + k / group] += x[m * K + k];
+  return xs;
+}
+
+#ifdef __AVX512F__
+inline __m512 u8x16(const uint8_t* p) {
+  return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+}
+inline __m512 s8x16(const uint8_t* p) {
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+}
+#endif
+
+// one row of an 8-bit affine (or signed per-row) weight against one activation row
+template <bool SIGNED>
+float row_u8(const float* x, const uint8_t* q, const float* s, const float* o, const float* xs, int64_t K,
+             int64_t group) {
+  float out = 0.f;
+#ifdef __AVX512F__
+  __m512 acc = _mm512_setzero_ps();
+  for (int64_t g0 = 0, gi = 0; g0 < K; g0 += group, ++gi) {
+    int64_t g1 = std::min(K, g0 + group);
+    __m512 p0 = _mm512_setzero_ps(), p1 = _mm512_setzero_ps(), p2 = _mm512_setzero_ps(), p3 = _mm512_setzero_ps();
+    int64_t k = g0;
+    for (; k + 64 <= g1; k += 64) {  // four independent chains: FMA latency, not throughput, bounds two
+      p0 = _mm512_fmadd_ps(_mm512_loadu_ps(x + k), SIGNED ? s8x16(q + k) : u8x16(q + k), p0);
+      p1 = _mm512_fmadd_ps(_mm512_loadu_ps(x + k + 16), SIGNED ? s8x16(q + k + 16) : u8x16(q + k + 16), p1);
+      p2 = _mm512_fmadd_ps(_mm512_loadu_ps(x + k + 32), SIGNED ? s8x16(q + k + 32) : u8x16(q + k + 32), p2);
+      p3 = _mm512_fmadd_ps(_mm512_loadu_ps(x + k + 48), SIGNED ? s8x16(q + k + 48) : u8x16(q + k + 48), p3);
+    }
+    p0 = _mm512_add_ps(p0, p2);
+    p1 = _mm512_add_ps(p1, p3);
+    for (; k + 32 <= g1; k += 32) {
+      p0 = _mm512_fmadd_ps(_mm512_loadu_ps(x + k), SIGNED ? s8x16(q + k) : u8x16(q + k), p0);
+      p1 = _mm512_fmadd_ps(_mm512_loadu_ps(x + k + 16), SIGNED ? s8x16(q + k + 16) : u8x16(q + k + 16), p1);
+    }
+    for (; k + 16 <= g1; k += 16)
+      p0 = _mm512_fmadd_ps(_mm512_loadu_ps(x + k), SIGNED ? s8x16(q + k) : u8x16(q + k), p0);
+    float tail = 0.f;
+    for (; k < g1; ++k) tail += x[k] * (SIGNED ? (float)(int8_t)q[k] : (float)q[k]);
+    acc = _mm512_fmadd_ps(_mm512_add_ps(p0, p1), _mm512_set1_ps(s[gi]), acc);
+    out += tail * s[gi];
+    if (o) out += o[gi] * xs[gi];
+  }
+  out += _mm512_reduce_add_ps(acc);
+#else
+  for (int64_t g0 = 0, gi = 0; g0 < K; g0 += group, ++gi) {
+    int64_t g1 = std::min(K, g0 + group);
+    float d = 0.f;
+    for (int64_t k = g0; k < g1; ++k) d += x[k] * (SIGNED ? (float)(int8_t)q[k] : (float)q[k]);
+    out += d * s[gi];
+    if (o) out += o[gi] * xs[gi];
+  }
+#endif
+  return out;
+}
+
+// one row of split32-packed 4-bit values; `code` (16 floats) maps nibbles to values (NF4) or is null (affine)
+float row_u4(const float* x, const uint8_t* q, const float* s, const float* o, const float* xs, int64_t K,
+             int64_t group, const float* code) {
+  float out = 0.f;
+#ifdef __AVX512F__
+  __m512 acc = _mm512_setzero_ps();
+  const __m512i mask = _mm512_set1_epi32(15);
+  __m512 table = code ? _mm512_loadu_ps(code) : _mm512_setzero_ps();
+  for (int64_t g0 = 0, gi = 0; g0 < K; g0 += group, ++gi) {
+    int64_t g1 = std::min(K, g0 + group);
+    __m512 p0 = _mm512_setzero_ps(), p1 = _mm512_setzero_ps();
+    for (int64_t k = g0; k < g1; k += 32) {
+      __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + k / 2)));
+      __m512i lo = _mm512_and_si512(v, mask), hi = _mm512_srli_epi32(v, 4);
+      __m512 wl = code ? _mm512_permutexvar_ps(lo, table) : _mm512_cvtepi32_ps(lo);
+      __m512 wh = code ? _mm512_permutexvar_ps(hi, table) : _mm512_cvtepi32_ps(hi);
+      p0 = _mm512_fmadd_ps(_mm512_loadu_ps(x + k), wl, p0);
+      p1 = _mm512_fmadd_ps(_mm512_loadu_ps(x + k + 16), wh, p1);
+    }
+    acc = _mm512_fmadd_ps(_mm512_add_ps(p0, p1), _mm512_set1_ps(s[gi]), acc);
+    if (o) out += o[gi] * xs[gi];
+  }
+  out += _mm512_reduce_add_ps(acc);
+#else
+  for (int64_t g0 = 0, gi = 0; g0 < K; g0 += group, ++gi) {
+    int64_t g1 = std::min(K, g0 + group);
+    float d = 0.f;
+    for (int64_t k = g0; k < g1; k += 32)
+      for (int j = 0; j < 16; ++j) {
+        uint8_t b = q[k / 2 + j];
+        float lo = code ? code[b & 15] : (float)(b & 15), hi = code ? code[b >> 4] : (float)(b >> 4);
+        d += x[k + j] * lo + x[k + 16 + j] * hi;
+      }
+    out += d * s[gi];
+    if (o) out += o[gi] * xs[gi];
+  }
+#endif
+  return out;
+}
+
+#if defined(__AVX512F__) && defined(__AVX512BF16__) && defined(__AVX512BW__)
+#define TL_BF16 1
+// bf16 activations: the nibbles become bf16 through a 32-entry register table (vpermw) and meet x in
+// vdpbf16ps (two products per fp32 lane). 64-column steps read x from xq, a copy arranged per 64 columns as
+// [0..15, 32..47 | 16..31, 48..63] to match the nibble order of two split32 chunks; 32-column steps use x.
+// Without a code book (affine nibbles) the table lookup is an OR: bf16 bits 0x4300 | v are exactly 128 + v, and
+// the 128 * sum(x) this adds is taken off through the offset term (o - 128 s) by the caller.
+template <bool LUT>
+float row_u4_bf16(const uint16_t* x, const uint16_t* xq, const uint8_t* q, const float* s, const float* o,
+                  const float* xs, int64_t K, int64_t group, __m512i table) {
+  float out = 0.f;
+  __m512 acc = _mm512_setzero_ps();
+  const __m512i mask16 = _mm512_set1_epi16(15);
+  const __m256i mask8 = _mm512_castsi512_si256(mask16);
+  const __m512i magic = _mm512_set1_epi16(0x4300);
+  int64_t g0 = 0, gi = 0;
+  if (group == 32) {
+    // two 32-column groups per step: fp32 lanes 0-7 of the dot products hold the first group, 8-15 the second
+    for (; g0 + 64 <= K; g0 += 64, gi += 2) {
+      __m512i v = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + g0 / 2)));
+      __m512i il = _mm512_and_si512(v, mask16), ih = _mm512_srli_epi16(v, 4);
+      __m512i wl = LUT ? _mm512_permutexvar_epi16(il, table) : _mm512_or_si512(il, magic);
+      __m512i wh = LUT ? _mm512_permutexvar_epi16(ih, table) : _mm512_or_si512(ih, magic);
+      __m512 p = _mm512_dpbf16_ps(_mm512_setzero_ps(), (__m512bh)wl, (__m512bh)_mm512_loadu_si512(xq + g0));
+      p = _mm512_dpbf16_ps(p, (__m512bh)wh, (__m512bh)_mm512_loadu_si512(xq + g0 + 32));
+      __m512 sv = _mm512_insertf32x8(_mm512_set1_ps(s[gi]), _mm256_set1_ps(s[gi + 1]), 1);
+      acc = _mm512_fmadd_ps(p, sv, acc);
+    }
+  }
+  for (; g0 < K; g0 += group, ++gi) {
+    int64_t g1 = std::min(K, g0 + group);
+    __m512 p0 = _mm512_setzero_ps(), p1 = _mm512_setzero_ps();
+    int64_t k = g0;
+    if ((g1 - g0) % 64 == 0) {
+      __m512 p2 = _mm512_setzero_ps(), p3 = _mm512_setzero_ps();
+      for (; k + 128 <= g1; k += 128) {
+        __m512i v = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + k / 2)));
+        __m512i u = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + k / 2 + 32)));
+        __m512i il = _mm512_and_si512(v, mask16), ih = _mm512_srli_epi16(v, 4);
+        __m512i jl = _mm512_and_si512(u, mask16), jh = _mm512_srli_epi16(u, 4);
+        __m512i wl = LUT ? _mm512_permutexvar_epi16(il, table) : _mm512_or_si512(il, magic);
+        __m512i wh = LUT ? _mm512_permutexvar_epi16(ih, table) : _mm512_or_si512(ih, magic);
+        __m512i vl = LUT ? _mm512_permutexvar_epi16(jl, table) : _mm512_or_si512(jl, magic);
+        __m512i vh = LUT ? _mm512_permutexvar_epi16(jh, table) : _mm512_or_si512(jh, magic);
+        p0 = _mm512_dpbf16_ps(p0, (__m512bh)wl, (__m512bh)_mm512_loadu_si512(xq + k));
+        p1 = _mm512_dpbf16_ps(p1, (__m512bh)wh, (__m512bh)_mm512_loadu_si512(xq + k + 32));
+        p2 = _mm512_dpbf16_ps(p2, (__m512bh)vl, (__m512bh)_mm512_loadu_si512(xq + k + 64));
+        p3 = _mm512_dpbf16_ps(p3, (__m512bh)vh, (__m512bh)_mm512_loadu_si512(xq + k + 96));
+      }
+      p0 = _mm512_add_ps(p0, p2);
+      p1 = _mm512_add_ps(p1, p3);
+      for (; k < g1; k += 64) {
+        __m512i v = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + k / 2)));
+        __m512i il = _mm512_and_si512(v, mask16), ih = _mm512_srli_epi16(v, 4);
+        __m512i wl = LUT ? _mm512_permutexvar_epi16(il, table) : _mm512_or_si512(il, magic);
+        __m512i wh = LUT ? _mm512_permutexvar_epi16(ih, table) : _mm512_or_si512(ih, magic);
+        p0 = _mm512_dpbf16_ps(p0, (__m512bh)wl, (__m512bh)_mm512_loadu_si512(xq + k));
+        p1 = _mm512_dpbf16_ps(p1, (__m512bh)wh, (__m512bh)_mm512_loadu_si512(xq + k + 32));
+      }
+    } else {
+      for (; k < g1; k += 32) {
+        __m256i v = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + k / 2)));
+        __m512i idx = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_and_si256(v, mask8)),
+                                         _mm256_srli_epi16(v, 4), 1);
+        __m512i w = LUT ? _mm512_permutexvar_epi16(idx, table) : _mm512_or_si512(idx, magic);
+        p0 = _mm512_dpbf16_ps(p0, (__m512bh)w, (__m512bh)_mm512_loadu_si512(x + k));
+      }
+    }
+    acc = _mm512_fmadd_ps(_mm512_add_ps(p0, p1), _mm512_set1_ps(s[gi]), acc);
+  }
+  int64_t G = (K + group - 1) / group;
+  for (int64_t j = 0; j < G; ++j) {  // offsets, and the 128 * sum(x) of the OR trick
+    if (!LUT) out -= 128.f * s[j] * xs[j];
+    if (o) out += o[j] * xs[j];
+  }
+  return out + _mm512_reduce_add_ps(acc);
+}
+#endif
+
+// x as float32 (a bfloat16 x is widened into `buf`); outputs are written in x's dtype
+const float* as_f32(const torch::Tensor& x, std::vector<float>& buf) {
+  if (x.scalar_type() == at::kFloat) return x.data_ptr<float>();
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16, "x must be float32 or bfloat16");
+  const c10::BFloat16* p = x.data_ptr<c10::BFloat16>();
+  buf.resize(x.numel());
+  for (int64_t i = 0; i < x.numel(); ++i) buf[i] = (float)p[i];
+  return buf.data();
+}
+
+struct Out {
+  float* f = nullptr;
+  c10::BFloat16* b = nullptr;
+  void set(int64_t i, float v) { if (f) f[i] = v; else b[i] = c10::BFloat16(v); }
+};
+
+Out out_of(torch::Tensor& y) {
+  Out o;
+  if (y.scalar_type() == at::kFloat) o.f = y.data_ptr<float>(); else o.b = y.data_ptr<c10::BFloat16>();
+  return o;
+}
+
+void check(const torch::Tensor& t, c10::ScalarType st, int64_t dim, const char* name) {
+  TORCH_CHECK(t.scalar_type() == st, name, ": wrong dtype");
+  TORCH_CHECK(t.dim() == dim, name, ": wrong rank");
+  TORCH_CHECK(t.is_contiguous(), name, ": not contiguous");
+  TORCH_CHECK(t.device().is_cpu(), name, ": not on the CPU");
+}
+
+}  // namespace
+
+// x [M, K] f32; q [N, K] u8 (signed: the int8 bits); scale [N, G] f32; offset [N, G] f32 or empty
+torch::Tensor gemv_u8(torch::Tensor x, torch::Tensor q, torch::Tensor scale, torch::Tensor offset, int64_t group,
+                      bool is_signed) {
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "x: 2-d contiguous");
+  check(q, at::kByte, 2, "q"); check(scale, at::kFloat, 2, "scale");
+  int64_t M = x.size(0), K = x.size(1), N = q.size(0), G = scale.size(1);
+  TORCH_CHECK(q.size(1) == K && scale.size(0) == N && G == (K + group - 1) / group, "gemv_u8: shapes");
+  bool has_o = offset.numel() > 0;
+  if (has_o) check(offset, at::kFloat, 2, "offset");
+  auto y = torch::empty({M, N}, x.options());
+  std::vector<float> xbuf;
+  const float* xp = as_f32(x, xbuf); const uint8_t* qp = q.data_ptr<uint8_t>();
+  const float* sp = scale.data_ptr<float>(); const float* op = has_o ? offset.data_ptr<float>() : nullptr;
+  Out yo = out_of(y);
+  std::vector<float> xs = has_o ? group_sums(xp, M, K, group) : std::vector<float>(M * G, 0.f);
+  at::parallel_for(0, N, GRAIN, [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n)
+      for (int64_t m = 0; m < M; ++m)
+        yo.set(m * N + n, is_signed
+            ? row_u8<true>(xp + m * K, qp + n * K, sp + n * G, nullptr, nullptr, K, group)
+            : row_u8<false>(xp + m * K, qp + n * K, sp + n * G, op ? op + n * G : nullptr, xs.data() + m * G, K,
+                            group));
+  });
+  return y;
+}
+
+// x [M, K] f32; q [N, K/2] u8 split32; scale / offset [N, G]; code: 16 floats (NF4) or empty (affine)
+torch::Tensor gemv_u4(torch::Tensor x, torch::Tensor q, torch::Tensor scale, torch::Tensor offset, int64_t group,
+                      torch::Tensor code) {
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "x: 2-d contiguous");
+  check(q, at::kByte, 2, "q"); check(scale, at::kFloat, 2, "scale");
+  int64_t M = x.size(0), K = x.size(1), N = q.size(0), G = scale.size(1);
+  TORCH_CHECK(K % 32 == 0 && group % 32 == 0, "gemv_u4: K and group must be multiples of 32");
+  TORCH_CHECK(q.size(1) == K / 2 && scale.size(0) == N && G == (K + group - 1) / group, "gemv_u4: shapes");
+  bool has_o = offset.numel() > 0, has_code = code.numel() > 0;
+  if (has_o) check(offset, at::kFloat, 2, "offset");
+  if (has_code) { check(code, at::kFloat, 1, "code"); TORCH_CHECK(code.numel() == 16, "code: 16 values"); }
+  auto y = torch::empty({M, N}, x.options());
+  std::vector<float> xbuf;
+  const float* xp = as_f32(x, xbuf); const uint8_t* qp = q.data_ptr<uint8_t>();
+  const float* sp = scale.data_ptr<float>(); const float* op = has_o ? offset.data_ptr<float>() : nullptr;
+  const float* cp = has_code ? code.data_ptr<float>() : nullptr;
+  Out yo = out_of(y);
+  std::vector<float> xs = has_o ? group_sums(xp, M, K, group) : std::vector<float>(M * G, 0.f);
+  at::parallel_for(0, N, GRAIN, [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n)
+      for (int64_t m = 0; m < M; ++m)
+        yo.set(m * N + n, row_u4(xp + m * K, qp + n * (K / 2), sp + n * G, op ? op + n * G : nullptr,
+                                 xs.data() + m * G, K, group, cp));
+  });
+  return y;
+}
+
+// bf16 activations (see row_u4_bf16); falls back to the fp32 kernel where AVX512-BF16 is missing
+torch::Tensor gemv_u4_bf16(torch::Tensor x, torch::Tensor q, torch::Tensor scale, torch::Tensor offset,
+                           int64_t group, torch::Tensor code) {
+#ifdef TL_BF16
+  check(x, at::kBFloat16, 2, "x"); check(q, at::kByte, 2, "q"); check(scale, at::kFloat, 2, "scale");
+  int64_t M = x.size(0), K = x.size(1), N = q.size(0), G = scale.size(1);
+  TORCH_CHECK(K % 32 == 0 && group % 32 == 0, "gemv_u4_bf16: K and group must be multiples of 32");
+  TORCH_CHECK(q.size(1) == K / 2 && scale.size(0) == N && G == (K + group - 1) / group, "gemv_u4_bf16: shapes");
+  bool has_o = offset.numel() > 0, has_code = code.numel() > 0;
+  if (has_o) check(offset, at::kFloat, 2, "offset");
+  if (has_code) { check(code, at::kFloat, 1, "code"); TORCH_CHECK(code.numel() == 16, "code: 16 values"); }
+  // nibble -> bf16 table (values 0..15, or the code book rounded to bf16)
+  alignas(64) uint16_t tab[32] = {0};
+  for (int i = 0; i < 16; ++i) {
+    float v = has_code ? code.data_ptr<float>()[i] : (float)i;
+    tab[i] = c10::BFloat16(v).x;
+  }
+  __m512i table = _mm512_load_si512(tab);
+  const uint16_t* xp = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
+  std::vector<uint16_t> xq(M * K);
+  std::vector<float> xf(M * K);
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t k = 0; k < K; ++k) {
+      int64_t b = k / 64 * 64, j = k % 64;  // j: 0..15 -> 0..15, 32..47 -> 16..31, 16..31 -> 32..47, 48..63
+      int64_t dst = b + (j < 16 ? j : j < 32 ? j + 16 : j < 48 ? j - 16 : j);
+      xq[m * K + dst] = xp[m * K + k];
+      uint32_t bits = (uint32_t)xp[m * K + k] << 16;
+      std::memcpy(&xf[m * K + k], &bits, 4);
+    }
+  std::vector<float> xs = (has_o || !has_code) ? group_sums(xf.data(), M, K, group) : std::vector<float>(M * G, 0.f);
+  auto y = torch::empty({M, N}, x.options());
+  const uint8_t* qp = q.data_ptr<uint8_t>();
+  const float* sp = scale.data_ptr<float>(); const float* op = has_o ? offset.data_ptr<float>() : nullptr;
+  Out yo = out_of(y);
+  at::parallel_for(0, N, GRAIN, [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n)
+      for (int64_t m = 0; m < M; ++m)
+        yo.set(m * N + n, has_code
+            ? row_u4_bf16<true>(xp + m * K, xq.data() + m * K, qp + n * (K / 2), sp + n * G,
+                                op ? op + n * G : nullptr, xs.data() + m * G, K, group, table)
+            : row_u4_bf16<false>(xp + m * K, xq.data() + m * K, qp + n * (K / 2), sp + n * G,
+                                 op ? op + n * G : nullptr, xs.data() + m * G, K, group, table));
+  });
+  return y;
+#else
+  return gemv_u4(x, q, scale, offset, group, code);
+#endif
+}
+
+// Dequantize to a float32 / bfloat16 [N, K] matrix (prefill: the weight is expanded once per forward and
+// multiplied by a BLAS GEMM). u4: split32-packed nibbles (code book or affine); u8: one byte per weight.
+template <typename T>
+void dequant_rows(const uint8_t* q, const float* s, const float* o, const float* code, int64_t N, int64_t K,
+                  int64_t group, int64_t G, bool packed4, T* out) {
+  at::parallel_for(0, N, GRAIN, [&](int64_t n0, int64_t n1) {
+    std::vector<float> row(K);
+    for (int64_t n = n0; n < n1; ++n) {
+      if (packed4) {
+        const uint8_t* qr = q + n * (K / 2);
+        for (int64_t c = 0; c < K / 32; ++c)
+          for (int j = 0; j < 16; ++j) {
+            uint8_t b = qr[c * 16 + j];
+            row[c * 32 + j] = code ? code[b & 15] : (float)(b & 15);
+            row[c * 32 + 16 + j] = code ? code[b >> 4] : (float)(b >> 4);
+          }
+      } else {
+        const uint8_t* qr = q + n * K;
+        for (int64_t k = 0; k < K; ++k) row[k] = (float)qr[k];
+      }
+      T* dst = out + n * K;
+      for (int64_t g0 = 0, gi = 0; g0 < K; g0 += group, ++gi) {
+        int64_t g1 = std::min(K, g0 + group);
+        float sc = s[n * G + gi], of = o ? o[n * G + gi] : 0.f;
+        for (int64_t k = g0; k < g1; ++k) dst[k] = (T)(row[k] * sc + of);
+      }
+    }
+  });
+}
+
+torch::Tensor dequant(torch::Tensor q, torch::Tensor scale, torch::Tensor offset, int64_t group, torch::Tensor code,
+                      int64_t K, bool packed4, bool bf16) {
+  check(q, at::kByte, 2, "q"); check(scale, at::kFloat, 2, "scale");
+  int64_t N = q.size(0), G = scale.size(1);
+  TORCH_CHECK(scale.size(0) == N && G == (K + group - 1) / group, "dequant: shapes");
+  TORCH_CHECK(packed4 ? (K % 32 == 0 && q.size(1) == K / 2) : q.size(1) == K, "dequant: q shape");
+  bool has_o = offset.numel() > 0, has_code = code.numel() > 0;
+  if (has_o) check(offset, at::kFloat, 2, "offset");
+  const float* op = has_o ? offset.data_ptr<float>() : nullptr;
+  const float* cp = has_code ? code.data_ptr<float>() : nullptr;
+  auto out = torch::empty({N, K}, q.options().dtype(bf16 ? at::kBFloat16 : at::kFloat));
+  if (bf16)
+    dequant_rows<c10::BFloat16>(q.data_ptr<uint8_t>(), scale.data_ptr<float>(), op, cp, N, K, group, G, packed4,
+                                out.data_ptr<c10::BFloat16>());
+  else
+    dequant_rows<float>(q.data_ptr<uint8_t>(), scale.data_ptr<float>(), op, cp, N, K, group, G, packed4,
+                        out.data_ptr<float>());
+  return out;
+}
+
+bool has_avx512() {
+#ifdef __AVX512F__
+  return true;
+#else
+  return false;
+#endif
+}
+
+bool has_bf16() {
+#ifdef TL_BF16
+  return true;
+#else
+  return false;
+#endif
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("gemv_u8", torch::wrap_pybind_function(gemv_u8), "gemv_u8");
+  m.def("gemv_u4", torch::wrap_pybind_function(gemv_u4), "gemv_u4");
+  m.def("gemv_u4_bf16", torch::wrap_pybind_function(gemv_u4_bf16), "gemv_u4_bf16");
+  m.def("dequant", torch::wrap_pybind_function(dequant), "dequant");
+  m.def("has_bf16", torch::wrap_pybind_function(has_bf16), "has_bf16");
+  m.def("has_avx512", torch::wrap_pybind_function(has_avx512), "has_avx512");
+}

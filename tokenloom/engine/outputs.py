@@ -1,0 +1,69 @@
+"""What the engine returns: per user request, its completions so far, metrics, and engine-wide statistics."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class CompletionOutput:
+    index: int
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None = None  # "stop" | "length" | "abort"
+    stop_reason: str | int | None = None
+    logprobs: list[dict[int, float]] | None = None  # per token: {token_id: logprob}, chosen token first
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass
+class RequestMetrics:
+    arrival_time: float
+    first_token_time: float | None = None
+    finished_time: float | None = None
+    num_cached_tokens: int = 0
+
+    @property
+    def ttft(self) -> float | None:
+        return None if self.first_token_time is None else self.first_token_time - self.arrival_time
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput]
+    finished: bool
+    metrics: RequestMetrics
+    prompt_logprobs: list[dict[int, float] | None] | None = None
+
+    @property
+    def decode_tokens_per_s(self) -> float | None:
+        """Output tokens after the first, over the time they took (per completion, averaged)."""
+        m = self.metrics
+        n = max(len(o.token_ids) for o in self.outputs)
+        if m.first_token_time is None or m.finished_time is None or n < 2:
+            return None
+        return (n - 1) / max(m.finished_time - m.first_token_time, 1e-9)
+
+
+@dataclass
+class EngineStats:
+    num_running: int
+    num_waiting: int
+    num_blocks_total: int
+    num_blocks_used: int
+    num_blocks_free: int
+    kv_cache_usage: float
+    prefix_cache_hit_rate: float
+    prompt_tokens_computed: int
+    prompt_tokens_reused: int
+    tokens_computed: int
+    num_preemptions: int
+    kv_waste_paged: float  # step-averaged share of allocated KV slots holding no token
+    kv_waste_contiguous: float  # same, had each request reserved its maximum length up front
+    steps: int
+    extra: dict = field(default_factory=dict)

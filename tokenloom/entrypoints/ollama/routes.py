@@ -1,0 +1,198 @@
+"""/api/generate, /api/chat (newline-delimited JSON streaming, stream defaults to true) and /api/embed."""
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+
+from tokenloom.engine.llm_engine import RequestOutput
+from tokenloom.entrypoints.ollama.protocol import (
+    ERRORS,
+    ChatRequest,
+    ChatResponse,
+    EmbedRequest,
+    EmbedResponse,
+    GenerateRequest,
+    GenerateResponse,
+    _Common,
+    ndjson_doc,
+    to_sampling_params,
+)
+from tokenloom.entrypoints.server_state import APIError, ServerState, chat_logprobs, embed_inputs, get_state
+from tokenloom.entrypoints.streaming import DeltaTracker, merge_streams, ndjson_response, until_disconnected
+
+router = APIRouter(tags=["Ollama"])
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat().replace("+00:00", "Z")
+
+
+def _ns(seconds: float | None) -> int:
+    return max(0, int((seconds or 0.0) * 1e9))
+
+
+def _check_common(body: _Common) -> None:
+    if body.format not in (None, "", {}):
+        raise APIError(400, "format (structured output) is not supported", param="format")
+
+
+def _stats(start: float, out: RequestOutput) -> dict:
+    m = out.metrics
+    o = out.outputs[0]
+    end = m.finished_time or time.perf_counter()
+    first = m.first_token_time or end
+    return {"done_reason": o.finish_reason or "stop", "total_duration": _ns(time.perf_counter() - start),
+            "load_duration": _ns(m.arrival_time - start), "prompt_eval_count": len(out.prompt_token_ids),
+            "prompt_eval_duration": _ns(first - m.arrival_time), "eval_count": len(o.token_ids),
+            "eval_duration": _ns(end - first)}
+
+
+def _reply(model: str, kind: str, text: str) -> dict[str, Any]:
+    """The start of every generate / chat answer: the model, the time and the text (a response or a message)."""
+    resp: dict[str, Any] = {"model": model, "created_at": _now()}
+    if kind == "chat":
+        resp["message"] = {"role": "assistant", "content": text}
+    else:
+        resp["response"] = text
+    return resp
+
+
+def _done(model: str, kind: str, text: str, start: float, out: RequestOutput) -> dict[str, Any]:
+    """The answer's last object: done=true, the timings and (for generate) the context token ids."""
+    resp = _reply(model, kind, text)
+    resp["done"] = True
+    resp.update(_stats(start, out))
+    if kind == "generate":
+        resp["context"] = out.prompt_token_ids + out.outputs[0].token_ids
+    return resp
+
+
+async def _chunks(state: ServerState, streams, start: float, model: str, kind: str, top_n: int | None
+                  ) -> AsyncIterator[dict]:
+    """The streamed objects: text deltas (with their logprobs), then the done=true object with the timings."""
+    tracker = DeltaTracker()
+    async for _, out in merge_streams(streams):
+        o = out.outputs[0]
+        text, t0, t1 = tracker.delta(0, o)
+        if text or (top_n is not None and t1 > t0):
+            chunk = _reply(model, kind, text)
+            chunk["done"] = False
+            if top_n is not None:
+                chunk["logprobs"] = chat_logprobs(state, o, t0, t1, top_n)
+                tracker.tokens[0] = t1
+            yield chunk
+        elif top_n is not None:
+            tracker.tokens[0] = t0  # keep unsent logprobs for the next chunk
+        if out.finished:
+            state.observe(out)
+            yield _done(model, kind, "", start, out)
+
+
+async def _run(state: ServerState, request: Request, body: _Common, prompt, start: float, model: str, kind: str):
+    params = to_sampling_params(body.options, body.logprobs, body.top_logprobs)
+    streams = await state.submit_all([prompt], params, f"ollama-{kind}-{uuid.uuid4().hex}")
+    top_n = (body.top_logprobs or 0) if body.logprobs else None
+    if body.stream:
+        return ndjson_response(state, streams, _chunks(state, streams, start, model, kind, top_n))
+
+    async def collect():
+        try:
+            out = await streams[0].collect()
+        except asyncio.CancelledError:
+            state.observe_aborted()
+            raise
+        state.observe(out)
+        return out
+
+    out = await until_disconnected(request, collect())
+    o = out.outputs[0]
+    resp = _done(model, kind, o.text, start, out)
+    if top_n is not None:
+        resp["logprobs"] = chat_logprobs(state, o, 0, len(o.token_ids), top_n)
+    return JSONResponse(resp)
+
+
+def _loaded(model: str, kind: str, keep_alive) -> JSONResponse:
+    """Ollama's answer to an empty prompt: load (or with keep_alive 0, unload) the model."""
+    resp = _reply(model, kind, "")
+    resp.update(done=True, done_reason="unload" if keep_alive in (0, "0", "0s", "0m") else "load")
+    return JSONResponse(resp)
+
+
+@router.post("/api/generate", response_model=GenerateResponse, responses={**ndjson_doc("The response"), **ERRORS})
+async def generate(body: GenerateRequest, request: Request):
+    """Complete a prompt (rendered as a user message with the chat template unless raw is true)."""
+    start = time.perf_counter()
+    state = get_state(request)
+    model = state.check_model(body.model, ollama=True)
+    _check_common(body)
+    if body.images:
+        raise APIError(400, "images are not supported by this model", param="images")
+    if body.suffix:
+        raise APIError(400, "suffix (fill-in-the-middle) is not supported", param="suffix")
+    if not body.prompt:
+        return _loaded(model, "generate", body.keep_alive)
+    tok = state.require_tokenizer()
+    if body.raw or tok.chat_template is None:
+        ids = tok.encode(body.prompt)
+    else:
+        msgs = ([{"role": "system", "content": body.system}] if body.system else []) + \
+            [{"role": "user", "content": body.prompt}]
+        ids = state.chat_prompt_ids(msgs)
+    if body.context:
+        ids = list(body.context) + ids
+    return await _run(state, request, body, ids, start, model, "generate")
+
+
+@router.post("/api/chat", response_model=ChatResponse, responses={**ndjson_doc("The reply"), **ERRORS})
+async def chat(body: ChatRequest, request: Request):
+    """Chat: the messages are rendered with the model's chat template, then completed."""
+    start = time.perf_counter()
+    state = get_state(request)
+    model = state.check_model(body.model, ollama=True)
+    _check_common(body)
+    if not body.messages:
+        return _loaded(model, "chat", body.keep_alive)
+    msgs = []
+    for k, m in enumerate(body.messages):
+        if m.images:
+            raise APIError(400, f"messages[{k}]: images are not supported by this model", param="messages")
+        d = m.model_dump(exclude_none=True)
+        d.pop("images", None)
+        d.setdefault("content", "")
+        msgs.append(d)
+    ids = state.chat_prompt_ids(msgs, tools=body.tools)
+    return await _run(state, request, body, ids, start, model, "chat")
+
+
+@router.post("/api/embed", response_model=EmbedResponse, responses=ERRORS)
+async def embed(body: EmbedRequest, request: Request):
+    """Embeddings, pooled as /v1/embeddings: mean of the final-norm hidden states, L2-normalised."""
+    start = time.perf_counter()
+    state = get_state(request)
+    model = state.check_model(body.model, ollama=True)
+    hidden = state.engine.model_config.hidden_size
+    if body.dimensions is not None and body.dimensions != hidden:
+        raise APIError(400, f"dimensions must be the model's hidden size {hidden}", param="dimensions")
+    inputs = [body.input] if isinstance(body.input, str) else list(body.input)
+    if not inputs:
+        raise APIError(400, "input must not be empty", param="input")
+    tok = state.require_tokenizer()
+    ids = []
+    for k, text in enumerate(inputs):
+        if not text:
+            raise APIError(400, f"input[{k}] is empty", param="input")
+        t = tok.encode(text)
+        if body.truncate:
+            t = t[: state.engine.max_model_len]
+        ids.append(t)
+    vectors, n = await embed_inputs(state, ids)
+    return JSONResponse({"model": model, "embeddings": vectors, "total_duration": _ns(time.perf_counter() - start),
+                         "load_duration": 0, "prompt_eval_count": n})

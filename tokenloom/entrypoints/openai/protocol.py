@@ -1,0 +1,235 @@
+"""The OpenAI API's request and response bodies (pydantic models, also the OpenAPI document's schemas), the
+mapping of sampling fields onto SamplingParams, and the documented error responses."""
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from tokenloom.entrypoints.server_state import APIError, documented_errors
+from tokenloom.sampling_params import SamplingParams, SamplingParamsError
+
+
+# ---- errors ------------------------------------------------------------------------------------------------
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    """OpenAI-style error body (every status >= 400 on the OpenAI endpoints)."""
+    error: ErrorDetail
+
+
+ERROR_RESPONSES = documented_errors(ErrorResponse, "invalid sampling values", "max_tokens")
+
+
+# ---- requests and responses -------------------------------------------------------------------------------
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class _SamplingFields(BaseModel):
+    """Sampling fields common to completions and chat (OpenAI's, then vLLM-style extras)."""
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = Field(None, description="The served model's name (GET /v1/models); omitted = that model")
+    n: int = Field(1, description="Completions per prompt")
+    temperature: float | None = Field(None, description="0 = greedy (default 1)")
+    top_p: float | None = Field(None, description="Nucleus sampling mass in (0, 1] (default 1)")
+    stop: str | list[str] | None = Field(None, description="Stop strings (not included in the output)")
+    seed: int | None = Field(None, description="Per-request sampling seed (reproducible sampling)")
+    presence_penalty: float | None = Field(None, description="In [-2, 2]")
+    frequency_penalty: float | None = Field(None, description="In [-2, 2]")
+    logit_bias: dict[str, float] | None = Field(None, description="Token id (as a string) -> bias in [-100, 100]")
+    stream: bool = False
+    stream_options: StreamOptions | None = Field(None, description="Only with stream=true")
+    user: str | None = None
+    # vLLM-style extras
+    top_k: int | None = Field(None, description="Top-k sampling (-1 or 0 = off)")
+    min_p: float | None = Field(None, description="Min-p sampling in [0, 1]")
+    repetition_penalty: float | None = Field(None, description="> 0; 1 = off")
+    min_tokens: int = Field(0, description="Generate at least this many tokens before EOS / stop can end the output")
+    ignore_eos: bool = Field(False, description="Keep generating past the end-of-sequence token")
+    stop_token_ids: list[int] | None = Field(None, description="Token ids that end the output")
+    skip_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
+
+
+def to_sampling_params(req: _SamplingFields, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+    if req.stream_options is not None and not req.stream:
+        raise APIError(400, "stream_options is only allowed when stream is true", param="stream_options")
+    try:
+        return SamplingParams(
+            n=req.n, temperature=1.0 if req.temperature is None else req.temperature,
+            top_p=1.0 if req.top_p is None else req.top_p, top_k=-1 if req.top_k is None else req.top_k,
+            min_p=req.min_p or 0.0, repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
+            presence_penalty=req.presence_penalty or 0.0, frequency_penalty=req.frequency_penalty or 0.0,
+            seed=req.seed, max_tokens=max_tokens, min_tokens=req.min_tokens, stop=req.stop,
+            stop_token_ids=req.stop_token_ids, ignore_eos=req.ignore_eos, logprobs=logprobs,
+            logit_bias=req.logit_bias, skip_special_tokens=req.skip_special_tokens,
+            include_stop_str_in_output=req.include_stop_str_in_output,
+        )
+    except SamplingParamsError as exc:
+        raise APIError(400, str(exc), param=exc.param) from None
+
+
+class CompletionRequest(_SamplingFields):
+    prompt: str | list[str] | list[int] | list[list[int]] = Field(
+        ..., description="Text, a list of texts, a list of token ids, or a list of token-id lists")
+    max_tokens: int | None = Field(16, description="Tokens to generate (null = up to the context window)")
+    logprobs: int | None = Field(None, description="Log probabilities of the top-N tokens per position (0..20)")
+    echo: bool = Field(False, description="Prepend the prompt to the completion")
+    suffix: str | None = Field(None, description="Not supported (must be empty)")
+    best_of: int | None = Field(None, description="Only best_of == n is supported")
+
+
+class CompletionLogprobs(BaseModel):
+    tokens: list[str]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None] | None
+    text_offset: list[int]
+
+
+class _Choice(BaseModel):
+    """What every completion and chat choice carries."""
+    index: int
+    finish_reason: Literal["stop", "length"] | None = None
+    stop_reason: int | str | None = None
+
+
+class CompletionChoice(_Choice):
+    text: str
+    logprobs: CompletionLogprobs | None = None
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int = 0
+    total_tokens: int
+
+
+class _Response(BaseModel):
+    """What every completion and chat response carries."""
+    id: str
+    created: int
+    model: str
+    system_fingerprint: str | None = None
+
+
+class CompletionResponse(_Response):
+    object: Literal["text_completion"] = "text_completion"
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+
+
+class ContentPart(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    type: str
+    text: str | None = None
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    role: str
+    content: str | list[ContentPart] | None = None
+    name: str | None = None
+
+
+class ResponseFormat(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    type: str
+
+
+class ChatCompletionRequest(_SamplingFields):
+    messages: list[ChatMessage] = Field(..., description="The conversation, rendered with the model's chat template")
+    max_tokens: int | None = Field(None, description="Deprecated alias of max_completion_tokens")
+    max_completion_tokens: int | None = Field(None, description="Tokens to generate (null = up to the context window)")
+    logprobs: bool = Field(False, description="Return log probabilities of the output tokens")
+    top_logprobs: int | None = Field(None, description="With logprobs: the top-N alternatives per token (0..20)")
+    response_format: ResponseFormat | None = Field(None, description="Only {'type': 'text'} is supported")
+    tools: list[dict] | None = Field(None, description="Passed to the chat template; tool calls are not parsed")
+    tool_choice: str | dict | None = Field(None, description="none or auto")
+    # vLLM-style extras
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    chat_template_kwargs: dict[str, Any] | None = None
+
+
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    content: list[TokenLogprob] | None = None
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str | None = None
+
+
+class ChatChoice(_Choice):
+    message: AssistantMessage
+    logprobs: ChatLogprobs | None = None
+
+
+class ChatCompletionResponse(_Response):
+    object: Literal["chat.completion"] = "chat.completion"
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class EmbeddingRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    model: str | None = None
+    input: str | list[str] | list[int] | list[list[int]] = Field(
+        ..., description="Text, texts, token ids, or token-id lists (each at most the context window)")
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = Field(None, description="Only the model's hidden size is supported")
+    user: str | None = None
+
+
+class Embedding(BaseModel):
+    object: Literal["embedding"] = "embedding"
+    index: int
+    embedding: list[float] | str
+
+
+class EmbeddingResponse(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[Embedding]
+    model: str
+    usage: Usage
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "tokenloom"
+    max_model_len: int | None = None
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+def stream_doc(what: str) -> dict:
+    return {200: {"description": f"{what}; with stream=true, server-sent events (`data: {{chunk}}` frames ending "
+                                 "in `data: [DONE]`)",
+                  "content": {"text/event-stream": {"schema": {"type": "string"}}}}}
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}

@@ -1,0 +1,119 @@
+"""/v1/chat/completions: messages rendered with the model's chat template, then completed; whole or streamed as
+server-sent events."""
+from __future__ import annotations
+
+import time
+import uuid
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+
+from tokenloom.entrypoints.openai.protocol import (
+    ERROR_RESPONSES,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatMessage,
+    stream_doc,
+    to_sampling_params,
+    usage,
+)
+from tokenloom.entrypoints.server_state import APIError, ServerState, chat_logprobs, get_state
+from tokenloom.entrypoints.streaming import DeltaTracker, final_outputs, merge_streams, sse_response, until_disconnected
+
+router = APIRouter(tags=["OpenAI"])
+
+
+def _messages(msgs: list[ChatMessage]) -> list[dict]:
+    out = []
+    for k, m in enumerate(msgs):
+        d = m.model_dump(exclude_none=True)
+        content = m.content
+        if isinstance(content, list):
+            texts = []
+            for part in content:
+                if part.type != "text" or part.text is None:
+                    raise APIError(400, f"messages[{k}]: content parts of type '{part.type}' are not supported "
+                                        "(text only)", param="messages")
+                texts.append(part.text)
+            d["content"] = "\n".join(texts)
+        if d.get("role") == "developer":  # OpenAI's newer name for the system role; templates know "system"
+            d["role"] = "system"
+        out.append(d)
+    return out
+
+
+@router.post("/v1/chat/completions", response_model=ChatCompletionResponse,
+             responses={**stream_doc("The chat completion"), **ERROR_RESPONSES})
+async def create_chat_completion(body: ChatCompletionRequest, request: Request):
+    """Chat: the messages are rendered with the model's chat template, then completed."""
+    state = get_state(request)
+    model = state.check_model(body.model)
+    if body.response_format is not None and body.response_format.type != "text":
+        raise APIError(400, f"response_format '{body.response_format.type}' is not supported (only 'text')",
+                       param="response_format")
+    if body.tool_choice not in (None, "none", "auto"):
+        raise APIError(400, "tool_choice must be 'none' or 'auto' (tool calls are not parsed)", param="tool_choice")
+    if body.top_logprobs is not None and not body.logprobs:
+        raise APIError(400, "top_logprobs requires logprobs to be true", param="top_logprobs")
+    if body.top_logprobs is not None and not 0 <= body.top_logprobs <= 20:
+        raise APIError(400, f"top_logprobs must be in [0, 20], got {body.top_logprobs}", param="top_logprobs")
+    max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+    top_n = body.top_logprobs or 0
+    params = to_sampling_params(body, max_tokens, top_n if body.logprobs else None)
+    prompt_ids = state.chat_prompt_ids(_messages(body.messages), tools=body.tools,
+                                       add_generation_prompt=body.add_generation_prompt,
+                                       continue_final_message=body.continue_final_message,
+                                       template_kwargs=body.chat_template_kwargs)
+    rid = f"chatcmpl-{uuid.uuid4().hex}"
+    created = int(time.time())
+    streams = await state.submit_all([prompt_ids], params, rid)
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        return sse_response(state, streams, _chat_chunks(state, streams, rid, created, model, params.n,
+                                                         include_usage, top_n if body.logprobs else None))
+
+    async def run():
+        return [out async for out in final_outputs(state, streams)]
+
+    (out,) = await until_disconnected(request, run())
+    choices, n_out = [], 0
+    for o in out.outputs:
+        n_out += len(o.token_ids)
+        lp = {"content": chat_logprobs(state, o, 0, len(o.token_ids), top_n), "refusal": None} if body.logprobs else None
+        choices.append({"index": o.index, "message": {"role": "assistant", "content": o.text},
+                        "logprobs": lp, "finish_reason": o.finish_reason, "stop_reason": o.stop_reason})
+    return JSONResponse({"id": rid, "object": "chat.completion", "created": created, "model": model,
+                         "choices": choices, "usage": usage(len(out.prompt_token_ids), n_out),
+                         "system_fingerprint": None})
+
+
+async def _chat_chunks(state: ServerState, streams, rid, created, model, n, include_usage, top_n):
+    tracker = DeltaTracker()
+    n_prompt = n_out = 0
+    base = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
+            "system_fingerprint": None}
+    if include_usage:
+        base["usage"] = None
+    for j in range(n):
+        yield {**base, "choices": [{"index": j, "delta": {"role": "assistant", "content": ""},
+                                    "logprobs": None, "finish_reason": None}]}
+    async for _, out in merge_streams(streams):
+        n_prompt = len(out.prompt_token_ids)
+        for o in out.outputs:
+            if o.index in tracker.done:
+                continue
+            text, t0, t1 = tracker.delta(o.index, o)
+            if not text and not o.finished and (top_n is None or t0 == t1):
+                continue
+            lp = {"content": chat_logprobs(state, o, t0, t1, top_n)} if top_n is not None else None
+            choice = {"index": o.index, "delta": {"content": text} if text else {}, "logprobs": lp,
+                      "finish_reason": o.finish_reason}
+            if o.finished:
+                tracker.done.add(o.index)
+                n_out += len(o.token_ids)
+                choice["stop_reason"] = o.stop_reason
+            yield {**base, "choices": [choice]}
+        if out.finished:
+            state.observe(out)
+    if include_usage:
+        yield {**base, "choices": [], "usage": usage(n_prompt, n_out)}

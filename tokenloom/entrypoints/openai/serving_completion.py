@@ -1,0 +1,125 @@
+"""/v1/completions: text or token-id prompts (OpenAI legacy completions), whole or streamed as server-sent events."""
+from __future__ import annotations
+
+import time
+import uuid
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+
+from tokenloom.engine.llm_engine import CompletionOutput
+from tokenloom.entrypoints.openai.protocol import (
+    ERROR_RESPONSES,
+    CompletionRequest,
+    CompletionResponse,
+    stream_doc,
+    to_sampling_params,
+    usage,
+)
+from tokenloom.entrypoints.server_state import APIError, ServerState, get_state
+from tokenloom.entrypoints.streaming import DeltaTracker, final_outputs, merge_streams, sse_response, until_disconnected
+
+router = APIRouter(tags=["OpenAI"])
+
+
+def _completion_logprobs(state: ServerState, o: CompletionOutput, t0: int, t1: int, offset: int) -> dict:
+    tokens, token_lps, tops, offsets = [], [], [], []
+    for k in range(t0, t1):
+        tid = o.token_ids[k]
+        entry = o.logprobs[k] if o.logprobs and k < len(o.logprobs) else {}
+        text = state.token_text(tid)
+        tokens.append(text)
+        token_lps.append(entry.get(tid))
+        tops.append({state.token_text(t): lp for t, lp in entry.items()} if entry else None)
+        offsets.append(offset)
+        offset += len(text)
+    return {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops, "text_offset": offsets}
+
+
+def _prompts(prompt) -> list[str | list[int]]:
+    if isinstance(prompt, str):
+        return [prompt]
+    if not prompt:
+        raise APIError(400, "prompt must not be empty", param="prompt")
+    if isinstance(prompt[0], int):
+        return [prompt]
+    return list(prompt)
+
+
+@router.post("/v1/completions", response_model=CompletionResponse,
+             responses={**stream_doc("The completion"), **ERROR_RESPONSES})
+async def create_completion(body: CompletionRequest, request: Request):
+    """Complete text or token-id prompts (OpenAI legacy completions)."""
+    state = get_state(request)
+    model = state.check_model(body.model)
+    if body.suffix:
+        raise APIError(400, "suffix is not supported", param="suffix")
+    if body.best_of is not None and body.best_of != body.n:
+        raise APIError(400, "only best_of == n is supported", param="best_of")
+    if body.echo and body.logprobs is not None:
+        raise APIError(400, "echo together with logprobs (prompt logprobs) is not supported", param="echo")
+    prompts = _prompts(body.prompt)
+    if any(isinstance(p, str) for p in prompts):
+        state.require_tokenizer()
+    params = to_sampling_params(body, body.max_tokens, body.logprobs)
+    rid = f"cmpl-{uuid.uuid4().hex}"
+    created = int(time.time())
+    streams = await state.submit_all(prompts, params, rid)
+    echo = [(p if isinstance(p, str) else (state.tokenizer.decode(p) if state.tokenizer else "")) if body.echo else ""
+            for p in prompts]
+    n = params.n
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        return sse_response(state, streams, _completion_chunks(state, streams, rid, created, model, n, echo,
+                                                               include_usage, body.logprobs))
+
+    async def run():
+        return [out async for out in final_outputs(state, streams)]
+
+    finals = await until_disconnected(request, run())
+    choices, n_prompt, n_out = [], 0, 0
+    for i, out in enumerate(finals):
+        n_prompt += len(out.prompt_token_ids)
+        for o in out.outputs:
+            n_out += len(o.token_ids)
+            lp = (_completion_logprobs(state, o, 0, len(o.token_ids), len(echo[i]))
+                  if body.logprobs is not None else None)
+            choices.append({"index": i * n + o.index, "text": echo[i] + o.text, "logprobs": lp,
+                            "finish_reason": o.finish_reason, "stop_reason": o.stop_reason})
+    return JSONResponse({"id": rid, "object": "text_completion", "created": created, "model": model,
+                         "choices": choices, "usage": usage(n_prompt, n_out), "system_fingerprint": None})
+
+
+async def _completion_chunks(state: ServerState, streams, rid, created, model, n, echo, include_usage, logprobs):
+    tracker = DeltaTracker()
+    n_prompt: dict[int, int] = {}
+    n_out = 0
+    base = {"id": rid, "object": "text_completion", "created": created, "model": model, "system_fingerprint": None}
+    if include_usage:
+        base["usage"] = None
+    if any(echo):
+        for i, e in enumerate(echo):
+            for j in range(n):
+                yield {**base, "choices": [{"index": i * n + j, "text": e, "logprobs": None,
+                                            "finish_reason": None}]}
+    async for i, out in merge_streams(streams):
+        n_prompt[i] = len(out.prompt_token_ids)
+        for o in out.outputs:
+            key = i * n + o.index
+            if key in tracker.done:
+                continue
+            text, t0, t1 = tracker.delta(key, o)
+            if not text and not o.finished and (logprobs is None or t0 == t1):
+                continue
+            lp = (_completion_logprobs(state, o, t0, t1, tracker.text[key] - len(text) + len(echo[i]))
+                  if logprobs is not None else None)
+            choice = {"index": key, "text": text, "logprobs": lp, "finish_reason": o.finish_reason}
+            if o.finished:
+                tracker.done.add(key)
+                n_out += len(o.token_ids)
+                choice["stop_reason"] = o.stop_reason
+            yield {**base, "choices": [choice]}
+        if out.finished:
+            state.observe(out)
+    if include_usage:
+        yield {**base, "choices": [], "usage": usage(sum(n_prompt.values()), n_out)}

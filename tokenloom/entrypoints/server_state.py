@@ -1,0 +1,188 @@
+"""What the OpenAI and Ollama routers share: the per-app ServerState (engine, model name, queue bound, metrics,
+tokenizer), APIError (answered OpenAI-style under /v1 and elsewhere, Ollama-style under /api/) and the mapping
+of engine errors onto it, per-token logprob entries, and embedding of inputs."""
+from __future__ import annotations
+
+import time
+
+from fastapi import Request
+from pydantic import BaseModel
+
+from tokenloom.config import TokenloomError
+from tokenloom.engine.llm_engine import CompletionOutput, RequestOutput
+from tokenloom.engine.async_engine import AsyncEngine, EngineDeadError, QueueFullError, RequestStream
+from tokenloom.sampling_params import SamplingParams, SamplingParamsError
+
+
+# ---- errors ------------------------------------------------------------------------------------------------
+class APIError(Exception):
+    """An error answered to the client: OpenAI-style body under /v1 (and elsewhere), {"error": msg} under /api."""
+
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+
+    def openai_body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+
+def documented_errors(body: type[BaseModel], invalid: str, length_field: str) -> dict[int | str, dict]:
+    """The error statuses an API's OpenAPI document lists, each with that API's error body."""
+    return {
+        400: {"model": body, "description": f"Malformed JSON, wrong types, {invalid}, or a prompt (plus "
+                                             f"{length_field}) longer than the context window"},
+        401: {"model": body, "description": "Missing or wrong API key (when the server has one)"},
+        404: {"model": body, "description": "Unknown model"},
+        503: {"model": body, "description": "Too many waiting requests (--max-queue); retry later"},
+    }
+
+
+def error_for(exc: Exception) -> APIError:
+    """Map engine errors onto HTTP errors."""
+    if isinstance(exc, APIError):
+        return exc
+    if isinstance(exc, QueueFullError):
+        return APIError(503, str(exc), type="server_error", code="queue_full")
+    if isinstance(exc, EngineDeadError):
+        return APIError(503, str(exc), type="server_error", code="engine_unavailable")
+    if isinstance(exc, SamplingParamsError):
+        return APIError(400, str(exc), param=exc.param)
+    if isinstance(exc, TokenloomError):
+        msg = str(exc)
+        code = "context_length_exceeded" if "context window" in msg else None
+        return APIError(400, msg, code=code)
+    return APIError(500, f"internal error: {exc}", type="server_error")
+
+
+# ---- per-app state -----------------------------------------------------------------------------------------
+class ServerState:
+    """One per app, shared by the OpenAI and Ollama routers (`get_state(request)`)."""
+
+    def __init__(self, engine: AsyncEngine, served_model_name: str, max_queue: int | None = None, metrics=None):
+        self.engine = engine
+        self.served_model_name = served_model_name
+        self.max_queue = max_queue
+        self.metrics = metrics
+        self.tokenizer = engine.tokenizer
+        self.created = int(time.time())
+        self._token_text: dict[int, str] = {}
+        self._model_info: dict | None = None
+
+    # models
+    def model_names(self) -> set[str]:
+        return {self.served_model_name}
+
+    def check_model(self, name: str | None, ollama: bool = False) -> str:
+        """The served model's name, or APIError 404 for any other name (None = the served model)."""
+        if name is None or name == "":
+            if ollama:
+                raise APIError(400, "model is required", param="model")
+            return self.served_model_name
+        key = name.removesuffix(":latest") if ollama or name.endswith(":latest") else name
+        if key in self.model_names():
+            return self.served_model_name
+        if ollama:
+            raise APIError(404, f"model '{name}' not found", type="not_found_error", param="model",
+                           code="model_not_found")
+        raise APIError(404, f"The model `{name}` does not exist (this server serves `{self.served_model_name}`)",
+                       type="not_found_error", param="model", code="model_not_found")
+
+    # tokenizer
+    def require_tokenizer(self):
+        if self.tokenizer is None:
+            raise APIError(400, "this model has no tokenizer: send prompts as token ids")
+        return self.tokenizer
+
+    def token_text(self, token_id: int) -> str:
+        text = self._token_text.get(token_id)
+        if text is None:
+            text = self.tokenizer.decode([token_id]) if self.tokenizer is not None else f"<{token_id}>"
+            self._token_text[token_id] = text
+        return text
+
+    def chat_prompt_ids(self, messages: list[dict], tools=None, add_generation_prompt: bool = True,
+                        continue_final_message: bool = False, template_kwargs: dict | None = None) -> list[int]:
+        """Messages rendered with the model's chat template, then encoded (the template carries any BOS)."""
+        tok = self.require_tokenizer()
+        if not messages:
+            raise APIError(400, "messages must not be empty", param="messages")
+        if tok.chat_template is None:
+            raise APIError(400, "this model has no chat template: use /v1/completions", param="messages")
+        try:
+            text = tok.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tools=tools,
+                                           continue_final_message=continue_final_message, **(template_kwargs or {}))
+        except TokenloomError as exc:
+            raise APIError(400, str(exc), param="messages") from None
+        return tok.encode(text, add_special_tokens=False)
+
+    # requests
+    async def submit(self, prompt: str | list[int], params: SamplingParams, request_id: str) -> RequestStream:
+        try:
+            return await self.engine.add_request(prompt, params, request_id, max_waiting=self.max_queue)
+        except Exception as exc:  # noqa: BLE001 - mapped onto an HTTP status
+            raise error_for(exc) from None
+
+    async def submit_all(self, prompts: list[str | list[int]], params: SamplingParams, base_id: str
+                         ) -> list[RequestStream]:
+        """All prompts or none: a bad one aborts those already queued."""
+        streams: list[RequestStream] = []
+        try:
+            for i, p in enumerate(prompts):
+                rid = base_id if len(prompts) == 1 else f"{base_id}-{i}"
+                streams.append(await self.submit(p, params, rid))
+        except BaseException:
+            for s in streams:
+                s.close()
+            raise
+        return streams
+
+    def observe(self, out: RequestOutput) -> None:
+        if self.metrics is not None and out.finished:
+            self.metrics.observe_finished(out)
+
+    def observe_aborted(self) -> None:
+        if self.metrics is not None:
+            self.metrics.observe_aborted()
+
+
+def get_state(request: Request) -> ServerState:
+    return request.app.state.tokenloom
+
+
+# ---- shared output formatting ------------------------------------------------------------------------------
+def chat_logprobs(state: ServerState, o: CompletionOutput, t0: int, t1: int, top_n: int) -> list[dict]:
+    """OpenAI chat logprob entries of tokens t0..t1 of `o` (the Ollama API answers the same ones)."""
+    content = []
+    for k in range(t0, t1):
+        tid = o.token_ids[k]
+        entry = o.logprobs[k] if o.logprobs and k < len(o.logprobs) else {}
+        text = state.token_text(tid)
+        top = sorted(entry.items(), key=lambda kv: -kv[1])[:top_n]
+        content.append({
+            "token": text, "logprob": entry.get(tid, 0.0), "bytes": list(text.encode("utf-8")),
+            "top_logprobs": [{"token": state.token_text(t), "logprob": lp,
+                              "bytes": list(state.token_text(t).encode("utf-8"))} for t, lp in top],
+        })
+    return content
+
+
+async def embed_inputs(state: ServerState, inputs: list[str | list[int]], param: str = "input"
+                       ) -> tuple[list[list[float]], int]:
+    """Embeddings of texts or token-id lists (both APIs), and the number of tokens embedded."""
+    ids: list[list[int]] = []
+    for k, item in enumerate(inputs):
+        if isinstance(item, str):
+            if not item:
+                raise APIError(400, f"{param}[{k}] is empty", param=param)
+            ids.append(state.require_tokenizer().encode(item))
+        else:
+            ids.append([int(t) for t in item])
+    try:
+        vectors = await state.engine.embed(ids)
+    except Exception as exc:  # noqa: BLE001
+        err = error_for(exc)
+        err.param = err.param or param
+        raise err from None
+    return vectors, sum(len(x) for x in ids)

@@ -1,0 +1,27 @@
+"""Pure-decode batches through the fused C++ paged decode kernel (tokenloom.kernels.cpu_ops): each query reads its
+K/V straight from the paged cache through its block table, no gather, padding or mask. Prefill batches and the
+lone causal prefill take the torch path."""
+from __future__ import annotations
+
+import torch
+
+from tokenloom.kernels import cpu_ops
+from tokenloom.model_executor.layers.attention.kv_cache import LayerKVCache
+from tokenloom.model_executor.layers.attention.metadata import AttentionBatch
+from tokenloom.model_executor.layers.attention.torch_backend import TorchAttentionBackend
+
+
+class CpuFusedAttentionBackend(TorchAttentionBackend):
+    name = "cpu_fused"
+
+    @staticmethod
+    def supports(q: torch.Tensor, cache: LayerKVCache) -> bool:
+        """The kernel is built for q's device and dtype and reads this cache as it is (no int8, no casts)."""
+        return (cache.k_scale is None and cache.k.dtype == q.dtype and q.shape[-1] % 16 == 0
+                and cpu_ops.ops_for(q) is not None)
+
+    def attend_batch(self, q: torch.Tensor, cache: LayerKVCache, meta: AttentionBatch, scale: float) -> torch.Tensor:
+        if meta.max_query_len != 1:
+            return super().attend_batch(q, cache, meta, scale)
+        return cpu_ops.ops_for(q).paged_decode_attention(q, cache.k, cache.v, meta.block_table, meta.block_size,
+                                                         meta.context_lens, meta.key_start, scale)

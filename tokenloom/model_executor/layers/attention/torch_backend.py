@@ -1,0 +1,66 @@
+"""The reference attention path in torch ops: SDPA for a lone prefill from position 0, else a gather of each
+sequence's context out of the paged cache, then batched matmuls (or SDPA for large batches) under a mask."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from tokenloom.model_executor.layers.attention.backend import AttentionBackend
+from tokenloom.model_executor.layers.attention.kv_cache import LayerKVCache
+from tokenloom.model_executor.layers.attention.metadata import AttentionBatch, AttentionMetadata
+
+# Above this many attention scores (B*H*Q*L) a batch goes through the flash kernel, which never holds them all.
+MATMUL_ATTENTION_MAX_SCORES = 1 << 23
+
+
+class TorchAttentionBackend(AttentionBackend):
+    name = "torch"
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: LayerKVCache,
+               meta: AttentionMetadata, scale: float) -> torch.Tensor:
+        T, H, D = q.shape
+        cache.write(meta.slot_mapping, k, v)
+        if meta.causal_only:
+            out = F.scaled_dot_product_attention(
+                q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), is_causal=True, scale=scale,
+                enable_gqa=H > k.shape[1],
+            )
+            return out.transpose(0, 1).reshape(T, H * D)
+        if len(meta.batches) == 1:
+            return self.attend_batch(q, cache, meta.batches[0], scale)
+        out = q.new_empty(T, H * D)
+        for b in meta.batches:
+            out[b.token_rows] = self.attend_batch(q[b.token_rows], cache, b, scale)
+        return out
+
+    def attend_batch(self, q: torch.Tensor, cache: LayerKVCache, meta: AttentionBatch, scale: float) -> torch.Tensor:
+        """Attention of one batch's query tokens [tokens, H, D] over their sequences' cached context (their own
+        new K/V already written)."""
+        T, H, D = q.shape
+        KVH = cache.k.shape[1]
+        G = H // KVH
+        B, Q = meta.num_seqs, meta.max_query_len
+        L = meta.key_slots.shape[1]
+        if meta.key_rows is None:  # gather straight into [B, KVH, L, D] order: no transposed copies later
+            heads = torch.arange(KVH, device=q.device)
+            meta.key_rows = (meta.key_slots[:, None, :] * KVH + heads[None, :, None]).reshape(-1)
+        keys, values = cache.read(meta.key_rows, q.dtype)
+        keys, values = keys.view(B, KVH, L, D), values.view(B, KVH, L, D)
+        if Q == 1:  # pure decode: one query per sequence, already in order
+            q_pad = q.reshape(B, KVH, G, D)
+        else:
+            q_pad = torch.cat((q, q.new_zeros(1, H, D)))[meta.query_index]  # [B*Q, H, D]
+            # Fold the query heads that share a KV head into the query axis: GQA without repeating K/V.
+            q_pad = q_pad.view(B, Q, KVH, G, D).permute(0, 2, 3, 1, 4).reshape(B, KVH, G * Q, D)
+        if B * H * Q * L <= MATMUL_ATTENTION_MAX_SCORES:
+            # Plain batched matmuls and a float32 softmax: several times faster than the CPU flash kernel with a
+            # mask at these sizes (the score matrix is small).
+            scores = torch.matmul(q_pad, keys.transpose(-1, -2)).float() * scale  # [B, KVH, G*Q, L]
+            probs = scores.masked_fill_(~meta.mask, float("-inf")).softmax(-1).to(q.dtype)
+            out = torch.matmul(probs, values)
+        else:
+            out = F.scaled_dot_product_attention(q_pad, keys, values, attn_mask=meta.mask, scale=scale)
+        if Q == 1:
+            return out.reshape(T, H * D)
+        out = out.view(B, KVH, G, Q, D).permute(0, 3, 1, 2, 4).reshape(B * Q, H * D)
+        return out[meta.out_index]

@@ -1,0 +1,107 @@
+"""Executors: what runs the model for the engine. The engine talks to one through this small interface, so one
+process today and several (tensor / pipeline parallel workers) later are interchangeable.
+
+UniProcExecutor loads the model in this process: weights (and quantization), the CPU fast paths, the KV cache
+sized for the device's free memory, and the model runner.
+"""
+from __future__ import annotations
+
+import abc
+import os
+
+import torch
+
+from tokenloom.config import EngineConfig, ModelConfig, TokenloomError
+from tokenloom.loader.sources import ModelSource
+from tokenloom.worker.kv_cache import kv_bytes_per_block
+from tokenloom.worker.model_loading import load_model
+from tokenloom.worker.model_runner import ModelRunner
+from tokenloom.worker.outputs import ModelRunnerOutput
+
+KV_CACHE_MEMORY_SHARE = 0.25  # of the device's free memory, when no budget is given
+
+
+def available_memory(device: torch.device) -> int:
+    """Bytes the KV cache may draw on: free accelerator memory, or the host's available memory."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:  # MemAvailable counts reclaimable page cache too
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 8 << 30
+
+
+class Executor(abc.ABC):
+    """Runs steps of the model; owns the weights and the KV cache tensors."""
+
+    model_config: ModelConfig
+    tokenizer: object
+    num_blocks: int
+    max_model_len: int
+
+    @abc.abstractmethod
+    def execute_model(self, scheduler_output) -> ModelRunnerOutput:
+        """Run one scheduled step (core.scheduler_output.SchedulerOutput)."""
+
+    @abc.abstractmethod
+    def hidden_states(self, token_ids: list[int]) -> torch.Tensor:
+        """Final-norm hidden states of one sequence, outside the KV cache (embeddings)."""
+
+    def shutdown(self) -> None:
+        """Release workers (nothing to do in one process)."""
+
+
+class UniProcExecutor(Executor):
+    def __init__(self, config: EngineConfig, source: ModelSource, dtype: torch.dtype, generator: torch.Generator):
+        device = torch.device(config.device)
+        self.model, self.tokenizer = load_model(source, dtype, device)
+        self.model_config = cfg = self.model.config
+        if config.quantization:
+            from tokenloom.quant import quantize_model
+
+            quantize_model(self.model, config.quantization, tokenizer=self.tokenizer,
+                           gguf_path=source.path if source.kind == "gguf" else None)
+        if device.type == "cpu":
+            from tokenloom.kernels import cpu_ops
+            from tokenloom.model_executor.layers.linear import pack_linear_layers
+
+            pack_linear_layers(self.model)
+            cpu_ops.EXTENSION.load()  # build or load the fused kernels now, not inside the first request's TTFT
+        self.num_blocks, self.max_model_len = self._size_kv_cache(config, cfg, dtype, device)
+        self.runner = ModelRunner(self.model, config.cache, self.num_blocks, device, generator)
+
+    @staticmethod
+    def _size_kv_cache(config: EngineConfig, cfg: ModelConfig, dtype, device) -> tuple[int, int]:
+        cache_cfg, sched_cfg = config.cache, config.scheduler
+        max_model_len = min(sched_cfg.max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
+        block_bytes = kv_bytes_per_block(cfg, cache_cfg.block_size, dtype, cache_cfg.kv_cache_dtype)
+        if cache_cfg.num_blocks:
+            num_blocks = cache_cfg.num_blocks
+        else:
+            budget = cache_cfg.kv_cache_memory or min(
+                int(available_memory(device) * KV_CACHE_MEMORY_SHARE),
+                # no point reserving more than every sequence at full length needs
+                sched_cfg.max_num_seqs * max_model_len * block_bytes // cache_cfg.block_size,
+            )
+            num_blocks = max(1, budget // block_bytes)
+        if num_blocks * cache_cfg.block_size < max_model_len:
+            if sched_cfg.max_model_len:
+                raise TokenloomError(
+                    f"KV cache holds {num_blocks * cache_cfg.block_size} tokens, less than max_model_len "
+                    f"{max_model_len}: raise --kv-cache-memory or lower --max-model-len"
+                )
+            max_model_len = num_blocks * cache_cfg.block_size
+        return num_blocks, max_model_len
+
+    def execute_model(self, scheduler_output) -> ModelRunnerOutput:
+        return self.runner.execute(scheduler_output)
+
+    def hidden_states(self, token_ids: list[int]) -> torch.Tensor:
+        return self.runner.hidden_states(token_ids)
