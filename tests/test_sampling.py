@@ -703,7 +703,7 @@ def test_invalid_requests_rejected_before_scheduling(tiny):
         with pytest.raises(SamplingParamsError, match="not in the vocabulary") as e:
             llm.generate([[5, 6, 7], [8, 9]], [good, SamplingParams(max_tokens=4, **bad)])
         assert e.value.param == param
-        assert not eng.has_unfinished() and eng.stats().num_blocks_used == 0 and not eng.groups
+        assert not eng.has_unfinished() and eng.stats().num_blocks_used == 0 and not eng.output_processor.groups
     with pytest.raises(SamplingParamsError):
         llm.generate([5, 6], SamplingParams(temperature=-1))
     assert not eng.has_unfinished() and eng.stats().num_blocks_used == 0

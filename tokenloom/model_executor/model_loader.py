@@ -29,7 +29,9 @@ def config_from_hf(hf_config: dict) -> ModelConfig:
     return ModelConfig.from_hf(hf_config, model_class_for_hf(hf_config).hf_config_defaults)
 
 
-def load_gguf(path: str, dtype: torch.dtype = torch.float32) -> tuple[ModelConfig, dict[str, torch.Tensor], dict[str, Any]]:
+def load_gguf(
+    path: str, dtype: torch.dtype = torch.float32
+) -> tuple[ModelConfig, dict[str, torch.Tensor], dict[str, Any]]:
     """Read a GGUF file of a supported architecture: (config, state dict under checkpoint (transformers) names in
     `dtype`, GGUF metadata as plain Python values); llama.cpp's q/k permutation is undone where it was applied."""
     gguf = GGUFCheckpoint(path)

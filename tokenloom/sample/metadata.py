@@ -116,6 +116,20 @@ class SamplingMetadata:
     token_bitmask: torch.Tensor | None = None  # [rows or len(bitmask_rows), ceil(V / 32)] int32, bit set = allowed
     bitmask_rows: torch.Tensor | None = None  # the batch rows token_bitmask's rows apply to; None: all, in order
 
+    @property
+    def all_greedy(self) -> bool:
+        return not self.sampled
+
+    @property
+    def all_random(self) -> bool:
+        return not self.greedy
+
+    @property
+    def greedy_mask(self) -> torch.Tensor:
+        """[rows] bool, True for the greedy rows (made on demand; the sampler uses the index lists)."""
+        mask = torch.zeros(self.num_rows, dtype=torch.bool, device=self.device)
+        return mask if self.greedy_index is None else mask.index_fill_(0, self.greedy_index, True)
+
     @classmethod
     def from_rows(cls, rows: list[SamplingRow], device: torch.device | str, token_bitmask: torch.Tensor | None = None,
                   bitmask_rows: list[int] | None = None) -> SamplingMetadata:

@@ -22,7 +22,6 @@ from __future__ import annotations
 from typing import Iterable
 
 import torch
-from torch import nn
 
 from tokenloom.config import TokenloomError
 from tokenloom.gguf.loader import GGUFTensorNames
