@@ -19,7 +19,7 @@ def bench_latency(args) -> dict:
     llm.generate(prompt[:16], SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))  # warm-up
     ttfts, rates = [], []
     for _ in range(args.num_iters):
-        eng.block_manager.reset_prefix_cache()  # measure a cold prefill every time
+        eng.reset_prefix_cache()  # measure a cold prefill every time
         out = llm.generate(prompt, params)[0]
         ttfts.append(out.metrics.ttft)
         rates.append(out.decode_tokens_per_s)

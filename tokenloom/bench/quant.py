@@ -143,7 +143,7 @@ def _worker_speed(job: dict) -> dict:
     rates = {k: [] for k in llms}
     for _ in range(job["rounds"]):
         for label, llm in llms.items():
-            llm.engine.block_manager.reset_prefix_cache()  # a cold prefill every time
+            llm.engine.reset_prefix_cache()  # a cold prefill every time
             o = llm.generate(prompt, params)[0]
             ttfts[label].append(o.metrics.ttft)
             rates[label].append(o.decode_tokens_per_s)

@@ -30,7 +30,7 @@ def bench_throughput(args) -> dict:
     prompts = random_prompts(lengths, eng.model_config.vocab_size, args.seed)
     params = [SamplingParams(max_tokens=lo, temperature=0, ignore_eos=True) for _, lo in lengths]
     _run_all(llm, [p[:8] for p in prompts[:4]], [SamplingParams(max_tokens=4, ignore_eos=True)] * 4)  # warm-up
-    eng.block_manager.reset_prefix_cache()
+    eng.reset_prefix_cache()
     elapsed, outs = _run_all(llm, prompts, params)
     n_in = sum(li for li, _ in lengths)
     n_out = sum(len(o.outputs[0].token_ids) for o in outs)
@@ -90,7 +90,7 @@ def bench_sampling(args) -> dict:
     _run_all(llm, [p[:8] for p in prompts[:4]], greedy[:4])  # warm-up
     rows = {}
     for name, params in (("all greedy", greedy), ("mixed sampling", mixed)):
-        eng.block_manager.reset_prefix_cache()
+        eng.reset_prefix_cache()
         elapsed, outs = _run_all(llm, prompts, params)
         decode = [(o.metrics.finished_time - o.metrics.first_token_time) / (len(o.outputs[0].token_ids) - 1)
                   for o in outs]

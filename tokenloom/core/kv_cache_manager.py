@@ -95,7 +95,7 @@ class KVCacheManager:
         if needs_cow:
             src = table[cow_index]
             dst = pool.take()
-            pool.ref_counts[src] -= 1  # still held by the fork it is shared with
+            pool.release(src)  # still held by the fork it is shared with
             table[cow_index] = dst
             copies.append((src, dst))
         for _ in range(max(new_blocks, 0)):

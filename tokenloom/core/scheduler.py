@@ -179,6 +179,3 @@ class Scheduler:
             self.waiting.remove(req)
         self.kv_cache_manager.free_request(req)
         req.status = RequestStatus.FINISHED
-
-    def reset_prefix_cache(self) -> None:
-        self.kv_cache_manager.reset_prefix_cache()

@@ -14,9 +14,6 @@ class ScheduledRequest:
     # rolled back for the ones rejected).
     spec_token_ids: list[int] = field(default_factory=list)
 
-    def __iter__(self):  # `for req, n in scheduled` reads like the pair it mostly is
-        return iter((self.request, self.num_tokens))
-
 
 @dataclass
 class SchedulerOutput:

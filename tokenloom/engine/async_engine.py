@@ -26,7 +26,8 @@ from typing import Any
 
 
 from tokenloom.config import TokenloomError
-from tokenloom.engine.llm_engine import EngineStats, LLMEngine, RequestOutput
+from tokenloom.engine.llm_engine import LLMEngine
+from tokenloom.engine.outputs import EngineStats, RequestOutput
 from tokenloom.sampling_params import SamplingParams
 
 log = logging.getLogger("tokenloom.server")

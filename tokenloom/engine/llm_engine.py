@@ -16,7 +16,7 @@ from tokenloom.core.kv_cache_manager import KVCacheManager
 from tokenloom.core.request import Request
 from tokenloom.core.scheduler import Scheduler
 from tokenloom.engine.output_processor import OutputProcessor, RequestGroup
-from tokenloom.engine.outputs import CompletionOutput, EngineStats, RequestMetrics, RequestOutput  # noqa: F401
+from tokenloom.engine.outputs import EngineStats, RequestMetrics, RequestOutput
 from tokenloom.loader.sources import resolve_model
 from tokenloom.sampling_params import SamplingParams
 from tokenloom.worker.executor import Executor, UniProcExecutor
@@ -57,12 +57,9 @@ class LLMEngine:
     def runner(self):
         return self.executor.runner
 
-    @property
-    def block_manager(self) -> KVCacheManager:  # the name of round 1's API
-        return self.kv_cache_manager
-
     def reset_prefix_cache(self) -> None:
-        self.scheduler.reset_prefix_cache()
+        """Forget every cached block no request holds (benchmarks measure cold prefills this way)."""
+        self.kv_cache_manager.reset_prefix_cache()
 
     # ---- requests ------------------------------------------------------------------------------------
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
@@ -160,7 +157,8 @@ class LLMEngine:
     def _account_tokens(self, sched) -> None:
         c = self._counters
         c["steps"] += 1
-        for req, n in sched.scheduled:
+        for item in sched.scheduled:
+            req, n = item.request, item.num_tokens
             before = req.num_computed_tokens
             c["tokens_computed"] += n
             if before < req.num_prompt_tokens:

@@ -4,7 +4,8 @@ from __future__ import annotations
 from typing import Iterator, Sequence
 
 from tokenloom.config import CacheConfig, EngineConfig, SchedulerConfig, TokenloomError
-from tokenloom.engine.llm_engine import LLMEngine, RequestOutput
+from tokenloom.engine.llm_engine import LLMEngine
+from tokenloom.engine.outputs import RequestOutput
 from tokenloom.loader.sources import DEFAULT_MODEL
 from tokenloom.sampling_params import SamplingParams
 

@@ -26,7 +26,7 @@ from prometheus_client import (
     generate_latest,
 )
 
-from tokenloom.engine.llm_engine import RequestOutput
+from tokenloom.engine.outputs import RequestOutput
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 1.5, 2.0,
                     2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)

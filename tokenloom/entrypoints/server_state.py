@@ -9,7 +9,7 @@ from fastapi import Request
 from pydantic import BaseModel
 
 from tokenloom.config import TokenloomError
-from tokenloom.engine.llm_engine import CompletionOutput, RequestOutput
+from tokenloom.engine.outputs import CompletionOutput, RequestOutput
 from tokenloom.engine.async_engine import AsyncEngine, EngineDeadError, QueueFullError, RequestStream
 from tokenloom.sampling_params import SamplingParams, SamplingParamsError
 

@@ -12,7 +12,7 @@ from fastapi import Request
 from fastapi.responses import StreamingResponse
 from starlette.background import BackgroundTask
 
-from tokenloom.engine.llm_engine import CompletionOutput, RequestOutput
+from tokenloom.engine.outputs import CompletionOutput, RequestOutput
 from tokenloom.engine.async_engine import RequestStream
 from tokenloom.entrypoints.server_state import APIError, ServerState, error_for
 

@@ -11,10 +11,10 @@ bits: two planes) with their own scales, no requantization:
 
 The float16 block scales are exact in a float32 model; with bfloat16 activations the kernel holds them in
 bfloat16. Formats without a kernel (Q2_K, Q3_K; Q6_K without tokenloom's gemv) keep their raw bytes (GGUFLinear)
-and are dequantized on the fly with loader.gguf_quants -- smaller than float, slower.
+and are dequantized on the fly with gguf.quants -- smaller than float, slower.
 
-Hook: the loader keeps the GGUF file path; quantize_model(model, "gguf", gguf_path=...) (or
-quantize_model_gguf) replaces every decoder linear and the LM head / embedding with modules built from the raw
+Use: quantize_model(model, "gguf", gguf_path=...) (or quantize_model_gguf; the engine passes its model's GGUF
+path) replaces every decoder linear and the LM head / embedding with modules built from the raw
 bytes, after which the dequantized float copies are freed.
 """
 from __future__ import annotations

@@ -30,11 +30,10 @@ def quantize_model(model, method: str | QuantOptions = "int8", *, tokenizer=None
         if opts.method == "gguf":
             from tokenloom.quant.gguf_linear import quantize_model_gguf
 
-            path = gguf_path or getattr(model, "gguf_path", None)
-            if path is None:
+            if gguf_path is None:
                 raise TokenloomError("gguf: keeping GGUF blocks quantized needs the model's .gguf file "
                                      "(quantize_model(..., gguf_path=...))")
-            result.extra = quantize_model_gguf(model, path, act, opts.use_kernel, progress=progress)
+            result.extra = quantize_model_gguf(model, gguf_path, act, opts.use_kernel, progress=progress)
         elif opts.method in ("gptq", "awq"):
             if calib_samples is None:
                 if tokenizer is None:

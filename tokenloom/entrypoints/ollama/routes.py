@@ -11,7 +11,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
-from tokenloom.engine.llm_engine import RequestOutput
+from tokenloom.engine.outputs import RequestOutput
 from tokenloom.entrypoints.ollama.protocol import (
     ERRORS,
     ChatRequest,

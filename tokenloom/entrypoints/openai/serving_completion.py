@@ -7,7 +7,7 @@ import uuid
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
-from tokenloom.engine.llm_engine import CompletionOutput
+from tokenloom.engine.outputs import CompletionOutput
 from tokenloom.entrypoints.openai.protocol import (
     ERROR_RESPONSES,
     CompletionRequest,

@@ -567,7 +567,7 @@ def test_engine_perplexity_matches_direct_forward(tiny_llama):
         engine = engine_perplexity(llm, ids, window=window, stride=stride)
         assert (engine.tokens, engine.windows) == (direct.tokens, direct.windows)
         assert math.isclose(engine.ppl, direct.ppl, rel_tol=1e-4), (window, engine.ppl, direct.ppl)
-    assert llm.engine.block_manager.num_free_blocks == llm.engine.block_manager.num_blocks
+    assert llm.engine.kv_cache_manager.num_free_blocks == llm.engine.kv_cache_manager.num_blocks
 
 
 def test_rouge():

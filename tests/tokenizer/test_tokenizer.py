@@ -19,7 +19,7 @@ def smollm_gguf(default_gguf) -> str:
     return str(default_gguf)
 
 
-VOCAB_DIR = Path(__file__).parent / "data" / "vocab"
+VOCAB_DIR = Path(__file__).parents[1] / "data" / "vocab"
 
 TEXTS = [
     "Hello world! This is a simple ASCII sentence.",

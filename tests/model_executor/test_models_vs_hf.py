@@ -74,7 +74,7 @@ def check_against_transformers(case: str, path) -> LLM:
         diff = (ours[0] - theirs).abs().max().item()
         assert diff < 1e-4, f"{case}: step {step} logits differ by {diff}"
     assert out.outputs[0].token_ids == ref_tokens
-    assert llm.engine.block_manager.num_used_blocks == 0
+    assert llm.engine.kv_cache_manager.num_used_blocks == 0
     return llm
 
 

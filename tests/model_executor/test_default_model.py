@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from tokenloom import SamplingParams
-from tests.test_models_vs_hf import hf_greedy, record_logits
+from tests.model_executor.test_models_vs_hf import hf_greedy, record_logits
 
 pytestmark = pytest.mark.slow
 

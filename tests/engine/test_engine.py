@@ -183,7 +183,7 @@ def _check_paged_attention(lens_ctx, lens_q, H, KVH, D, bs, window):
 
 
 def test_int8_kv_cache_halves_memory_and_stays_close(tiny_llama):
-    from tests.test_models_vs_hf import record_logits
+    from tests.model_executor.test_models_vs_hf import record_logits
 
     path, _ = tiny_llama
     prompts = _prompts(4, 320, seed=11, lo=30, hi=50)
