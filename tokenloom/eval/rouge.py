@@ -5,6 +5,8 @@ from __future__ import annotations
 import re
 from collections import Counter
 
+from tokenloom.config import TokenloomError
+
 
 def _rouge_tokens(text: str) -> list[str]:
     return re.findall(r"[a-z0-9]+", text.lower())

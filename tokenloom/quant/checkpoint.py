@@ -30,7 +30,8 @@ import torch
 from tokenloom.config import ModelConfig, TokenloomError
 from tokenloom.model_executor.models.registry import hf_architecture
 from tokenloom.model_executor.models.weights import shard_view
-from tokenloom.quant.linear import AffineQuant, Int8Quant, NF4Quant, cat_records
+from tokenloom.quant.nf4 import NF4Quant
+from tokenloom.quant.records import AffineQuant, Int8Quant, cat_records
 
 AWQ_ORDER = [0, 2, 4, 6, 1, 3, 5, 7]  # column of each 4-bit slot of an AWQ word
 AWQ_REVERSE = [0, 4, 1, 5, 2, 6, 3, 7]  # slot of each column

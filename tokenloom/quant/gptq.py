@@ -16,7 +16,7 @@ import math
 
 import torch
 
-from tokenloom.quant.linear import AffineQuant
+from tokenloom.quant.records import AffineQuant
 from tokenloom.quant.rtn import affine_params, affine_quantize
 
 

@@ -1,19 +1,11 @@
-"""Quantized weights (records) and the nn.Modules swapped in for nn.Linear (gpt-fast style module swaps).
+"""The nn.Modules swapped in for nn.Linear (gpt-fast style module swaps), built from quantized records
+(records.py: Int8Quant, AffineQuant; nf4.py: NF4Quant).
 
-A *record* is what a quantizer produces and what a checkpoint stores: integers plus the float parameters that
-map them back to weights. A *module* is built from a record for a device and activation dtype: it runs the
-fastest kernel available (see :mod:`tokenloom.quant.kernels`) and keeps a pure-torch reference path
-(``dequantize()`` + ``F.linear``), used where no kernel fits and in tests as the check of the kernel path.
-
-Records:
-  * :class:`Int8Quant`   w[n, k] = q[n, k] * scale[n]                          (symmetric per output channel)
-  * :class:`AffineQuant` w[n, k] = q[n, k] * scale[n, g(k)] + offset[n, g(k)]  (group-wise, 2..8 bits; int4
-    RTN, GPTQ, AWQ and the GGUF Q4_0 / Q4_1 / Q5_x / Q8_0 / Q4_K / Q5_K blocks are all of this form)
-  * :class:`NF4Quant`    w[n, k] = NF4[q[n, k]] * absmax[n, k // block]      (QLoRA normal-float 4-bit)
+A module is built from a record for a device and activation dtype: it runs the fastest kernel available (see
+:mod:`tokenloom.quant.kernels`) and keeps a pure-torch reference path (``dequantize()`` + ``F.linear``), used where
+no kernel fits and in tests as the check of the kernel path.
 """
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -22,8 +14,8 @@ from torch import nn
 from tokenloom.kernels import quant_ops as C
 from tokenloom.quant import kernels as K
 
-from tokenloom.quant.nf4 import NF4Quant  # noqa: F401  (re-exported: records and modules side by side)
-from tokenloom.quant.records import AffineQuant, Int8Quant, Record, cat_records  # noqa: F401
+from tokenloom.quant.nf4 import NF4Quant
+from tokenloom.quant.records import AffineQuant, Int8Quant, Record
 
 # ---------------------------------------------------------------------------------------------------------
 # modules

@@ -10,7 +10,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from tokenloom.quant.linear import AffineQuant, Int8Quant
+from tokenloom.quant.records import AffineQuant, Int8Quant
 
 
 def _f16(x: torch.Tensor) -> torch.Tensor:
