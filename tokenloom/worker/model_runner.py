@@ -11,8 +11,9 @@ from __future__ import annotations
 import torch
 
 from tokenloom.config import CacheConfig, ModelConfig
-from tokenloom.model_executor.forward_context import ForwardContext, bound_kv_caches, set_forward_context
-from tokenloom.model_executor.layers.attention import LayerKVCache, build_attention_metadata
+from tokenloom.model_executor.forward_context import ForwardContext, set_forward_context
+from tokenloom.model_executor.layers.attention import build_attention_metadata
+from tokenloom.model_executor.sequence_forward import SequenceForward
 from tokenloom.sample import Sampler, SamplingMetadata, SamplingRow
 from tokenloom.worker.input_batch import InputBatch
 from tokenloom.worker.kv_cache import KVCache
@@ -82,15 +83,8 @@ class ModelRunner:
     def hidden_states(self, token_ids: list[int]) -> torch.Tensor:
         """Final-norm hidden states [n, hidden] of one causal forward over a scratch cache: the engine's own
         cache and requests are untouched (used for embeddings)."""
-        n, cfg = len(token_ids), self.config
-        # Every layer writes its K/V and reads them back before the next layer runs: one scratch pair serves all.
-        k = torch.zeros(n, cfg.num_kv_heads, cfg.head_dim, dtype=self.dtype, device=self.device)
-        cache = LayerKVCache(k, torch.zeros_like(k))
-        meta = build_attention_metadata([n], [n], [list(range(n))], 1, cfg.num_heads // cfg.num_kv_heads,
-                                        cfg.sliding_window, self.device)
         ids = torch.tensor(token_ids, dtype=torch.long, device=self.device)
-        with bound_kv_caches(self.model, [cache] * cfg.num_layers), set_forward_context(ForwardContext(meta)):
-            return self.model(ids, torch.arange(n, device=self.device))
+        return SequenceForward(self.model, len(token_ids)).hidden(ids)
 
     def _prompt_logprobs(self, req, hidden: torch.Tensor, next_tokens: list[int]) -> list[dict]:
         logprobs = torch.log_softmax(self.model.compute_logits(hidden), dim=-1)
