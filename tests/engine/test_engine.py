@@ -213,10 +213,10 @@ def test_packed_bf16_linears_change_nothing(tiny_llama, monkeypatch):
     path, _ = tiny_llama
     prompts = _prompts(3, 320, seed=4)
     packed = LLM(str(path), dtype="bfloat16")
-    assert type(packed.engine.model.layers[0].mlp.down_proj) is linear.PackedLinear
+    assert type(packed.engine.model.layers[0].mlp.down_proj.method) is linear.OneDNNLinearMethod
     monkeypatch.setattr(linear, "pack_linear_layers", lambda model: 0)
     plain = LLM(str(path), dtype="bfloat16")
-    assert type(plain.engine.model.layers[0].mlp.down_proj) is torch.nn.Linear
+    assert type(plain.engine.model.layers[0].mlp.down_proj.method) is linear.UnquantizedLinearMethod
     outs = [[o.outputs[0].token_ids for o in llm.generate(prompts, [_greedy(12)] * 3)] for llm in (packed, plain)]
     assert outs[0] == outs[1]
 

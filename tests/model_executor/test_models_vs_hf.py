@@ -108,3 +108,24 @@ def test_unsupported_architecture_is_a_clear_error(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}))
     with pytest.raises(TokenloomError, match="unsupported architecture 'gpt2'"):
         LLM(str(tmp_path))
+
+
+def test_linear_methods_compute_the_same_product():
+    """The float and oneDNN methods of one Linear give F.linear's result; switching methods keeps the layer."""
+    import torch.nn.functional as F
+
+    from tokenloom.model_executor.layers.linear import Linear, OneDNNLinearMethod, UnquantizedLinearMethod, _onednn_works
+
+    if not _onednn_works(torch.bfloat16):
+        pytest.skip("oneDNN bf16 linear unavailable on this CPU")
+    torch.manual_seed(0)
+    layer = Linear(64, 96, bias=True, dtype=torch.bfloat16)
+    torch.nn.init.normal_(layer.weight)
+    torch.nn.init.normal_(layer.bias)
+    x = torch.randn(5, 64, dtype=torch.bfloat16)
+    ref = F.linear(x, layer.weight.detach().clone(), layer.bias.detach())
+    assert isinstance(layer.method, UnquantizedLinearMethod) and layer.holds_float_weight
+    assert torch.equal(layer(x), ref)
+    layer.set_method(OneDNNLinearMethod())
+    assert not layer.holds_float_weight and not hasattr(layer, "weight")
+    assert torch.equal(layer(x), ref)

@@ -422,8 +422,7 @@ def load_quantized(model, path, quant_config: dict, dtype: torch.dtype) -> None:
     """Fill `model` (as built by the loader, weights not yet loaded) from a quantized checkpoint directory:
     quantized linears become quantized modules (their float weights are never materialised), every other tensor
     loads as usual through model.load_hf_weights."""
-    from torch import nn
-
+    from tokenloom.model_executor.layers.linear import Linear
     from tokenloom.quant.modules import get_module, quantize_lm_head, set_module
     from tokenloom.quant.options import QuantizeResult, QuantOptions
     from tokenloom.quant.kernels import kernel_act_dtype
@@ -466,7 +465,7 @@ def load_quantized(model, path, quant_config: dict, dtype: torch.dtype) -> None:
                 old = get_module(model, name)
             except AttributeError:
                 continue  # MoE layer
-            if not isinstance(old, nn.Linear):
+            if not (isinstance(old, Linear) and old.holds_float_weight):
                 continue
             new = build(name, old.in_features, old.bias is not None)
             if new is not None:

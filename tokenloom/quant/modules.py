@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from tokenloom.config import TokenloomError
+from tokenloom.model_executor.layers.linear import Linear
 from tokenloom.model_executor.layers.moe import SparseMoE
 from tokenloom.quant.linear import QuantizedEmbedding, build_linear
 from tokenloom.quant.moe import QuantSparseMoE
@@ -57,11 +58,11 @@ def swap_linear(model, name: str, rec, act, opts: QuantOptions, result: Quantize
 
 
 def float_weight(model, name: str) -> torch.Tensor:
-    """The float weight of the linear at `name` (a TokenloomError if it is no longer a plain nn.Linear)."""
+    """The float weight of the linear at `name` (a TokenloomError if it is no longer a float Linear)."""
     mod = get_module(model, name)
     w = getattr(mod, "weight", None)
     if not isinstance(w, torch.Tensor) or w.dim() != 2 or not w.is_floating_point():
-        raise TokenloomError(f"'{name}' is a {type(mod).__name__}, not a float nn.Linear: quantize the model right "
+        raise TokenloomError(f"'{name}' is a {type(mod).__name__}, not a float Linear: quantize the model right "
                              "after loading (LLM(..., quantization=...)), before it is quantized or packed")
     return w.detach()
 
@@ -111,7 +112,7 @@ def quantize_lm_head(model, opts: QuantOptions, act, result: QuantizeResult, kee
     if opts.lm_head == "none":
         return
     head = model.lm_head
-    if not isinstance(head, nn.Linear):
+    if not (isinstance(head, Linear) and head.holds_float_weight):
         return  # already quantized (or packed)
     w = head.weight.detach()
     if opts.lm_head == "int8" or opts.method in ("gptq", "awq"):

@@ -17,6 +17,7 @@ from tokenloom.config import ModelConfig
 from tokenloom.gguf.loader import GGUFTensorNames
 from tokenloom.model_executor.forward_context import get_forward_context
 from tokenloom.model_executor.layers.attention import LayerKVCache, paged_attention
+from tokenloom.model_executor.layers.linear import Linear
 from tokenloom.model_executor.layers.moe import SparseMoE
 from tokenloom.model_executor.layers.norm import RMSNorm
 from tokenloom.model_executor.layers.rotary import RotaryEmbedding, apply_rotary_qk_
@@ -32,8 +33,8 @@ class Attention(nn.Module):
         self.q_size = cfg.num_heads * cfg.head_dim
         self.kv_size = cfg.num_kv_heads * cfg.head_dim
         # q, k and v share one matrix multiply.
-        self.qkv_proj = nn.Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.attention_bias)
-        self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=cfg.attention_bias and self.o_proj_bias)
+        self.qkv_proj = Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.attention_bias)
+        self.o_proj = Linear(self.q_size, cfg.hidden_size, bias=cfg.attention_bias and self.o_proj_bias)
         self.scale = cfg.head_dim**-0.5
         self.kv_cache: LayerKVCache | None = None  # this layer's view of the paged cache (bind_kv_caches)
 
@@ -54,8 +55,8 @@ class Attention(nn.Module):
 class GatedMLP(nn.Module):
     def __init__(self, hidden: int, intermediate: int):
         super().__init__()
-        self.gate_up_proj = nn.Linear(hidden, 2 * intermediate, bias=False)
-        self.down_proj = nn.Linear(intermediate, hidden, bias=False)
+        self.gate_up_proj = Linear(hidden, 2 * intermediate, bias=False)
+        self.down_proj = Linear(intermediate, hidden, bias=False)
 
     def forward(self, x):
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
@@ -113,7 +114,7 @@ class CausalLM(CheckpointNames, nn.Module):
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(self.layer_cls(cfg) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.rotary = RotaryEmbedding(cfg, max_positions or cfg.max_position_embeddings)
