@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from tokenloom import SamplingParams
-from tests.model_executor.test_models_vs_hf import hf_greedy, record_logits
+from tests.model_executor.test_models_vs_hf import hf_greedy, record_logits, stop_recording
 
 pytestmark = pytest.mark.slow
 
@@ -46,7 +46,7 @@ def test_greedy_64_tokens_and_logits_match_transformers(default_llm, hf_model):
             worst = max((ours[0] - theirs).abs().max().item() for ours, theirs in zip(rec, ref_logits))
             assert worst < LOGIT_TOL, f"{prompt!r}: logits differ by {worst}"
     finally:
-        del llm.engine.model.compute_logits  # drop the recording wrapper
+        stop_recording(llm)
 
 
 def test_chat_prompt_ids_match_transformers(default_llm, default_gguf):

@@ -10,18 +10,32 @@ from tests.conftest import make_tiny
 STEPS = 16
 
 
+class _RecordingSampler:
+    """Stands in for the runner's sampler and keeps a copy of every logits batch it is given: the logits of both
+    decode paths (the compiled stack's and the layers'), as the sampler sees them."""
+
+    def __init__(self, sampler, rec: list):
+        self.sampler, self.rec = sampler, rec
+
+    def __call__(self, logits, metadata, return_probs=False):
+        self.rec.append(logits.clone())
+        return self.sampler(logits, metadata, return_probs)
+
+    def __getattr__(self, name):
+        return getattr(self.sampler, name)
+
+
 def record_logits(llm: LLM) -> list[torch.Tensor]:
     rec: list[torch.Tensor] = []
-    model = llm.engine.model
-    orig = model.compute_logits
-
-    def wrapped(hidden):
-        logits = orig(hidden)
-        rec.append(logits.clone())
-        return logits
-
-    model.compute_logits = wrapped
+    runner = llm.engine.runner
+    runner.sampler = _RecordingSampler(runner.sampler, rec)
     return rec
+
+
+def stop_recording(llm: LLM) -> None:
+    runner = llm.engine.runner
+    if isinstance(runner.sampler, _RecordingSampler):
+        runner.sampler = runner.sampler.sampler
 
 
 @torch.inference_mode()
@@ -86,9 +100,11 @@ def test_logits_and_greedy_match_transformers(case, tmp_path):
 @pytest.mark.parametrize("kernels", [True, False])
 def test_qwen3_qk_norm_on_kernel_and_torch_paths(kernels, tmp_path, monkeypatch, kernel_calls):
     """Qwen3's per-head q/k RMSNorm (rows of head_dim) and the rotary of q and k apart, through the fused CPU
-    kernels where they are built and through torch's code: both match transformers."""
+    kernels where they are built and through torch's code: both match transformers. Layer by layer: the
+    compiled decode stack (checked against transformers by test_logits_and_greedy_match_transformers) is off."""
     from tokenloom.kernels import cpu_ops
 
+    monkeypatch.setenv("TOKENLOOM_FUSED_DECODE", "0")
     if kernels:
         calls = kernel_calls(cpu_ops.EXTENSION, "the fused CPU kernels")
     else:

@@ -23,8 +23,11 @@ def bench_latency(args) -> dict:
         out = llm.generate(prompt, params)[0]
         ttfts.append(out.metrics.ttft)
         rates.append(out.decode_tokens_per_s)
-    res = {"ttft_s": statistics.median(ttfts), "decode_tok_s": statistics.median(rates)}
-    print(f"model {eng.model_name}  dtype {str(eng.dtype).removeprefix('torch.')}  threads {torch.get_num_threads()}"
+    res = {"ttft_s": statistics.median(ttfts), "prefill_tok_s": args.input_len / statistics.median(ttfts),
+           "decode_tok_s": statistics.median(rates), "weights": eng.config.quantization or "float",
+           "decode_path": "fused" if eng.runner.fused is not None else "layers"}
+    print(f"model {eng.model_name}  dtype {str(eng.dtype).removeprefix('torch.')}  weights {res['weights']}  "
+          f"decode path {res['decode_path']}  threads {torch.get_num_threads()}"
           f"  prompt {args.input_len}  output {args.output_len}  batch 1")
     print(f"{'':14}{'TTFT ms':>10}{'prefill tok/s':>15}{'decode tok/s':>14}")
     print(f"{'tokenloom':14}{res['ttft_s'] * 1000:10.1f}{args.input_len / res['ttft_s']:15.1f}{res['decode_tok_s']:14.1f}")
@@ -40,4 +43,15 @@ def bench_latency(args) -> dict:
         print(f"{'ratio':14}{t_first / res['ttft_s']:9.2f}x{'':15}{res['decode_tok_s'] / hf_rate:13.2f}x"
               "   (>1 = tokenloom faster)")
         res.update(hf_ttft_s=t_first, hf_decode_tok_s=hf_rate)
+    if getattr(args, "compare", None) == "llama.cpp":
+        from tokenloom.bench import llamacpp
+
+        ref = llamacpp.latency(llamacpp.gguf_file(eng), torch.get_num_threads(), args.input_len, args.output_len,
+                               args.num_iters, args.llama_cpp_bin)
+        print(f"{'llama.cpp':14}{args.input_len / ref['prefill_tok_s'] * 1000:10.1f}{ref['prefill_tok_s']:15.1f}"
+              f"{ref['decode_tok_s']:14.1f}   ({ref['via']}, same file)")
+        res["llama_cpp"] = ref
+        res["ratio_prefill"] = res["prefill_tok_s"] / ref["prefill_tok_s"]
+        res["ratio_decode"] = res["decode_tok_s"] / ref["decode_tok_s"]
+        print(f"{'ratio':14}{'':10}{res['ratio_prefill']:14.2f}x{res['ratio_decode']:13.2f}x   (>1 = tokenloom faster)")
     return res

@@ -6,6 +6,7 @@ import time
 import torch
 
 from tokenloom.bench.common import hf_generate_timed, load_hf_reference, make_lengths, random_prompts, summary
+from tokenloom.config import TokenloomError
 
 
 def _run_all(llm, prompts, params_list):
@@ -66,6 +67,18 @@ def bench_throughput(args) -> dict:
               f"  (one batched generate, {max_out} new tokens each)")
         print(f"ratio         {res['out_tok_s'] / hf_rate:.2f}x output tok/s (>1 = tokenloom faster)")
         res.update(hf_out_tok_s=hf_rate)
+    if getattr(args, "compare", None) == "llama.cpp":
+        from tokenloom.bench import llamacpp
+
+        if args.dist != "fixed":
+            raise TokenloomError("--compare llama.cpp runs llama-batched-bench: use --dist fixed")
+        ref = llamacpp.batched(llamacpp.gguf_file(eng), torch.get_num_threads(), args.input_len, args.output_len,
+                               args.num_prompts, args.llama_cpp_bin)
+        res["llama_cpp"] = ref
+        res["ratio_out_tok_s"] = res["out_tok_s"] / ref["out_tok_s"]
+        print(f"llama.cpp     {ref['elapsed_s']:7.2f} s  {'':13}{ref['out_tok_s']:8.1f} output tok/s  "
+              f"{ref['total_tok_s']:8.1f} total tok/s   ({ref['via']}, same file)")
+        print(f"ratio         output tok/s {res['ratio_out_tok_s']:.2f}x   (>1 = tokenloom faster)")
     return res
 
 

@@ -15,7 +15,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "int8"])
     g.add_argument("--block-size", type=int, default=16)
     g.add_argument("--no-prefix-caching", action="store_true")
-    g.add_argument("--quantization", "-q", default=None, help="int8, int4, nf4 (quantize weights at load)")
+    g.add_argument("--quantization", "-q", default=None,
+                   help="int8, int4, nf4, gptq, awq (quantize weights at load); gguf (a GGUF file's own blocks: "
+                        "the default for GGUF files unless --dtype is given); none (dequantize to --dtype)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--threads", type=int, default=0, help="CPU threads for PyTorch (default: one per core)")
 

@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
+import sys
 
 from tokenloom.cli.args import add_engine_args
 
@@ -10,16 +13,20 @@ def add_bench_parser(sub) -> None:
     p = sub.add_parser("bench", help="benchmarks: latency, throughput, sampling, serve, quant")
     p.set_defaults(func=run_bench)
     bsub = p.add_subparsers(dest="bench", required=True)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--json", action="store_true",
+                        help="print the results as one JSON object on stdout (the table goes to stderr)")
 
-    b = bsub.add_parser("latency", help="batch-1 TTFT and decode tokens/s")
+    b = bsub.add_parser("latency", parents=[common], help="batch-1 TTFT and decode tokens/s")
     b.add_argument("model", nargs="?", default="smollm2-135m")
     b.add_argument("--input-len", type=int, default=128)
     b.add_argument("--output-len", type=int, default=128)
     b.add_argument("--num-iters", type=int, default=3)
     b.add_argument("--compare-hf", action="store_true", help="measure transformers on the same weights")
+    _add_llamacpp_args(b)
     add_engine_args(b)
 
-    b = bsub.add_parser("throughput", help="N requests submitted at once")
+    b = bsub.add_parser("throughput", parents=[common], help="N requests submitted at once")
     b.add_argument("model", nargs="?", default="smollm2-135m")
     b.add_argument("--num-prompts", type=int, default=32)
     b.add_argument("--input-len", type=int, default=128)
@@ -27,16 +34,17 @@ def add_bench_parser(sub) -> None:
     b.add_argument("--dist", choices=["fixed", "uniform", "sharegpt"], default="fixed",
                    help="length distribution: fixed, uniform in [len/2, 3len/2], or a ShareGPT-like lognormal mix")
     b.add_argument("--compare-hf", action="store_true", help="also run transformers' batched generate")
+    _add_llamacpp_args(b)
     add_engine_args(b)
 
-    b = bsub.add_parser("sampling", help="decode tokens/s of a mixed-sampling batch vs all-greedy")
+    b = bsub.add_parser("sampling", parents=[common], help="decode tokens/s of a mixed-sampling batch vs all-greedy")
     b.add_argument("model", nargs="?", default="smollm2-135m")
     b.add_argument("--batch", type=int, default=32)
     b.add_argument("--input-len", type=int, default=64)
     b.add_argument("--output-len", type=int, default=64)
     add_engine_args(b)
 
-    b = bsub.add_parser("serve", help="load test a running server (OpenAI API)")
+    b = bsub.add_parser("serve", parents=[common], help="load test a running server (OpenAI API)")
     b.add_argument("--base-url", default="http://127.0.0.1:8000")
     b.add_argument("--model", default=None)
     b.add_argument("--num-prompts", type=int, default=64)
@@ -50,7 +58,7 @@ def add_bench_parser(sub) -> None:
     b.add_argument("--api-key", default=None)
     b.add_argument("--seed", type=int, default=0)
 
-    b = bsub.add_parser("quant", help="weight bytes, RSS, perplexity and speed for every quantization method")
+    b = bsub.add_parser("quant", parents=[common], help="weight bytes, RSS, perplexity and speed for every quantization method")
     b.add_argument("model", nargs="?", default="smollm2-135m")
     b.add_argument("--methods", default="int8,int4,gptq,awq,nf4,gguf")
     b.add_argument("--eval-tokens", type=int, default=4096)
@@ -68,6 +76,14 @@ def add_bench_parser(sub) -> None:
     add_engine_args(b)
 
 
+def _add_llamacpp_args(b) -> None:
+    b.add_argument("--compare", choices=["llama.cpp"], default=None,
+                   help="also run llama.cpp on the same GGUF file, same threads, and print the ratio")
+    b.add_argument("--llama-cpp-bin", default=None, metavar="DIR",
+                   help="folder holding llama-bench / llama-batched-bench (default: $TOKENLOOM_LLAMA_CPP_BIN, PATH, "
+                        "~/.cache/llamacpp/bin; else the llama-cpp-python package)")
+
+
 def run_bench(args: argparse.Namespace) -> None:
     if args.bench == "latency":
         from tokenloom.bench.latency import bench_latency as fn
@@ -79,4 +95,9 @@ def run_bench(args: argparse.Namespace) -> None:
         from tokenloom.bench.serve import bench_serve as fn
     else:
         from tokenloom.bench.quant import bench_quant as fn
-    fn(args)
+    if not args.json:
+        fn(args)
+        return
+    with contextlib.redirect_stdout(sys.stderr):  # the table goes to stderr, stdout holds one JSON object
+        result = fn(args)
+    print(json.dumps(result, default=str))

@@ -1,198 +1,22 @@
 // Built on first use by tokenloom.kernels.build.CppExtension; the Python side, and what these kernels
 // do, is in tokenloom.kernels.quant_ops.
 #include <torch/extension.h>
+#include "cpu_features.h"
 #include <ATen/Parallel.h>
 #include <cstdint>
 #include <cstring>
 #include <c10/util/BFloat16.h>
+#include "gemv_rows.h"
 #ifdef __AVX512F__
 #include <immintrin.h>
 #endif
 
 namespace {
 
+using namespace tl;
+
 constexpr int64_t GRAIN = 16;  // output rows per parallel task
 
-// per-group sums of x: xs[m, g] = sum_{k in group g} x[m, k]
-std::vector<float> group_sums(const float* x, int64_t M, int64_t K, int64_t group) {
-  int64_t G = (K + group - 1) / group;
-  std::vector<float> xs(M * G, 0.f);
-  for (int64_t m = 0; m < M; ++m)
-    for (int64_t k = 0; k < K; ++k) xs[m * G + k / group] += x[m * K + k];
-  return xs;
-}
-
-#ifdef __AVX512F__
-inline __m512 u8x16(const uint8_t* p) {
-  return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
-}
-inline __m512 s8x16(const uint8_t* p) {
-  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
-}
-#endif
-
-// one row of an 8-bit affine (or signed per-row) weight against one activation row
-template <bool SIGNED>
-float row_u8(const float* x, const uint8_t* q, const float* s, const float* o, const float* xs, int64_t K,
-             int64_t group) {
-  float out = 0.f;
-#ifdef __AVX512F__
-  __m512 acc = _mm512_setzero_ps();
-  for (int64_t g0 = 0, gi = 0; g0 < K; g0 += group, ++gi) {
-    int64_t g1 = std::min(K, g0 + group);
-    __m512 p0 = _mm512_setzero_ps(), p1 = _mm512_setzero_ps(), p2 = _mm512_setzero_ps(), p3 = _mm512_setzero_ps();
-    int64_t k = g0;
-    for (; k + 64 <= g1; k += 64) {  // four independent chains: FMA latency, not throughput, bounds two
-      p0 = _mm512_fmadd_ps(_mm512_loadu_ps(x + k), SIGNED ? s8x16(q + k) : u8x16(q + k), p0);
-      p1 = _mm512_fmadd_ps(_mm512_loadu_ps(x + k + 16), SIGNED ? s8x16(q + k + 16) : u8x16(q + k + 16), p1);
-      p2 = _mm512_fmadd_ps(_mm512_loadu_ps(x + k + 32), SIGNED ? s8x16(q + k + 32) : u8x16(q + k + 32), p2);
-      p3 = _mm512_fmadd_ps(_mm512_loadu_ps(x + k + 48), SIGNED ? s8x16(q + k + 48) : u8x16(q + k + 48), p3);
-    }
-    p0 = _mm512_add_ps(p0, p2);
-    p1 = _mm512_add_ps(p1, p3);
-    for (; k + 32 <= g1; k += 32) {
-      p0 = _mm512_fmadd_ps(_mm512_loadu_ps(x + k), SIGNED ? s8x16(q + k) : u8x16(q + k), p0);
-      p1 = _mm512_fmadd_ps(_mm512_loadu_ps(x + k + 16), SIGNED ? s8x16(q + k + 16) : u8x16(q + k + 16), p1);
-    }
-    for (; k + 16 <= g1; k += 16)
-      p0 = _mm512_fmadd_ps(_mm512_loadu_ps(x + k), SIGNED ? s8x16(q + k) : u8x16(q + k), p0);
-    float tail = 0.f;
-    for (; k < g1; ++k) tail += x[k] * (SIGNED ? (float)(int8_t)q[k] : (float)q[k]);
-    acc = _mm512_fmadd_ps(_mm512_add_ps(p0, p1), _mm512_set1_ps(s[gi]), acc);
-    out += tail * s[gi];
-    if (o) out += o[gi] * xs[gi];
-  }
-  out += _mm512_reduce_add_ps(acc);
-#else
-  for (int64_t g0 = 0, gi = 0; g0 < K; g0 += group, ++gi) {
-    int64_t g1 = std::min(K, g0 + group);
-    float d = 0.f;
-    for (int64_t k = g0; k < g1; ++k) d += x[k] * (SIGNED ? (float)(int8_t)q[k] : (float)q[k]);
-    out += d * s[gi];
-    if (o) out += o[gi] * xs[gi];
-  }
-#endif
-  return out;
-}
-
-// one row of split32-packed 4-bit values; `code` (16 floats) maps nibbles to values (NF4) or is null (affine)
-float row_u4(const float* x, const uint8_t* q, const float* s, const float* o, const float* xs, int64_t K,
-             int64_t group, const float* code) {
-  float out = 0.f;
-#ifdef __AVX512F__
-  __m512 acc = _mm512_setzero_ps();
-  const __m512i mask = _mm512_set1_epi32(15);
-  __m512 table = code ? _mm512_loadu_ps(code) : _mm512_setzero_ps();
-  for (int64_t g0 = 0, gi = 0; g0 < K; g0 += group, ++gi) {
-    int64_t g1 = std::min(K, g0 + group);
-    __m512 p0 = _mm512_setzero_ps(), p1 = _mm512_setzero_ps();
-    for (int64_t k = g0; k < g1; k += 32) {
-      __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + k / 2)));
-      __m512i lo = _mm512_and_si512(v, mask), hi = _mm512_srli_epi32(v, 4);
-      __m512 wl = code ? _mm512_permutexvar_ps(lo, table) : _mm512_cvtepi32_ps(lo);
-      __m512 wh = code ? _mm512_permutexvar_ps(hi, table) : _mm512_cvtepi32_ps(hi);
-      p0 = _mm512_fmadd_ps(_mm512_loadu_ps(x + k), wl, p0);
-      p1 = _mm512_fmadd_ps(_mm512_loadu_ps(x + k + 16), wh, p1);
-    }
-    acc = _mm512_fmadd_ps(_mm512_add_ps(p0, p1), _mm512_set1_ps(s[gi]), acc);
-    if (o) out += o[gi] * xs[gi];
-  }
-  out += _mm512_reduce_add_ps(acc);
-#else
-  for (int64_t g0 = 0, gi = 0; g0 < K; g0 += group, ++gi) {
-    int64_t g1 = std::min(K, g0 + group);
-    float d = 0.f;
-    for (int64_t k = g0; k < g1; k += 32)
-      for (int j = 0; j < 16; ++j) {
-        uint8_t b = q[k / 2 + j];
-        float lo = code ? code[b & 15] : (float)(b & 15), hi = code ? code[b >> 4] : (float)(b >> 4);
-        d += x[k + j] * lo + x[k + 16 + j] * hi;
-      }
-    out += d * s[gi];
-    if (o) out += o[gi] * xs[gi];
-  }
-#endif
-  return out;
-}
-
-#if defined(__AVX512F__) && defined(__AVX512BF16__) && defined(__AVX512BW__)
-#define TL_BF16 1
-// bf16 activations: the nibbles become bf16 through a 32-entry register table (vpermw) and meet x in
-// vdpbf16ps (two products per fp32 lane). 64-column steps read x from xq, a copy arranged per 64 columns as
-// [0..15, 32..47 | 16..31, 48..63] to match the nibble order of two split32 chunks; 32-column steps use x.
-// Without a code book (affine nibbles) the table lookup is an OR: bf16 bits 0x4300 | v are exactly 128 + v, and
-// the 128 * sum(x) this adds is taken off through the offset term (o - 128 s) by the caller.
-template <bool LUT>
-float row_u4_bf16(const uint16_t* x, const uint16_t* xq, const uint8_t* q, const float* s, const float* o,
-                  const float* xs, int64_t K, int64_t group, __m512i table) {
-  float out = 0.f;
-  __m512 acc = _mm512_setzero_ps();
-  const __m512i mask16 = _mm512_set1_epi16(15);
-  const __m256i mask8 = _mm512_castsi512_si256(mask16);
-  const __m512i magic = _mm512_set1_epi16(0x4300);
-  int64_t g0 = 0, gi = 0;
-  if (group == 32) {
-    // two 32-column groups per step: fp32 lanes 0-7 of the dot products hold the first group, 8-15 the second
-    for (; g0 + 64 <= K; g0 += 64, gi += 2) {
-      __m512i v = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + g0 / 2)));
-      __m512i il = _mm512_and_si512(v, mask16), ih = _mm512_srli_epi16(v, 4);
-      __m512i wl = LUT ? _mm512_permutexvar_epi16(il, table) : _mm512_or_si512(il, magic);
-      __m512i wh = LUT ? _mm512_permutexvar_epi16(ih, table) : _mm512_or_si512(ih, magic);
-      __m512 p = _mm512_dpbf16_ps(_mm512_setzero_ps(), (__m512bh)wl, (__m512bh)_mm512_loadu_si512(xq + g0));
-      p = _mm512_dpbf16_ps(p, (__m512bh)wh, (__m512bh)_mm512_loadu_si512(xq + g0 + 32));
-      __m512 sv = _mm512_insertf32x8(_mm512_set1_ps(s[gi]), _mm256_set1_ps(s[gi + 1]), 1);
-      acc = _mm512_fmadd_ps(p, sv, acc);
-    }
-  }
-  for (; g0 < K; g0 += group, ++gi) {
-    int64_t g1 = std::min(K, g0 + group);
-    __m512 p0 = _mm512_setzero_ps(), p1 = _mm512_setzero_ps();
-    int64_t k = g0;
-    if ((g1 - g0) % 64 == 0) {
-      __m512 p2 = _mm512_setzero_ps(), p3 = _mm512_setzero_ps();
-      for (; k + 128 <= g1; k += 128) {
-        __m512i v = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + k / 2)));
-        __m512i u = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + k / 2 + 32)));
-        __m512i il = _mm512_and_si512(v, mask16), ih = _mm512_srli_epi16(v, 4);
-        __m512i jl = _mm512_and_si512(u, mask16), jh = _mm512_srli_epi16(u, 4);
-        __m512i wl = LUT ? _mm512_permutexvar_epi16(il, table) : _mm512_or_si512(il, magic);
-        __m512i wh = LUT ? _mm512_permutexvar_epi16(ih, table) : _mm512_or_si512(ih, magic);
-        __m512i vl = LUT ? _mm512_permutexvar_epi16(jl, table) : _mm512_or_si512(jl, magic);
-        __m512i vh = LUT ? _mm512_permutexvar_epi16(jh, table) : _mm512_or_si512(jh, magic);
-        p0 = _mm512_dpbf16_ps(p0, (__m512bh)wl, (__m512bh)_mm512_loadu_si512(xq + k));
-        p1 = _mm512_dpbf16_ps(p1, (__m512bh)wh, (__m512bh)_mm512_loadu_si512(xq + k + 32));
-        p2 = _mm512_dpbf16_ps(p2, (__m512bh)vl, (__m512bh)_mm512_loadu_si512(xq + k + 64));
-        p3 = _mm512_dpbf16_ps(p3, (__m512bh)vh, (__m512bh)_mm512_loadu_si512(xq + k + 96));
-      }
-      p0 = _mm512_add_ps(p0, p2);
-      p1 = _mm512_add_ps(p1, p3);
-      for (; k < g1; k += 64) {
-        __m512i v = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + k / 2)));
-        __m512i il = _mm512_and_si512(v, mask16), ih = _mm512_srli_epi16(v, 4);
-        __m512i wl = LUT ? _mm512_permutexvar_epi16(il, table) : _mm512_or_si512(il, magic);
-        __m512i wh = LUT ? _mm512_permutexvar_epi16(ih, table) : _mm512_or_si512(ih, magic);
-        p0 = _mm512_dpbf16_ps(p0, (__m512bh)wl, (__m512bh)_mm512_loadu_si512(xq + k));
-        p1 = _mm512_dpbf16_ps(p1, (__m512bh)wh, (__m512bh)_mm512_loadu_si512(xq + k + 32));
-      }
-    } else {
-      for (; k < g1; k += 32) {
-        __m256i v = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + k / 2)));
-        __m512i idx = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_and_si256(v, mask8)),
-                                         _mm256_srli_epi16(v, 4), 1);
-        __m512i w = LUT ? _mm512_permutexvar_epi16(idx, table) : _mm512_or_si512(idx, magic);
-        p0 = _mm512_dpbf16_ps(p0, (__m512bh)w, (__m512bh)_mm512_loadu_si512(x + k));
-      }
-    }
-    acc = _mm512_fmadd_ps(_mm512_add_ps(p0, p1), _mm512_set1_ps(s[gi]), acc);
-  }
-  int64_t G = (K + group - 1) / group;
-  for (int64_t j = 0; j < G; ++j) {  // offsets, and the 128 * sum(x) of the OR trick
-    if (!LUT) out -= 128.f * s[j] * xs[j];
-    if (o) out += o[j] * xs[j];
-  }
-  return out + _mm512_reduce_add_ps(acc);
-}
-#endif
 
 // x as float32 (a bfloat16 x is widened into `buf`); outputs are written in x's dtype
 const float* as_f32(const torch::Tensor& x, std::vector<float>& buf) {
@@ -299,14 +123,13 @@ torch::Tensor gemv_u4_bf16(torch::Tensor x, torch::Tensor q, torch::Tensor scale
   const uint16_t* xp = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
   std::vector<uint16_t> xq(M * K);
   std::vector<float> xf(M * K);
-  for (int64_t m = 0; m < M; ++m)
+  for (int64_t m = 0; m < M; ++m) {
+    arrange_x64(xp + m * K, xq.data() + m * K, K);
     for (int64_t k = 0; k < K; ++k) {
-      int64_t b = k / 64 * 64, j = k % 64;  // j: 0..15 -> 0..15, 32..47 -> 16..31, 16..31 -> 32..47, 48..63
-      int64_t dst = b + (j < 16 ? j : j < 32 ? j + 16 : j < 48 ? j - 16 : j);
-      xq[m * K + dst] = xp[m * K + k];
       uint32_t bits = (uint32_t)xp[m * K + k] << 16;
       std::memcpy(&xf[m * K + k], &bits, 4);
     }
+  }
   std::vector<float> xs = (has_o || !has_code) ? group_sums(xf.data(), M, K, group) : std::vector<float>(M * G, 0.f);
   auto y = torch::empty({M, N}, x.options());
   const uint8_t* qp = q.data_ptr<uint8_t>();
@@ -375,22 +198,6 @@ torch::Tensor dequant(torch::Tensor q, torch::Tensor scale, torch::Tensor offset
     dequant_rows<float>(q.data_ptr<uint8_t>(), scale.data_ptr<float>(), op, cp, N, K, group, G, packed4,
                         out.data_ptr<float>());
   return out;
-}
-
-bool has_avx512() {
-#ifdef __AVX512F__
-  return true;
-#else
-  return false;
-#endif
-}
-
-bool has_bf16() {
-#ifdef TL_BF16
-  return true;
-#else
-  return false;
-#endif
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

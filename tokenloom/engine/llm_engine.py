@@ -5,6 +5,7 @@ sampled tokens), then the output processor turns them into RequestOutputs.
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import time
@@ -24,12 +25,24 @@ from tokenloom.worker.executor import Executor, UniProcExecutor
 log = logging.getLogger("tokenloom")
 
 
+def default_quantization(config: EngineConfig, source_kind: str) -> str | None:
+    """The weights' run-time form: what was asked for ("none": dequantized floats); unasked, a GGUF file runs on
+    its own quantized blocks on the CPU, as llama.cpp and Ollama do, unless a float dtype was chosen."""
+    q = config.quantization
+    if q is not None:
+        return None if q.strip().lower() == "none" else q
+    if source_kind == "gguf" and config.dtype == "auto" and config.device == "cpu":
+        return "gguf"
+    return None
+
+
 class LLMEngine:
     def __init__(self, config: EngineConfig, executor: Executor | None = None):
         self.config = config
         self.device = torch.device(config.device)
         self.dtype = resolve_dtype(config.dtype, self.device.type)
         source = resolve_model(config.model)
+        self.config = config = dataclasses.replace(config, quantization=default_quantization(config, source.kind))
         self.model_name = source.name
         self.model_source = source
         self.generator = torch.Generator().manual_seed(config.seed)

@@ -1,8 +1,8 @@
-"""C++ extensions in tokenloom/csrc/*.cpp, compiled on first use (torch.utils.cpp_extension.load), for x86 CPUs
+"""C++ extensions in tokenloom/csrc/*.cpp (sharing the headers there), compiled on first use (torch.utils.cpp_extension.load), for x86 CPUs
 with AVX-512.
 
 Each extension is built with -O3 -march=native into $TOKENLOOM_HOME/kernels/<name>_<hash>, the hash covering
-its source file's content and flags, the CPU's flags and the torch version, so a different CPU or torch builds
+its source file's and the headers' content and flags, the CPU's flags and the torch version, so a different CPU or torch builds
 its own copy and later runs load it in well under a second. The source is copied into that directory and built
 from there, so a checkout or reinstall that only touches the file's mtime or moves it rebuilds nothing. The first
 build says so on stderr when stderr is a terminal, and only logs it (INFO, logger "tokenloom") otherwise, so that
@@ -64,6 +64,13 @@ def _notify(message: str) -> None:
         log.info(message)
 
 
+def _write_if_changed(path: Path, content: str) -> None:
+    if not path.exists() or path.read_text(encoding="utf-8") != content:
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(content, encoding="utf-8")
+        os.replace(tmp, path)  # atomic: a concurrent build never sees half a file
+
+
 class CppExtension:
     """tokenloom/csrc/<source_file>, exporting `functions` and `bool has_avx512()`; built once per CPU and torch."""
 
@@ -99,14 +106,14 @@ class CppExtension:
             from torch.utils.cpp_extension import load
 
             source = self.path.read_text(encoding="utf-8")
-            tag = hashlib.sha1((source + " ".join(CFLAGS)).encode()).hexdigest()[:8] + "_" + _cpu_fingerprint()
+            headers = {h.name: h.read_text(encoding="utf-8") for h in sorted(CSRC.glob("*.h"))}
+            text = source + "".join(headers.values()) + " ".join(CFLAGS)
+            tag = hashlib.sha1(text.encode()).hexdigest()[:8] + "_" + _cpu_fingerprint()
             build_dir = tokenloom_home() / "kernels" / f"{self.name}_{tag}"
             build_dir.mkdir(parents=True, exist_ok=True)
+            for name, content in {**headers, self.source_file: source}.items():
+                _write_if_changed(build_dir / name, content)
             copy = build_dir / self.source_file
-            if not copy.exists() or copy.read_text(encoding="utf-8") != source:
-                tmp = build_dir / f".{self.source_file}.{os.getpid()}.tmp"
-                tmp.write_text(source, encoding="utf-8")
-                os.replace(tmp, copy)  # atomic: a concurrent build never sees half a file
             if not any(build_dir.glob("*.so")):
                 _notify(f"tokenloom: compiling the {self.name} kernels for this CPU (once, about a minute) ...")
             mod = load(name=f"{self.name}_{tag}", sources=[str(copy)], extra_cflags=CFLAGS,

@@ -70,12 +70,16 @@ class UniProcExecutor(Executor):
                            gguf_path=source.path if source.kind == "gguf" else None)
         if device.type == "cpu":
             from tokenloom.kernels import cpu_ops
-            from tokenloom.model_executor.layers.linear import pack_linear_layers
 
-            pack_linear_layers(self.model)
             cpu_ops.EXTENSION.load()  # build or load the fused kernels now, not inside the first request's TTFT
         self.num_blocks, self.max_model_len = self._size_kv_cache(config, cfg, dtype, device)
         self.runner = ModelRunner(self.model, config.cache, self.num_blocks, device, generator)
+        if device.type == "cpu":
+            from tokenloom.model_executor.layers.linear import pack_linear_layers
+
+            # after the runner: its compiled decode stack keeps the plain float matrices it was built on, the
+            # layers (wider batches, prefill) use oneDNN's packed copies
+            pack_linear_layers(self.model)
 
     @staticmethod
     def _size_kv_cache(config: EngineConfig, cfg: ModelConfig, dtype, device) -> tuple[int, int]:

@@ -12,6 +12,7 @@ import torch
 
 from tokenloom.config import CacheConfig, ModelConfig
 from tokenloom.model_executor.forward_context import ForwardContext, set_forward_context
+from tokenloom.model_executor.fused_decode import FusedDecoder
 from tokenloom.model_executor.layers.attention import build_attention_metadata
 from tokenloom.model_executor.sequence_forward import SequenceForward
 from tokenloom.sample import Sampler, SamplingMetadata, SamplingRow
@@ -35,30 +36,72 @@ class ModelRunner:
         self.layer_caches = self.cache.layers
         model.bind_kv_caches(self.layer_caches)  # each attention layer keeps its view of the cache
         self.sampler = Sampler(generator)
+        # decode batches up to this many sequences run as one compiled call (None: layer by layer only)
+        self.fused = FusedDecoder.build(model, self.layer_caches, self.block_size) if device.type == "cpu" else None
+        self.steps_by_path = {"fused": 0, "layers": 0}  # which path each forward took (tests and benchmarks)
 
     @torch.inference_mode()
     def execute(self, sched) -> ModelRunnerOutput:
-        """Run one step of the scheduler output `sched`."""
+        """Run one step of the scheduler output `sched`: its one-token requests (decodes) through the compiled
+        stack when there is one, the rest (prefill chunks, drafts, prompt logprobs) layer by layer."""
         if sched.blocks_to_copy:
             self.cache.copy_blocks(sched.blocks_to_copy)
-        batch = InputBatch.from_scheduled(sched.scheduled, self.device)
+        out = ModelRunnerOutput()
+        fused, layers = self._split(sched.scheduled)
+        if fused:
+            self._run_fused(InputBatch.from_scheduled(fused, self.device), out)
+        if layers:
+            self._run_layers(InputBatch.from_scheduled(layers, self.device), out)
+        return out
+
+    def _split(self, scheduled: list) -> tuple[list, list]:
+        """(items for the compiled stack, items for the layers). The stack takes one-token items without prompt
+        logprobs, up to its batch limit; so a request's decode runs the same kernels whatever else is in the
+        step, which keeps its output independent of the batch."""
+        if self.fused is None:
+            return [], scheduled
+        fused, layers = [], []
+        for item in scheduled:
+            req = item.request
+            one = item.num_tokens == 1 and not item.spec_token_ids and (
+                req.params.prompt_logprobs is None or req.num_computed_tokens >= req.num_prompt_tokens - 1)
+            (fused if one else layers).append(item)
+        if len(fused) > self.fused.max_batch:
+            return [], scheduled
+        return fused, layers
+
+    def _run_fused(self, batch: InputBatch, out: ModelRunnerOutput) -> None:
+        self.steps_by_path["fused"] += 1
+        logits = self._fused_logits(batch)
+        if batch.samples:
+            rows = batch.sample_rows
+            self._sample(batch, logits if rows == list(range(len(logits))) else logits[rows], out)
+
+    def _run_layers(self, batch: InputBatch, out: ModelRunnerOutput) -> None:
+        self.steps_by_path["layers"] += 1
         meta = build_attention_metadata(
             batch.query_lens, batch.context_lens, batch.block_tables, self.block_size,
             self.config.num_heads // self.config.num_kv_heads, self.config.sliding_window, self.device,
         )
         with set_forward_context(ForwardContext(meta)):
             hidden = self.model(batch.input_ids, batch.positions)
-        out = ModelRunnerOutput()
         out.prompt_logprobs = [
             (req, start, self._prompt_logprobs(req, hidden[o : o + n], req.prompt_token_ids[start + 1 : start + n + 1]))
             for req, o, n, start in batch.prompt_logprob_spans
         ]
         if batch.samples:
-            self._sample(batch, hidden, out)
-        return out
+            self._sample(batch, self.model.compute_logits(hidden[batch.sample_rows]), out)
 
-    def _sample(self, batch: InputBatch, hidden: torch.Tensor, out: ModelRunnerOutput) -> None:
-        logits = self.model.compute_logits(hidden[batch.sample_rows])
+    def _fused_logits(self, batch: InputBatch) -> torch.Tensor:
+        bs = self.block_size
+        width = max(len(t) for t in batch.block_tables)
+        table = torch.tensor([t + [0] * (width - len(t)) for t in batch.block_tables], dtype=torch.long)
+        lens = torch.tensor(batch.context_lens, dtype=torch.long)
+        pos = lens - 1
+        slots = table.gather(1, (pos // bs)[:, None])[:, 0] * bs + pos % bs
+        return self.fused.logits(batch.input_ids, pos, slots, table, lens)
+
+    def _sample(self, batch: InputBatch, logits: torch.Tensor, out: ModelRunnerOutput) -> None:
         rows = []
         for g in batch.samples:
             r = g.request

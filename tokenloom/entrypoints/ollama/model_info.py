@@ -54,7 +54,7 @@ def _model_facts(state: ServerState) -> dict:
             params = int(float(p[:-1]) * (1e9 if p.endswith("B") else 1e6))
     except Exception:  # noqa: BLE001 - details are best effort
         pass
-    if eng.config.quantization:
+    if eng.config.quantization and eng.config.quantization != "gguf":  # gguf: the file's own types, as read
         quant = eng.config.quantization.upper()
     quant = {"FLOAT32": "F32", "FLOAT16": "F16", "BFLOAT16": "BF16"}.get(quant, quant)
     psize = f"{params / 1e9:.2f}B" if params >= 1e9 else f"{params / 1e6:.2f}M"

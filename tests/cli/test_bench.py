@@ -1,0 +1,86 @@
+"""`tokenloom bench latency|throughput`: --json output, and --compare llama.cpp on the same GGUF file (llama.cpp's
+own tools stood in for by scripts that answer as they do, so the parsing, the ratio and the errors are checked
+without building llama.cpp)."""
+from __future__ import annotations
+
+import json
+import os
+import stat
+
+import pytest
+
+from tests.cli.test_cli import assert_clean_error, tokenloom
+
+pytestmark = pytest.mark.slow  # each runs the default model in a subprocess
+
+LLAMA_BENCH = """#!/bin/sh
+# answers as llama-bench -o json does: one row per test; -p 0 -n N -d D is decode at depth D
+case "$*" in
+  *"-n 0"*) echo '[{"n_prompt": 16, "n_gen": 0, "n_depth": 0, "avg_ts": 400.0}]' ;;
+  *) echo "$*" > "$(dirname "$0")/decode_args"; echo '[{"n_prompt": 0, "n_gen": 8, "n_depth": 16, "avg_ts": 50.0}]' ;;
+esac
+"""
+
+BATCHED_BENCH = """#!/bin/sh
+echo 'main: some log line'
+echo '{"pp": 16, "tg": 8, "pl": 4, "n_kv": 96, "t_pp": 0.5, "speed_pp": 128.0, "t_tg": 1.5, "speed_tg": 21.3, "t": 2.0, "speed": 48.0}'
+"""
+
+
+@pytest.fixture()
+def fake_llama_cpp(tmp_path):
+    for name, body in (("llama-bench", LLAMA_BENCH), ("llama-batched-bench", BATCHED_BENCH)):
+        path = tmp_path / name
+        path.write_text(body)
+        path.chmod(path.stat().st_mode | stat.S_IEXEC)
+    return tmp_path
+
+
+def test_latency_json_with_llama_cpp_on_the_same_file(default_gguf, fake_llama_cpp):
+    proc = tokenloom("bench", "latency", str(default_gguf), "--input-len", "16", "--output-len", "8",
+                     "--num-iters", "1", "--compare", "llama.cpp", "--llama-cpp-bin", str(fake_llama_cpp), "--json")
+    assert proc.returncode == 0, proc.stderr
+    res = json.loads(proc.stdout)  # stdout is the JSON alone; the table went to stderr
+    assert "tokenloom" in proc.stderr and "llama.cpp" in proc.stderr
+    assert res["weights"] == "gguf" and res["decode_path"] == "fused"
+    assert res["llama_cpp"] == {"prefill_tok_s": 400.0, "decode_tok_s": 50.0, "via": "llama-bench"}
+    assert res["ratio_decode"] == pytest.approx(res["decode_tok_s"] / 50.0)
+    assert res["ratio_prefill"] == pytest.approx(res["prefill_tok_s"] / 400.0)
+    decode_args = (fake_llama_cpp / "decode_args").read_text().split()
+    assert decode_args[decode_args.index("-d") + 1] == "16"  # llama.cpp decodes after the same prompt length
+    assert decode_args[decode_args.index("-m") + 1] == str(default_gguf)
+
+
+def test_throughput_json_with_llama_batched_bench(default_gguf, fake_llama_cpp):
+    proc = tokenloom("bench", "throughput", str(default_gguf), "--num-prompts", "4", "--input-len", "16",
+                     "--output-len", "8", "--compare", "llama.cpp", "--llama-cpp-bin", str(fake_llama_cpp), "--json")
+    assert proc.returncode == 0, proc.stderr
+    res = json.loads(proc.stdout)
+    assert res["llama_cpp"]["out_tok_s"] == pytest.approx(4 * 8 / 2.0)  # output tokens over the whole run
+    assert res["llama_cpp"]["decode_tok_s"] == 21.3
+    assert res["ratio_out_tok_s"] == pytest.approx(res["out_tok_s"] / 16.0)
+
+
+def test_compare_needs_a_gguf_model(tmp_path, fake_llama_cpp):
+    from tests.conftest import make_tiny
+
+    make_tiny("llama", tmp_path / "m")
+    proc = tokenloom("bench", "latency", str(tmp_path / "m"), "--input-len", "8", "--output-len", "4",
+                     "--num-iters", "1", "--compare", "llama.cpp", "--llama-cpp-bin", str(fake_llama_cpp))
+    assert_clean_error(proc, "GGUF")
+
+
+def test_compare_without_llama_cpp_says_how_to_get_it(default_gguf, tmp_path):
+    from tokenloom.config import tokenloom_home
+
+    # no llama-bench anywhere (HOME moved: not in ~/.cache/llamacpp either), the model and kernels where they are
+    env = dict(os.environ, PATH=os.path.dirname(os.__file__) + ":/usr/bin:/bin", HOME=str(tmp_path),
+               TOKENLOOM_HOME=str(tokenloom_home()), TOKENLOOM_LLAMA_CPP_BIN="")
+    proc = tokenloom("bench", "latency", str(default_gguf), "--input-len", "8", "--output-len", "4",
+                     "--num-iters", "1", "--compare", "llama.cpp", env=env)
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError:
+        assert_clean_error(proc, "llama-bench", "llama-cpp-python")
+    else:
+        assert proc.returncode == 0, proc.stderr

@@ -1,0 +1,265 @@
+"""The compiled decode stack (model_executor/fused_decode.py) against the layer-by-layer path it replaces: the
+same logits (float32 to rounding; bfloat16 within the rounding of one bfloat16 step), the same greedy tokens,
+the same KV cache contents, on every architecture variant and weight format it takes; and a clean fallback
+where it does not apply. Each test checks which path ran through the runner's `steps_by_path`."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tokenloom import LLM, SamplingParams
+from tokenloom.model_executor.fused_decode import EXTENSION, FusedDecoder
+from tokenloom.model_executor import fused_decode
+
+from tests.conftest import make_tiny
+
+pytestmark = pytest.mark.skipif(EXTENSION.load() is None, reason=f"no compiled decode stack: {EXTENSION.reason}")
+
+PROMPTS = [[1, 5, 9, 33, 7, 100] * 7, [3, 4, 5], list(range(200, 300)) * 3 + [7]]  # the last splits its keys
+
+
+def _llm(tmp_path, arch, dtype, quantization=None, **overrides):
+    make_tiny(arch, tmp_path, **overrides)
+    return LLM(str(tmp_path), dtype=dtype, quantization=quantization, num_blocks=256, block_size=4)
+
+
+def _both_paths(llm, params, prompts=PROMPTS):
+    """Outputs with the compiled stack, then with it switched off; the step counts of each run."""
+    runner = llm.engine.runner
+    assert runner.fused is not None, FusedDecoder.reason
+    before = dict(runner.steps_by_path)
+    fused = llm.generate(prompts, params)
+    assert runner.steps_by_path["fused"] > before["fused"]
+    saved, runner.fused = runner.fused, None
+    try:
+        mid = runner.steps_by_path["fused"]
+        layers = llm.generate(prompts, params)
+        assert runner.steps_by_path["fused"] == mid
+    finally:
+        runner.fused = saved
+    return fused, layers
+
+
+CASES = [
+    ("llama", "float32", None, {}),
+    ("llama", "bfloat16", None, {}),
+    ("qwen2", "bfloat16", "int8", {}),
+    ("qwen3", "float32", None, {}),
+    ("qwen3", "bfloat16", "int4", {}),
+    ("mistral", "float32", None, {"sliding_window": 48}),
+    ("llama", "float32", "int4", {}),
+]
+
+
+@pytest.mark.parametrize("arch,dtype,quant,overrides", CASES, ids=[f"{a}-{d}-{q}" for a, d, q, _ in CASES])
+def test_greedy_tokens_and_logprobs_match_the_layer_path(tmp_path, arch, dtype, quant, overrides):
+    llm = _llm(tmp_path, arch, dtype, quant, **overrides)
+    params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True, logprobs=3)
+    fused, layers = _both_paths(llm, params)
+    # float32: summation order only; bfloat16: logits are rounded to bfloat16 (~2^-8 relative) on both paths
+    tol = 1e-4 if dtype == "float32" else 0.05
+    for a, b in zip(fused, layers):
+        ta, tb = a.outputs[0].token_ids, b.outputs[0].token_ids
+        same = next((i for i, (x, y) in enumerate(zip(ta, tb)) if x != y), len(ta))
+        for la, lb in zip(a.outputs[0].logprobs[:same], b.outputs[0].logprobs[:same]):
+            common = set(la) & set(lb)
+            assert common and max(abs(_lp(la[t]) - _lp(lb[t])) for t in common) < tol
+        if same < len(ta):  # only where the layer path's top two are tied within rounding (random tiny models)
+            assert dtype == "bfloat16", (ta, tb)
+            ref = b.outputs[0].logprobs[same]
+            assert ta[same] in ref and abs(_lp(ref[ta[same]]) - _lp(ref[tb[same]])) < tol, (ta, tb)
+
+
+def _lp(v):
+    return getattr(v, "logprob", v)
+
+
+def test_logits_and_cache_writes_equal_the_layer_path(tmp_path):
+    """One decode step of three sequences of different lengths (one long enough for split key ranges): the
+    logits of both paths, and the K/V each writes into the new token's slot."""
+    llm = _llm(tmp_path, "llama", "float32")
+    eng, runner = llm.engine, llm.engine.runner
+    for p in PROMPTS:
+        eng.add_request(p, SamplingParams(max_tokens=3, temperature=0, ignore_eos=True))
+    eng.step()  # prefill
+    sched = eng.scheduler.schedule()  # the first decode step, run twice below
+    assert all(s.num_tokens == 1 for s in sched.scheduled)
+    cache = runner.kv_cache
+    saved_cache = cache.clone()
+    from tokenloom.worker.input_batch import InputBatch
+
+    batch = InputBatch.from_scheduled(sched.scheduled, runner.device)
+    fused_logits = runner._fused_logits(batch)
+    fused_cache = cache.clone()
+    cache.copy_(saved_cache)
+    from tokenloom.model_executor.forward_context import ForwardContext, set_forward_context
+    from tokenloom.model_executor.layers.attention import build_attention_metadata
+
+    cfg = runner.config
+    meta = build_attention_metadata(batch.query_lens, batch.context_lens, batch.block_tables, runner.block_size,
+                                    cfg.num_heads // cfg.num_kv_heads, cfg.sliding_window, runner.device)
+    with torch.inference_mode(), set_forward_context(ForwardContext(meta)):
+        ref_logits = runner.model.compute_logits(runner.model(batch.input_ids, batch.positions))
+    torch.testing.assert_close(fused_logits, ref_logits, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(fused_cache, cache, rtol=1e-5, atol=1e-5)
+
+
+def test_seeded_sampling_and_forks_match(tmp_path):
+    llm = _llm(tmp_path, "qwen2", "float32")
+    params = SamplingParams(max_tokens=16, temperature=0.8, top_p=0.9, seed=7, n=2, ignore_eos=True)
+    fused, layers = _both_paths(llm, params)
+    assert [[c.token_ids for c in o.outputs] for o in fused] == [[c.token_ids for c in o.outputs] for o in layers]
+
+
+def test_wide_batches_and_prompt_logprobs_take_the_layer_path(tmp_path, monkeypatch):
+    llm = _llm(tmp_path, "llama", "float32")
+    runner = llm.engine.runner
+    assert runner.fused.max_batch == fused_decode.DENSE_MAX_BATCH  # float weights: oneDNN wins wide batches
+    monkeypatch.setattr(runner.fused, "max_batch", 2)
+    before = dict(runner.steps_by_path)
+    llm.generate(PROMPTS, SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))
+    assert runner.steps_by_path["fused"] == before["fused"]  # three sequences decode together: too wide
+    before = dict(runner.steps_by_path)
+    llm.generate(PROMPTS[:1], SamplingParams(max_tokens=4, temperature=0, ignore_eos=True, prompt_logprobs=1))
+    assert runner.steps_by_path["fused"] == before["fused"] + 3  # the prompt (with logprobs) runs layer by layer
+
+
+def test_steps_mixing_prefill_and_decodes_split_between_the_paths(tmp_path):
+    """A request that arrives while others decode: its prefill runs layer by layer in the same step as their
+    decodes run through the stack, and every output equals the request run alone (greedy, float32)."""
+    llm = _llm(tmp_path, "llama", "float32")
+    eng, runner = llm.engine, llm.engine.runner
+    params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    alone = [llm.generate([p], params)[0].outputs[0].token_ids for p in PROMPTS]
+    ids = [eng.add_request(PROMPTS[0], params)]
+    eng.step()
+    eng.step()  # the first request decodes ...
+    ids += [eng.add_request(p, params) for p in PROMPTS[1:]]  # ... while the others prefill beside it
+    before = dict(runner.steps_by_path)
+    eng.step()
+    assert runner.steps_by_path["fused"] == before["fused"] + 1 and runner.steps_by_path["layers"] == before["layers"] + 1
+    done = {}
+    while eng.has_unfinished():
+        for o in eng.step():
+            if o.finished:
+                done[o.request_id] = o.outputs[0].token_ids
+    assert [done[i] for i in ids] == alone
+
+
+@pytest.mark.parametrize("why,kwargs", [("int8 KV cache", {"kv_cache_dtype": "int8"}),
+                                        ("NF4Linear", {"quantization": "nf4"})])
+def test_unsupported_models_fall_back_and_say_why(tmp_path, why, kwargs):
+    make_tiny("llama", tmp_path)
+    llm = LLM(str(tmp_path), dtype="float32", num_blocks=64, block_size=4, **kwargs)
+    assert llm.engine.runner.fused is None and why in FusedDecoder.reason
+    out = llm.generate(PROMPTS[:1], SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))
+    assert len(out[0].outputs[0].token_ids) == 4
+    assert llm.engine.kv_cache_manager.num_used_blocks == 0
+
+
+def test_switched_off_by_environment(tmp_path, monkeypatch):
+    monkeypatch.setenv("TOKENLOOM_FUSED_DECODE", "0")
+    make_tiny("llama", tmp_path)
+    llm = LLM(str(tmp_path), dtype="float32", num_blocks=64, block_size=4)
+    assert llm.engine.runner.fused is None and "TOKENLOOM_FUSED_DECODE" in FusedDecoder.reason
+
+
+@pytest.mark.slow
+def test_default_model_runs_its_gguf_blocks_through_the_stack():
+    """The default model, as a user runs it: the GGUF file's own Q4_1/Q8_0 blocks, the compiled stack; greedy
+    text equal to the layer path on the same blocks."""
+    llm = LLM("smollm2-135m", max_model_len=1024)
+    assert llm.engine.config.quantization == "gguf"
+    assert llm.engine.model.layers[0].mlp.down_proj.kernel == "gemv"
+    prompt = llm.engine.tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Name three rivers in Europe."}], add_generation_prompt=True)
+    fused, layers = _both_paths(llm, SamplingParams(max_tokens=48, temperature=0), [prompt])
+    ta, tb = fused[0].outputs[0].token_ids, layers[0].outputs[0].token_ids
+    same = next((i for i, (x, y) in enumerate(zip(ta, tb)) if x != y), len(ta))
+    assert same >= 24, (fused[0].outputs[0].text, layers[0].outputs[0].text)
+
+
+INTEGER_CASES = [("int4-g32", 16, "u4-i16"), ("int4-g32", 8, "u4-i8"), ("int8", 16, "s8-i16"), ("int8", 8, "s8-i8")]
+
+
+@pytest.mark.parametrize("quant,bits,kernel", INTEGER_CASES, ids=[k for _, _, k in INTEGER_CASES])
+def test_integer_activations_stay_within_their_quantization_error(tmp_path, quant, bits, kernel):
+    """bfloat16 models run quantized weights on integer dot products against activations quantized per block of
+    32. The rounding error of an activation is uniform within half a step, max|block| / (2 (2^(bits-1) - 1)): its
+    standard deviation is max / 440 for int8, about 0.5 % of a gaussian block's spread (max ~ 2.1 sigma), and
+    256 times less for int16. A matrix product carries that relative error to its outputs, and the 9 quantized
+    products of a 2-layer model add it up in quadrature: ~1.5 % of the logits' spread for int8. So, for int8:
+    every logit within five of those (7.5 %) of the float-activation stack's, their mean within 1.5 %. For int16
+    the quantization error is negligible and what is left is bfloat16's: an intermediate value that rounds the
+    other way (one bfloat16 step, 2^-8) moves the logits by about as much as one int8 step does, but rarely, so
+    the bound on the largest error stays at half of int8's while the mean must be five times smaller. And the
+    same argmax wherever the float path's top two are further apart than the bound."""
+    make_tiny("llama", tmp_path, hidden_size=128, intermediate_size=256)
+    llm = LLM(str(tmp_path), dtype="bfloat16", quantization=quant, num_blocks=256, block_size=4)
+    eng, runner = llm.engine, llm.engine.runner
+    runner.fused.stack.set_activation_bits(bits)
+    assert any(k.startswith(kernel) for k in runner.fused.kernels), runner.fused.kernels
+    for p in PROMPTS:
+        eng.add_request(p, SamplingParams(max_tokens=2, temperature=0, ignore_eos=True))
+    eng.step()
+    sched = eng.scheduler.schedule()
+    from tokenloom.worker.input_batch import InputBatch
+
+    batch = InputBatch.from_scheduled(sched.scheduled, runner.device)
+    saved = runner.kv_cache.clone()
+    int_logits = runner._fused_logits(batch)
+    runner.kv_cache.copy_(saved)
+    runner.fused.stack.set_activation_bits(0)
+    float_logits = runner._fused_logits(batch)
+    spread = float_logits.std(dim=-1, keepdim=True)
+    error = (int_logits - float_logits).abs() / spread
+    bound, mean_bound = (0.075, 0.015) if bits == 8 else (0.0375, 0.003)
+    assert error.max() < bound and error.mean() < mean_bound, (error.max(), error.mean())
+    top2 = float_logits.topk(2, dim=-1).values
+    clear = (top2[:, 0] - top2[:, 1]) > 2 * bound * spread[:, 0]
+    assert torch.equal(int_logits.argmax(-1)[clear], float_logits.argmax(-1)[clear])
+
+
+def test_default_quantization_of_gguf_files():
+    from tokenloom.config import EngineConfig
+    from tokenloom.engine.llm_engine import default_quantization
+
+    assert default_quantization(EngineConfig(), "gguf") == "gguf"  # the file's own blocks, as llama.cpp runs it
+    assert default_quantization(EngineConfig(dtype="float32"), "gguf") is None  # a float dtype asked for
+    assert default_quantization(EngineConfig(quantization="none"), "gguf") is None
+    assert default_quantization(EngineConfig(quantization="int8"), "gguf") == "int8"
+    assert default_quantization(EngineConfig(), "hf_dir") is None
+    assert default_quantization(EngineConfig(device="cuda"), "gguf") is None
+
+
+@pytest.mark.slow
+def test_default_model_perplexity_through_the_stack_matches_the_float_path():
+    """Teacher-forced perplexity of held-out text, one token at a time through the compiled stack (integer dot
+    products on the Q4_1 / Q8_0 blocks, activations quantized to int16) and in one causal pass layer by layer
+    (bfloat16 activations, the same blocks dequantized per call): within 0.5 %."""
+    import math
+
+    from tokenloom.model_executor.sequence_forward import SequenceForward
+    from tokenloom.quant.calib import evaluation_tokens
+    from tokenloom.worker.kv_cache import KVCache
+
+    llm = LLM("smollm2-135m", max_model_len=1024)
+    eng = llm.engine
+    ids = evaluation_tokens(eng.tokenizer, max_tokens=384)  # held out: the second half of the text
+    model = eng.model
+    cache = KVCache(model.config, eng.config.cache, 384 // eng.config.cache.block_size + 1,
+                    model.norm.weight.dtype, torch.device("cpu"))
+    scratch = FusedDecoder.build(model, cache.layers, eng.config.cache.block_size)
+    assert scratch.kernels.get("u4-i16+f16") == 4 * model.config.num_layers
+    table = torch.arange(cache.tensor.shape[2] // eng.config.cache.block_size)[None]
+    nll_fused = 0.0
+    with torch.inference_mode():
+        for t in range(len(ids) - 1):
+            pos = torch.tensor([t])
+            logits = scratch.logits(torch.tensor([ids[t]]), pos, pos, table, pos + 1)
+            nll_fused -= torch.log_softmax(logits[0], -1)[ids[t + 1]].item()
+        hidden = SequenceForward(model, len(ids)).hidden(torch.tensor(ids))
+        lp = torch.log_softmax(model.compute_logits(hidden[:-1]), -1)
+        nll_layers = -lp.gather(1, torch.tensor(ids[1:])[:, None]).sum().item()
+    ppl_fused, ppl_layers = (math.exp(n / (len(ids) - 1)) for n in (nll_fused, nll_layers))
+    assert abs(ppl_fused / ppl_layers - 1) < 0.005, (ppl_fused, ppl_layers)

@@ -1,0 +1,653 @@
+// Built on first use by tokenloom.kernels.build.CppExtension; the Python side is
+// tokenloom.model_executor.fused_decode, which says what this does and when it runs.
+//
+// The whole decoder stack of a Llama-family model for a batch of decode tokens (one new token per sequence), in
+// one call and one OpenMP parallel region: per layer, the weight-streaming matrix-vector products are split
+// over the threads by output rows, attention by (sequence, KV head, key range), and the small per-row work
+// (norms, residual adds) is repeated by every thread on its own copy of the residual stream, so a layer costs
+// six barriers and no allocation, dispatch or Python. Activations are float32; in a bfloat16 model they are
+// rounded to bfloat16 exactly where the layer-by-layer torch path materialises a bfloat16 tensor, so both paths
+// compute the same function up to float32 summation order.
+#include <torch/extension.h>
+#include "cpu_features.h"
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <omp.h>
+#include <cmath>
+#include <map>
+#include <string>
+#include <tuple>
+#include <vector>
+#include "attention_rows.h"
+#include "gemv_rows.h"
+
+#ifdef __AVX512F__
+namespace {
+
+using namespace tl;
+
+
+enum Kind : int64_t { DENSE_F32 = 0, DENSE_BF16 = 1, U8 = 2, S8 = 3, U4 = 4 };
+
+// One block of output rows of a linear layer, in one weight format (a fused q/k/v can mix formats).
+struct Part {
+  int64_t kind, rows, group;
+  torch::Tensor q, scale, offset, bias;  // held so the weights outlive the Python modules' reshuffles
+  torch::Tensor scale16, offset16;  // float16 copies where exact (the ggml block formats): fewer bytes a token
+  const uint8_t* qp;
+  const float *sp, *op, *bp;
+  const uint16_t *sp16 = nullptr, *op16 = nullptr;
+};
+
+// a float16 copy of t (float32), if every value survives the round trip
+torch::Tensor exact_half(const torch::Tensor& t) {
+  if (!t.numel()) return t;
+  auto h = t.to(at::kHalf);
+  return h.to(at::kFloat).equal(t) ? h.contiguous() : torch::Tensor();
+}
+
+using PartSpec = std::tuple<int64_t, torch::Tensor, torch::Tensor, torch::Tensor, int64_t, torch::Tensor>;
+
+struct Lin {
+  std::vector<Part> parts;
+  int64_t N = 0, K = 0;
+};
+
+Lin make_lin(const std::vector<PartSpec>& specs, int64_t K) {
+  Lin lin;
+  lin.K = K;
+  for (const auto& s : specs) {
+    Part p;
+    p.kind = std::get<0>(s);
+    p.q = std::get<1>(s).contiguous();
+    p.scale = std::get<2>(s).contiguous();
+    p.offset = std::get<3>(s).contiguous();
+    p.group = std::get<4>(s);
+    p.bias = std::get<5>(s).contiguous();
+    p.rows = p.q.size(0);
+    TORCH_CHECK(p.kind >= DENSE_F32 && p.kind <= U4, "decode_stack: unknown weight kind");
+    const int64_t row_bytes = p.kind == DENSE_F32 ? 4 * K : p.kind == DENSE_BF16 ? 2 * K : p.kind == U4 ? K / 2 : K;
+    TORCH_CHECK(p.q.numel() * p.q.element_size() == p.rows * row_bytes, "decode_stack: weight shape");
+    if (p.kind >= U8) {
+      TORCH_CHECK(p.scale.scalar_type() == at::kFloat && p.scale.size(0) == p.rows, "decode_stack: scale");
+      TORCH_CHECK(p.group > 0 && p.scale.numel() == p.rows * ((K + p.group - 1) / p.group), "decode_stack: groups");
+    }
+    if (p.kind == U4) TORCH_CHECK(K % 32 == 0 && p.group % 32 == 0, "decode_stack: u4 needs 32-column groups");
+    if (p.offset.numel()) TORCH_CHECK(p.offset.sizes() == p.scale.sizes() && p.offset.scalar_type() == at::kFloat);
+    if (p.bias.numel()) TORCH_CHECK(p.bias.numel() == p.rows && p.bias.scalar_type() == at::kFloat);
+    p.qp = static_cast<const uint8_t*>(p.q.data_ptr());
+    p.sp = p.kind >= U8 ? p.scale.data_ptr<float>() : nullptr;
+    p.op = p.offset.numel() ? p.offset.data_ptr<float>() : nullptr;
+    p.bp = p.bias.numel() ? p.bias.data_ptr<float>() : nullptr;
+    if ((p.kind == U4 || p.kind == U8) && p.group == 32) {
+      auto s16 = exact_half(p.scale), o16 = exact_half(p.offset);
+      if (s16.defined() && (o16.defined() || !p.offset.numel())) {
+        p.scale16 = s16;
+        p.offset16 = o16;
+        p.sp16 = reinterpret_cast<const uint16_t*>(s16.data_ptr());
+        p.op16 = o16.numel() ? reinterpret_cast<const uint16_t*>(o16.data_ptr()) : nullptr;
+      }
+    }
+    lin.N += p.rows;
+    lin.parts.push_back(std::move(p));
+  }
+  return lin;
+}
+
+struct Layer {
+  torch::Tensor in_norm, post_norm, q_norm, k_norm, k_cache, v_cache;  // norms float32; caches [S, KVH, D]
+  Lin qkv, o, gate_up, down;
+};
+
+inline float round_bf16(float v) {
+  uint32_t x;
+  std::memcpy(&x, &v, 4);
+  x = (x + 0x7fff + ((x >> 16) & 1)) & 0xffff0000u;
+  std::memcpy(&v, &x, 4);
+  return v;
+}
+
+inline uint16_t bf16_bits(float v) {  // v already a bfloat16 value
+  uint32_t x;
+  std::memcpy(&x, &v, 4);
+  return static_cast<uint16_t>(x >> 16);
+}
+
+// sigmoid(x) * x for 16 lanes, through e^(-|x|) (exp_nonpos's range)
+inline __m512 silu16(__m512 x) {
+  const __m512 ax = _mm512_abs_ps(x);
+  const __m512 e = exp_nonpos(_mm512_sub_ps(_mm512_setzero_ps(), ax));
+  const __m512 one = _mm512_set1_ps(1.f);
+  const __m512 inv = _mm512_div_ps(one, _mm512_add_ps(one, e));
+  const __mmask16 neg = _mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_LT_OQ);
+  const __m512 sig = _mm512_mask_mul_ps(inv, neg, e, inv);  // x < 0: e / (1 + e)
+  return _mm512_mul_ps(x, sig);
+}
+
+// An activation block [M, K] quantized per block of 32 (quantize_x): in column order and in arrange_x64's
+template <typename T>
+struct QuantizedX {
+  std::vector<T> plain, arranged;
+  std::vector<float> scale, sums;
+  bool ready = false;
+
+  void fill(const float* x, int64_t M, int64_t K) {  // K % 64 == 0
+    const int64_t B = K / 32;
+    plain.resize(M * K);
+    arranged.resize(M * K);
+    scale.resize(M * B);
+    sums.resize(M * B);
+    for (int64_t m = 0; m < M; ++m) {
+      quantize_x(x + m * K, K, plain.data() + m * K, scale.data() + m * B, sums.data() + m * B, false);
+      quantize_x(x + m * K, K, arranged.data() + m * K, scale.data() + m * B, sums.data() + m * B, true);
+    }
+    ready = true;
+  }
+};
+
+// One thread's view of an activation block [M, K] prepared for every weight format: float32, bfloat16 bits and
+// the 64-column arrangement of row_u4_bf16, and per-group sums for each group size met.
+struct Prep {
+  const float* x = nullptr;
+  std::vector<uint16_t> xb, xq;
+  std::vector<float> sums;
+  QuantizedX<int8_t> q8;
+  QuantizedX<int16_t> q16;
+  std::vector<int8_t> x16h, x16l;  // q16's column-order copy split into bytes (split_x16)
+  int64_t sums_group = -1, M = 0, K = 0;
+  bool have_bf16 = false;
+};
+
+class DecodeStack {
+ public:
+  DecodeStack(int64_t hidden, int64_t heads, int64_t kv_heads, int64_t head_dim, int64_t intermediate, double eps,
+              int64_t sliding_window, bool bf16, torch::Tensor cos, torch::Tensor sin)
+      : Hd_(hidden), H_(heads), KVH_(kv_heads), D_(head_dim), I_(intermediate), eps_(static_cast<float>(eps)),
+        window_(sliding_window), bf16_(bf16), act_bits_(bf16 ? 16 : 0), cos_(cos.to(at::kFloat).contiguous()),
+        sin_(sin.to(at::kFloat).contiguous()) {
+    TORCH_CHECK(D_ % 16 == 0 && H_ % KVH_ == 0 && H_ / KVH_ <= 16, "decode_stack: head shape");
+    TORCH_CHECK(Hd_ % 16 == 0 && I_ % 16 == 0, "decode_stack: sizes must be multiples of 16");
+    TORCH_CHECK(cos_.size(1) == D_, "decode_stack: rotary table");
+#ifndef TL_BF16
+    TORCH_CHECK(!bf16, "decode_stack: bfloat16 models need AVX512-BF16");
+#endif
+  }
+
+  void add_layer(torch::Tensor in_norm, torch::Tensor post_norm, torch::Tensor q_norm, torch::Tensor k_norm,
+                 std::vector<PartSpec> qkv, std::vector<PartSpec> o, std::vector<PartSpec> gate_up,
+                 std::vector<PartSpec> down, torch::Tensor k_cache, torch::Tensor v_cache) {
+    Layer L;
+    L.in_norm = in_norm.to(at::kFloat).contiguous();
+    L.post_norm = post_norm.to(at::kFloat).contiguous();
+    L.q_norm = q_norm.numel() ? q_norm.to(at::kFloat).contiguous() : q_norm;
+    L.k_norm = k_norm.numel() ? k_norm.to(at::kFloat).contiguous() : k_norm;
+    L.qkv = make_lin(qkv, Hd_);
+    L.o = make_lin(o, H_ * D_);
+    L.gate_up = make_lin(gate_up, Hd_);
+    L.down = make_lin(down, I_);
+    TORCH_CHECK(L.qkv.N == (H_ + 2 * KVH_) * D_ && L.o.N == Hd_ && L.gate_up.N == 2 * I_ && L.down.N == Hd_,
+                "decode_stack: layer shapes");
+    const auto cache_type = bf16_ ? at::kBFloat16 : at::kFloat;
+    for (const auto& c : {k_cache, v_cache})
+      TORCH_CHECK(c.scalar_type() == cache_type && c.is_contiguous() && c.dim() == 3 && c.size(1) == KVH_ &&
+                  c.size(2) == D_, "decode_stack: KV cache must be [slots, kv_heads, head_dim] in the model dtype");
+    L.k_cache = k_cache;
+    L.v_cache = v_cache;
+    layers_.push_back(std::move(L));
+  }
+
+  void set_head(torch::Tensor final_norm, std::vector<PartSpec> head) {
+    final_norm_ = final_norm.to(at::kFloat).contiguous();
+    head_ = make_lin(head, Hd_);
+  }
+
+  int64_t num_layers() const { return static_cast<int64_t>(layers_.size()); }
+  void set_activation_bits(int64_t bits) {
+    TORCH_CHECK(bits == 0 || bits == 8 || bits == 16, "decode_stack: activation bits are 0, 8 or 16");
+    act_bits_ = bits;
+  }
+
+  // which kernel each block of output rows takes, counted over the stack (what tests and benchmarks report):
+  // "u4-i16", "u8-i8", "s8-i16", ... (weights, then the integer activations; float16 scales marked "+f16"),
+  // "u4-bf16", "row"
+  std::map<std::string, int64_t> kernel_counts() const {
+    std::map<std::string, int64_t> counts;
+    auto count = [&](const Lin& lin) {
+      for (const auto& part : lin.parts) ++counts[kernel_name(part, lin.K)];
+    };
+    for (const auto& L : layers_) {
+      count(L.qkv);
+      count(L.o);
+      count(L.gate_up);
+      count(L.down);
+    }
+    count(head_);
+    return counts;
+  }
+
+  // x [B, hidden] (the token embeddings), positions / slots / context_lens [B], block_table [B, W] (int64):
+  // the final-normed hidden states [B, hidden] in the model dtype, or with `logits` the LM head's float32
+  // logits [B, vocab]
+  torch::Tensor forward(torch::Tensor x, torch::Tensor positions, torch::Tensor slots, torch::Tensor block_table,
+                        int64_t block_size, torch::Tensor context_lens, bool logits) {
+    TORCH_CHECK(x.dim() == 2 && x.size(1) == Hd_, "decode_stack: x must be [B, hidden]");
+    TORCH_CHECK(!logits || head_.N > 0, "decode_stack: no LM head set");
+    const int64_t B = x.size(0);
+    auto xf = x.to(at::kFloat).contiguous();
+    auto pos = positions.to(at::kLong).contiguous(), slot = slots.to(at::kLong).contiguous();
+    auto table = block_table.to(at::kLong).contiguous(), lens = context_lens.to(at::kLong).contiguous();
+    TORCH_CHECK(pos.numel() == B && slot.numel() == B && lens.numel() == B && table.size(0) == B);
+    TORCH_CHECK(pos.max().item<int64_t>() < cos_.size(0), "decode_stack: position beyond the rotary table");
+    auto out = torch::empty({B, logits ? head_.N : Hd_}, logits ? xf.options() : x.options());
+    if (bf16_)
+      run<c10::BFloat16>(B, xf.data_ptr<float>(), pos.data_ptr<int64_t>(), slot.data_ptr<int64_t>(),
+                         table.data_ptr<int64_t>(), table.size(1), block_size, lens.data_ptr<int64_t>(), logits, out);
+    else
+      run<float>(B, xf.data_ptr<float>(), pos.data_ptr<int64_t>(), slot.data_ptr<int64_t>(),
+                 table.data_ptr<int64_t>(), table.size(1), block_size, lens.data_ptr<int64_t>(), logits, out);
+    return out;
+  }
+
+ private:
+  int64_t Hd_, H_, KVH_, D_, I_;
+  float eps_;
+  int64_t window_;
+  bool bf16_;
+  // 4- and 8-bit weights meet activations quantized per block of 32 in integer dot products: 16 = int16
+  // (vpdpwssd; the rounding is below bfloat16's, the default of bfloat16 models), 8 = int8 (vpdpbusd, as
+  // llama.cpp; faster, ~1 % perplexity), 0 = float activations (float32 models)
+  int64_t act_bits_;
+  torch::Tensor cos_, sin_, final_norm_;
+  std::vector<Layer> layers_;
+  Lin head_;
+
+  void rnd(float* v, int64_t n) const {
+    if (!bf16_) return;
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) _mm512_storeu_ps(v + i, Vec<c10::BFloat16>::round(_mm512_loadu_ps(v + i)));
+    for (; i < n; ++i) v[i] = round_bf16(v[i]);
+  }
+
+  // out = norm(x) * w per row, with the torch path's rounding (normalised row, then the product)
+  void rms_norm(const float* x, const float* w, float* out, int64_t M, int64_t N) const {
+    for (int64_t m = 0; m < M; ++m) {
+      const float* xr = x + m * N;
+      float* o = out + m * N;
+      __m512 ss = _mm512_setzero_ps();
+      for (int64_t k = 0; k < N; k += 16) {
+        __m512 v = _mm512_loadu_ps(xr + k);
+        ss = _mm512_fmadd_ps(v, v, ss);
+      }
+      const __m512 r = _mm512_set1_ps(1.0f / std::sqrt(_mm512_reduce_add_ps(ss) / N + eps_));
+      for (int64_t k = 0; k < N; k += 16) _mm512_storeu_ps(o + k, _mm512_mul_ps(_mm512_loadu_ps(xr + k), r));
+      rnd(o, N);
+      for (int64_t k = 0; k < N; k += 16)
+        _mm512_storeu_ps(o + k, _mm512_mul_ps(_mm512_loadu_ps(o + k), _mm512_loadu_ps(w + k)));
+      rnd(o, N);
+    }
+  }
+
+  void prepare(Prep& p, const float* x, int64_t M, int64_t K) const {
+    p.x = x;
+    p.M = M;
+    p.K = K;
+    p.sums_group = -1;
+    p.have_bf16 = false;
+    p.q8.ready = false;
+    p.q16.ready = false;
+  }
+
+#ifdef TL_VNNI
+  void need_q16(Prep& p) const {  // callers check K % 64 == 0
+    if (p.q16.ready) return;
+    p.q16.fill(p.x, p.M, p.K);
+    p.x16h.resize(p.M * p.K);
+    p.x16l.resize(p.M * p.K);
+    split_x16(p.q16.plain.data(), p.M * p.K, p.x16h.data(), p.x16l.data());
+  }
+
+  void need_q8(Prep& p) const {
+    if (!p.q8.ready) p.q8.fill(p.x, p.M, p.K);
+  }
+#endif
+
+  // which four-row kernel a block of rows takes (rows left over, and other formats: one row at a time)
+  enum Path { ROW, INT16, INT8, BF16_U4 };
+  Path path_of(const Part& part, int64_t K) const {
+#ifdef TL_VNNI
+    const bool fmt = part.kind == S8 || ((part.kind == U4 || part.kind == U8) && part.group == 32);
+    if (act_bits_ && K % 64 == 0 && fmt) return act_bits_ == 8 ? INT8 : INT16;
+#endif
+#ifdef TL_BF16
+    if (part.kind == U4 && bf16_ && part.group == 32 && K % 64 == 0) return BF16_U4;
+#endif
+    return ROW;
+  }
+
+  std::string kernel_name(const Part& part, int64_t K) const {
+    static const char* kinds[] = {"f32", "bf16", "u8", "s8", "u4"};
+    const std::string f16 = part.sp16 ? "+f16" : "";
+    switch (path_of(part, K)) {
+      case INT16: return std::string(kinds[part.kind]) + "-i16" + f16;
+      case INT8: return std::string(kinds[part.kind]) + "-i8" + f16;
+      case BF16_U4: return "u4-bf16";
+      default: return "row";
+    }
+  }
+
+  // four rows of `part` from row n against one quantized activation row (its int8 or int16 copy in the arranged
+  // order for 4-bit rows, column order otherwise)
+  template <typename XQ, typename U4K, typename U8K, typename S8K>
+  void rows4_integer(const Part& part, int64_t n, int64_t K, const XQ* xq, const XQ* xq_arranged, const float* dx,
+                     const float* xs, float* out, U4K u4k, U8K u8k, S8K s8k) const {
+    const int64_t G = K / 32;
+    if (part.kind == S8) return s8k(xq, dx, xs, part.qp + n * K, K, part.sp + n, K, out);
+    const bool u4 = part.kind == U4;
+    const uint8_t* q = part.qp + n * (u4 ? K / 2 : K);
+    if (part.sp16) {
+      const uint16_t *s = part.sp16 + n * G, *o = part.op16 ? part.op16 + n * G : nullptr;
+      return u4 ? u4k(xq_arranged, dx, xs, q, K / 2, s, o, K, out) : u8k(xq, dx, xs, q, K, s, o, K, out);
+    }
+    const float *s = part.sp + n * G, *o = part.op ? part.op + n * G : nullptr;
+    return u4 ? u4k(xq_arranged, dx, xs, q, K / 2, s, o, K, out) : u8k(xq, dx, xs, q, K, s, o, K, out);
+  }
+
+  // out[0..count) = rows local..local+count of `part` against activation row m (before bias): four rows per
+  // kernel call where the format has a four-row kernel, else one by one
+  void dot_rows(const Part& part, Prep& p, int64_t m, int64_t local, int64_t count, int64_t K, float* out) const {
+    int64_t i = 0;
+    const Path path = count >= 4 ? path_of(part, K) : ROW;
+#ifdef TL_VNNI
+    if (path == INT16) {
+      need_q16(p);
+      const int64_t B = K / 32;
+      const float *dx = p.q16.scale.data() + m * B, *xs = p.q16.sums.data() + m * B;
+      const int8_t *xh = p.x16h.data() + m * K, *xl = p.x16l.data() + m * K;
+      auto s8k = [&](const int16_t*, const float*, const float*, const uint8_t* q, int64_t rb, const float* s,
+                     int64_t K, float* o) { rows4_s8_i16(xh, xl, dx, xs, q, rb, s, K, o); };
+      auto u4k = [](auto... a) { rows4_u4_i16_g32(a...); };
+      auto u8k = [&](const int16_t*, const float*, const float*, const uint8_t* q, int64_t rb, auto s, auto o,
+                     int64_t K, float* out) { rows4_u8_i16_g32(xh, xl, dx, xs, q, rb, s, o, K, out); };
+      for (; i + 4 <= count; i += 4)
+        rows4_integer(part, local + i, K, p.q16.plain.data() + m * K, p.q16.arranged.data() + m * K, dx, xs, out + i,
+                      u4k, u8k, s8k);
+    } else if (path == INT8) {
+      need_q8(p);
+      const int64_t B = K / 32;
+      auto s8k = [](const int8_t* xq, const float* dx, const float* xs, const uint8_t* q, int64_t rb, const float* s,
+                    int64_t K, float* o) { rows4_s8_vnni(xq, dx, xs, q, rb, s, K, o); };
+      auto u4k = [](auto... a) { rows4_u4_vnni_g32(a...); };
+      auto u8k = [](auto... a) { rows4_u8_vnni_g32(a...); };
+      for (; i + 4 <= count; i += 4)
+        rows4_integer(part, local + i, K, p.q8.plain.data() + m * K, p.q8.arranged.data() + m * K,
+                      p.q8.scale.data() + m * B, p.q8.sums.data() + m * B, out + i, u4k, u8k, s8k);
+    }
+#endif
+#ifdef TL_BF16
+    if (path == BF16_U4) {
+      need_bf16(p);
+      const int64_t G = K / 32;
+      const float* xs = need_sums(p, 32) + m * G;
+      for (; i + 4 <= count; i += 4) {
+        const int64_t n = local + i;
+        rows4_u4_bf16_g32(p.xq.data() + m * K, part.qp + n * (K / 2), K / 2, part.sp + n * G,
+                          part.op ? part.op + n * G : nullptr, xs, K, out + i);
+      }
+    }
+#endif
+    for (; i < count; ++i) out[i] = row(part, p, m, local + i, K);
+  }
+
+  void need_bf16(Prep& p) const {
+    if (p.have_bf16) return;
+    p.xb.resize(p.M * p.K);
+    p.xq.resize(p.M * p.K);
+    for (int64_t i = 0; i < p.M * p.K; ++i) p.xb[i] = bf16_bits(round_bf16(p.x[i]));
+    for (int64_t m = 0; m < p.M; ++m) arrange_x64(p.xb.data() + m * p.K, p.xq.data() + m * p.K, p.K);
+    p.have_bf16 = true;
+  }
+
+  const float* need_sums(Prep& p, int64_t group) const {
+    if (p.sums_group != group) {
+      p.sums = group_sums(p.x, p.M, p.K, group);
+      p.sums_group = group;
+    }
+    return p.sums.data();
+  }
+
+  // y[m, n] for output row n of `part` (n counted within the part)
+  float row(const Part& part, Prep& p, int64_t m, int64_t n, int64_t K) const {
+    const int64_t G = part.kind >= U8 ? (K + part.group - 1) / part.group : 0;
+    const float* x = p.x + m * K;
+    switch (part.kind) {
+      case DENSE_F32:
+        return row_f32(x, reinterpret_cast<const float*>(part.qp) + n * K, K);
+#ifdef TL_BF16
+      case DENSE_BF16:
+        need_bf16(p);
+        return row_bf16(p.xb.data() + m * K, reinterpret_cast<const uint16_t*>(part.qp) + n * K, K);
+#endif
+      case S8:
+        return row_u8<true>(x, part.qp + n * K, part.sp + n * G, nullptr, nullptr, K, part.group);
+      case U8: {
+        const float* xs = part.op ? need_sums(p, part.group) + m * G : nullptr;
+        return row_u8<false>(x, part.qp + n * K, part.sp + n * G, part.op ? part.op + n * G : nullptr, xs, K,
+                             part.group);
+      }
+      case U4: {
+#ifdef TL_BF16
+        if (bf16_) {
+          need_bf16(p);
+          const float* xs = need_sums(p, part.group) + m * G;  // also takes off the 0x4300 trick's 128 * sum(x)
+          return row_u4_bf16<false>(p.xb.data() + m * K, p.xq.data() + m * K, part.qp + n * (K / 2),
+                                    part.sp + n * G, part.op ? part.op + n * G : nullptr, xs, K, part.group,
+                                    _mm512_setzero_si512());
+        }
+#endif
+        const float* xs = part.op ? need_sums(p, part.group) + m * G : nullptr;
+        return row_u4(x, part.qp + n * (K / 2), part.sp + n * G, part.op ? part.op + n * G : nullptr, xs, K,
+                      part.group, nullptr);
+      }
+    }
+    TORCH_CHECK(false, "decode_stack: weight kind without a kernel on this CPU");
+    return 0.f;
+  }
+
+  // which part holds global row n, and its index there
+  static const Part& locate(const Lin& lin, int64_t& n) {
+    for (const auto& part : lin.parts) {
+      if (n < part.rows) return part;
+      n -= part.rows;
+    }
+    return lin.parts.back();
+  }
+
+  // y [M, N] = x W^T (+ bias), rounded; called by every thread of the region (rows split between them, 16 at a
+  // time: every part's row count is a multiple of 16 but perhaps the LM head's, whose last chunk is shorter)
+  void gemv(const Lin& lin, Prep& p, float* y, int64_t M) const {
+    const int64_t N = lin.N, K = lin.K, chunks = (N + 15) / 16;
+#pragma omp for schedule(static)
+    for (int64_t c = 0; c < chunks; ++c) {
+      int64_t local = c * 16;
+      const Part& part = locate(lin, local);
+      const int64_t count = std::min<int64_t>(16, part.rows - local);
+      float v[16];
+      for (int64_t m = 0; m < M; ++m) {
+        dot_rows(part, p, m, local, count, K, v);
+        for (int64_t i = 0; i < count; ++i) {
+          const float r = v[i] + (part.bp ? part.bp[local + i] : 0.f);
+          y[m * N + c * 16 + i] = bf16_ ? round_bf16(r) : r;
+        }
+      }
+    }
+  }
+
+  // act [M, I] = silu(gate) * up from the fused gate_up weight: gate rows n.. and up rows I + n.. go to the same
+  // thread, 16 of each at a time
+  void gemv_glu(const Lin& lin, Prep& p, float* act, int64_t M) const {
+    const int64_t I = I_, K = lin.K, chunks = I / 16;
+#pragma omp for schedule(static)
+    for (int64_t c = 0; c < chunks; ++c) {
+      int64_t g = c * 16, u = I + c * 16;
+      const Part& pg = locate(lin, g);
+      const Part& pu = locate(lin, u);
+      for (int64_t m = 0; m < M; ++m) {
+        alignas(64) float gate[16], up[16];
+        dot_rows(pg, p, m, g, 16, K, gate);
+        dot_rows(pu, p, m, u, 16, K, up);
+        for (int64_t j = 0; j < 16; ++j) {
+          gate[j] += pg.bp ? pg.bp[g + j] : 0.f;
+          up[j] += pu.bp ? pu.bp[u + j] : 0.f;
+        }
+        rnd(gate, 16);
+        rnd(up, 16);
+        float* a = act + m * I + c * 16;
+        _mm512_storeu_ps(a, silu16(_mm512_load_ps(gate)));
+        rnd(a, 16);
+        _mm512_storeu_ps(a, _mm512_mul_ps(_mm512_loadu_ps(a), _mm512_load_ps(up)));
+        rnd(a, 16);
+      }
+    }
+  }
+
+  // the rotate-half embedding of `heads` heads at row v, with the torch kernel's rounding of each product
+  void rotate(float* v, int64_t heads, int64_t position) const {
+    const float* c = cos_.data_ptr<float>() + position * D_;
+    const float* s = sin_.data_ptr<float>() + position * D_;
+    const int64_t half = D_ / 2;
+    for (int64_t h = 0; h < heads; ++h) {
+      float* p = v + h * D_;
+      for (int64_t k = 0; k < half; ++k) {
+        float ck = c[k], sk = s[k], ch = c[half + k], sh = s[half + k];
+        if (bf16_) ck = round_bf16(ck), sk = round_bf16(sk), ch = round_bf16(ch), sh = round_bf16(sh);
+        float x1 = p[k], x2 = p[half + k];
+        float a = x1 * ck, b = x2 * sk, cc = x2 * ch, d = x1 * sh;
+        if (bf16_) a = round_bf16(a), b = round_bf16(b), cc = round_bf16(cc), d = round_bf16(d);
+        p[k] = a - b;
+        p[half + k] = cc + d;
+      }
+      rnd(p, D_);
+    }
+  }
+
+  void head_norm(float* v, int64_t heads, const torch::Tensor& w) const {
+    if (!w.numel()) return;
+    rms_norm(v, w.data_ptr<float>(), v, heads, D_);
+  }
+
+  template <typename T>
+  void run(int64_t B, const float* x_in, const int64_t* pos, const int64_t* slot, const int64_t* table,
+           int64_t table_stride, int64_t block_size, const int64_t* lens, bool logits, torch::Tensor& out) const {
+    const int64_t H = H_, KVH = KVH_, D = D_, G = H / KVH, Hd = Hd_, QKV = (H + 2 * KVH) * D;
+    const float scale = 1.0f / std::sqrt(static_cast<float>(D));
+    // attention work units: (sequence, KV head, key range); long contexts split so every thread has work
+    const int nt = std::max(1, at::get_num_threads());
+    struct Unit { int64_t b, h, s0, n, part; };
+    std::vector<Unit> units;
+    std::vector<int64_t> first_unit(B + 1), parts_of(B);
+    for (int64_t b = 0; b < B; ++b) {
+      const int64_t start = window_ > 0 ? std::max<int64_t>(0, lens[b] - window_) : 0, n = lens[b] - start;
+      const int64_t want = std::max<int64_t>(1, (4 * nt + B * KVH - 1) / (B * KVH));
+      const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(want, n / 128));
+      parts_of[b] = parts;
+      first_unit[b] = static_cast<int64_t>(units.size());
+      for (int64_t h = 0; h < KVH; ++h)
+        for (int64_t p = 0; p < parts; ++p) {
+          const int64_t s0 = start + n * p / parts, s1 = start + n * (p + 1) / parts;
+          units.push_back({b, h, s0, s1 - s0, p});
+        }
+    }
+    first_unit[B] = static_cast<int64_t>(units.size());
+    const int64_t U = static_cast<int64_t>(units.size());
+    std::vector<float> qkv(B * QKV), attn_acc(U * G * D), attn_m(U * G), attn_l(U * G), o(B * Hd),
+        act(B * I_), down(B * Hd);
+    float* result = logits ? out.data_ptr<float>() : nullptr;
+    std::vector<float> final_h(B * Hd);
+
+#pragma omp parallel num_threads(nt)
+    {
+      std::vector<float> x(x_in, x_in + B * Hd), h(B * Hd), attn(B * H * D), qf(G * D), scores;
+      Prep prep;
+      for (const Layer& L : layers_) {
+        // attention block
+        rms_norm(x.data(), L.in_norm.data_ptr<float>(), h.data(), B, Hd);
+        prepare(prep, h.data(), B, Hd);
+        gemv(L.qkv, prep, qkv.data(), B);
+#pragma omp single
+        for (int64_t b = 0; b < B; ++b) {
+          float* row = qkv.data() + b * QKV;
+          head_norm(row, H, L.q_norm);
+          head_norm(row + H * D, KVH, L.k_norm);
+          rotate(row, H + KVH, pos[b]);  // q and k heads are adjacent
+          T* kc = L.k_cache.data_ptr<T>() + slot[b] * KVH * D;
+          T* vc = L.v_cache.data_ptr<T>() + slot[b] * KVH * D;
+          for (int64_t i = 0; i < KVH * D; ++i) {
+            kc[i] = static_cast<T>(row[H * D + i]);
+            vc[i] = static_cast<T>(row[(H + KVH) * D + i]);
+          }
+        }
+        const T* kcache = L.k_cache.data_ptr<T>();
+        const T* vcache = L.v_cache.data_ptr<T>();
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t u = 0; u < U; ++u) {
+          const Unit& un = units[u];
+          const float* q = qkv.data() + un.b * QKV + un.h * G * D;
+          for (int64_t i = 0; i < G * D; ++i) qf[i] = q[i] * scale;
+          scores.resize(G * un.n);
+          const int64_t pf = un.h == 0 ? KVH * D * static_cast<int64_t>(sizeof(T)) : 0;
+          attend_part_any<T>(qf.data(), G, D, kcache + un.h * D, vcache + un.h * D, KVH * D,
+                             table + un.b * table_stride, block_size, un.s0, un.n, scores.data(),
+                             attn_acc.data() + u * G * D, attn_m.data() + u * G, attn_l.data() + u * G, pf);
+        }
+        for (int64_t b = 0; b < B; ++b)  // every thread merges the parts into its own copy
+          for (int64_t hh = 0; hh < KVH; ++hh) {
+            const int64_t u0 = first_unit[b] + hh * parts_of[b];
+            merge_parts<float>(attn_acc.data() + u0 * G * D, attn_m.data() + u0 * G, attn_l.data() + u0 * G,
+                               parts_of[b], G, D, G * D, attn.data() + (b * H + hh * G) * D);
+          }
+        rnd(attn.data(), B * H * D);
+        prepare(prep, attn.data(), B, H * D);
+        gemv(L.o, prep, o.data(), B);
+        for (int64_t i = 0; i < B * Hd; ++i) x[i] += o[i];
+        rnd(x.data(), B * Hd);
+        // MLP block
+        rms_norm(x.data(), L.post_norm.data_ptr<float>(), h.data(), B, Hd);
+        prepare(prep, h.data(), B, Hd);
+        gemv_glu(L.gate_up, prep, act.data(), B);
+        prepare(prep, act.data(), B, I_);
+        gemv(L.down, prep, down.data(), B);
+        for (int64_t i = 0; i < B * Hd; ++i) x[i] += down[i];
+        rnd(x.data(), B * Hd);
+      }
+      rms_norm(x.data(), final_norm_.data_ptr<float>(), h.data(), B, Hd);
+      if (logits) {
+        prepare(prep, h.data(), B, Hd);
+        gemv(head_, prep, result, B);
+      } else {
+#pragma omp single
+        std::copy(h.begin(), h.end(), final_h.begin());
+      }
+    }
+    if (!logits) out.copy_(torch::from_blob(final_h.data(), {B, Hd}, at::kFloat));
+  }
+};
+
+}  // namespace
+#endif
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("has_avx512", &has_avx512);
+  m.def("has_bf16", &has_bf16);
+
+#ifdef __AVX512F__
+  py::class_<DecodeStack>(m, "DecodeStack")
+      .def(py::init<int64_t, int64_t, int64_t, int64_t, int64_t, double, int64_t, bool, torch::Tensor,
+                    torch::Tensor>())
+      .def("add_layer", &DecodeStack::add_layer)
+      .def("set_head", &DecodeStack::set_head)
+      .def("num_layers", &DecodeStack::num_layers)
+      .def("set_activation_bits", &DecodeStack::set_activation_bits)
+      .def("kernel_counts", &DecodeStack::kernel_counts)
+      .def("forward", &DecodeStack::forward, py::call_guard<py::gil_scoped_release>());
+#endif
+}

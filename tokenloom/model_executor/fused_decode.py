@@ -1,0 +1,173 @@
+"""The decode step as one compiled call: every decoder layer and the LM head of a Llama-family model, for a batch
+of sequences each adding one token, run by tokenloom/csrc/decode_stack.cpp.
+
+Why: at batch 1 the layer-by-layer path spends most of a token in Python dispatch, not arithmetic. SmolLM2-135M
+has 30 layers of ~15 torch calls each; at ~20 us a call that is ~9 ms a token, three times what streaming its
+4-bit weights from memory takes. The compiled stack runs the same layers in one OpenMP region: the
+matrix-vector products split over the threads by output rows, attention over (sequence, KV head, key range)
+with the parts merged flash-decoding style, the per-row work (norms, rotary, residual adds) done by each thread
+on its own copy of the residual stream; six barriers a layer, nothing allocated per layer, no Python.
+
+It reads the model's own weights where they are (shared, not copied: quantized records, float matrices) and the
+engine's paged KV cache, and writes each new token's K/V there, so the layer-by-layer path (prefill, wide
+batches, prompt logprobs) and this one interleave freely. In a bfloat16 model, activations are rounded to
+bfloat16 wherever the layer-by-layer path materialises a bfloat16 tensor, so the two compute the same function up
+to float32 summation order (tests/model_executor/test_fused_decode.py holds them to that).
+
+What it covers: the Llama decoder and its Qwen2 (q/k/v bias) and Qwen3 (q/k norms) variants, sliding windows;
+float32 / bfloat16 weights, the int8 (per channel), int4 / GGUF-block (affine, groups of 32 or more) and 5- to
+8-bit affine records that the gemv kernels run.
+
+Quantized weights (groups of 32: the ggml block formats, int4-g32; and int8 per channel) run four rows at a time
+on integer dot products, as llama.cpp does, against the activations quantized per block of 32: to int16 by
+default (vpdpwssd; their rounding is below bfloat16's, perplexity unchanged), or to int8 with
+TOKENLOOM_DECODE_ACT_BITS=8 (vpdpbusd, llama.cpp's choice: ~5-10 % faster here, ~1 % higher perplexity on
+SmolLM2). Block scales that are exact in float16 (all of the ggml formats') are read as float16: fewer bytes a
+token. `FusedDecoder.kernels` counts which kernel each weight block takes. float32 models keep float activations. Anything else (MoE, NF4, act-order GPTQ, raw Q2_K/Q3_K blocks,
+an int8 KV cache, a CPU without AVX-512) keeps the layer-by-layer path: `FusedDecoder.build` returns None and
+says why in `FusedDecoder.reason`. TOKENLOOM_FUSED_DECODE=0 turns it off.
+"""
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+
+from tokenloom.config import TokenloomError
+from tokenloom.kernels.build import CppExtension
+from tokenloom.model_executor.layers.linear import Linear
+
+log = logging.getLogger("tokenloom")
+
+EXTENSION = CppExtension("tokenloom_decode", "decode_stack.cpp", ["DecodeStack", "has_bf16"])
+
+DENSE_F32, DENSE_BF16, U8, S8, U4 = range(5)
+_EMPTY = torch.empty(0)
+
+
+class Unsupported(Exception):
+    """A part of the model the compiled stack does not run."""
+
+
+def enabled() -> bool:
+    return os.environ.get("TOKENLOOM_FUSED_DECODE", "1") not in ("0", "false", "no")
+
+
+def _bias_parts(bias, sizes):
+    if bias is None:
+        return [_EMPTY] * len(sizes)
+    return [b.detach().float().contiguous() for b in torch.split(bias, sizes)]
+
+
+def linear_parts(module, model_dtype: torch.dtype) -> list[tuple]:
+    """The (kind, q, scale, offset, group, bias) blocks of output rows the C++ stack reads for one linear layer,
+    sharing the module's tensors. Raises Unsupported for formats it has no kernel for."""
+    kernel = getattr(module, "kernel", None)
+    if type(module).__name__ == "ConcatLinear":
+        return [p for part in module.parts for p in linear_parts(part, model_dtype)]
+    if isinstance(module, Linear):
+        weight = getattr(module, "weight", None)
+        if weight is None or weight.dtype not in (torch.float32, torch.bfloat16) or weight.dtype != model_dtype:
+            raise Unsupported(f"linear weight of {type(module.method).__name__}")
+        kind = DENSE_BF16 if weight.dtype == torch.bfloat16 else DENSE_F32
+        return [(kind, weight.detach().contiguous(), _EMPTY, _EMPTY, 0, _bias_parts(module.bias, [module.out_features])[0])]
+    name = type(module).__name__
+    if kernel != "gemv" or getattr(module, "perm", None) is not None or module.act_dtype != model_dtype:
+        raise Unsupported(f"{name} with kernel {kernel}")
+    bias = _bias_parts(module.bias, [module.out_features])[0]
+    if name == "Int8Linear":
+        return [(S8, module.weight_int8.view(torch.uint8), module.scales, _EMPTY, module.in_features, bias)]
+    if name == "Int4Linear":
+        group = module.group_size if module.group_size > 0 else module.in_features
+        kind = U4 if module.layout == "split32" else U8
+        return [(kind, module.qweight, module.scale, module.offset, group, bias)]
+    raise Unsupported(name)
+
+
+# How many one-token sequences a step may give the stack. Its kernels are matrix-vector products (each weight row
+# unpacked once per activation row), which beat oneDNN's bfloat16 GEMM only for a few rows; quantized weights
+# have no better GEMM here (the layers dequantize them per call), so the stack takes every decode batch.
+DENSE_MAX_BATCH = 8
+QUANTIZED_MAX_BATCH = 1 << 16
+
+
+class FusedDecoder:
+    """A model's decode step through the compiled stack (see the module docstring)."""
+
+    reason: str | None = None  # why the last build() gave None
+
+    def __init__(self, stack, model, block_size: int, has_dense: bool):
+        self.stack, self.model, self.block_size = stack, model, block_size
+        limit = os.environ.get("TOKENLOOM_FUSED_MAX_BATCH")
+        self.max_batch = int(limit) if limit else DENSE_MAX_BATCH if has_dense else QUANTIZED_MAX_BATCH
+
+    @classmethod
+    def build(cls, model, layer_caches, block_size: int) -> "FusedDecoder | None":
+        cls.reason = None
+        try:
+            stack, has_dense = cls._build_stack(model, layer_caches)
+            return cls(stack, model, block_size, has_dense)
+        except Unsupported as exc:
+            cls.reason = str(exc)
+            log.info("tokenloom: decode runs layer by layer (%s)", exc)
+            return None
+
+    @staticmethod
+    def _build_stack(model, layer_caches):
+        if not enabled():
+            raise Unsupported("disabled by TOKENLOOM_FUSED_DECODE=0")
+        cfg = model.config
+        dtype = model.norm.weight.dtype
+        if model.norm.weight.device.type != "cpu" or dtype not in (torch.float32, torch.bfloat16):
+            raise Unsupported(f"{model.norm.weight.device.type} {dtype} model")
+        if cfg.num_experts:
+            raise Unsupported("mixture-of-experts layers")
+        if cfg.head_dim % 16 or cfg.hidden_size % 16 or cfg.intermediate_size % 16:
+            raise Unsupported("head, hidden or MLP size not a multiple of 16")
+        if any(c is None or c.k_scale is not None for c in layer_caches):
+            raise Unsupported("int8 KV cache")
+        known = {"CausalLM", "LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM"}
+        if not any(c.__name__ in known for c in type(model).__mro__[:2]):
+            raise Unsupported(f"architecture {type(model).__name__}")
+        mod = EXTENSION.load()
+        if mod is None:
+            raise Unsupported(EXTENSION.reason or "no compiled kernels")
+        if dtype == torch.bfloat16 and not mod.has_bf16():
+            raise Unsupported("bfloat16 model on a CPU without AVX512-BF16")
+        stack = mod.DecodeStack(cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
+                                cfg.intermediate_size, cfg.rms_norm_eps, cfg.sliding_window or 0,
+                                dtype == torch.bfloat16, model.rotary.cos, model.rotary.sin)
+        if bits := os.environ.get("TOKENLOOM_DECODE_ACT_BITS"):
+            if bits not in ("0", "8", "16"):
+                raise TokenloomError(f"TOKENLOOM_DECODE_ACT_BITS must be 0, 8 or 16, not {bits!r}")
+            stack.set_activation_bits(int(bits))
+        kinds = set()
+
+        def parts(module):
+            found = linear_parts(module, dtype)
+            kinds.update(p[0] for p in found)
+            return found
+
+        for layer, cache in zip(model.layers, layer_caches, strict=True):
+            attn, mlp = layer.self_attn, layer.mlp
+            q_norm = getattr(attn, "q_norm", None)
+            k_norm = getattr(attn, "k_norm", None)
+            stack.add_layer(
+                layer.input_layernorm.weight.detach(), layer.post_attention_layernorm.weight.detach(),
+                _EMPTY if q_norm is None else q_norm.weight.detach(), _EMPTY if k_norm is None else k_norm.weight.detach(),
+                parts(attn.qkv_proj), parts(attn.o_proj), parts(mlp.gate_up_proj), parts(mlp.down_proj), cache.k, cache.v)
+        stack.set_head(model.norm.weight.detach(), linear_parts(model.lm_head, dtype))
+        return stack, bool(kinds & {DENSE_F32, DENSE_BF16})
+
+    @property
+    def kernels(self) -> dict[str, int]:
+        """How many weight blocks take each kernel ("u4-vnni+f16", "u8-vnni", "s8-vnni", "u4-bf16", "row")."""
+        return dict(self.stack.kernel_counts())
+
+    @torch.inference_mode()
+    def logits(self, input_ids: torch.Tensor, positions: torch.Tensor, slot_mapping: torch.Tensor,
+               block_table: torch.Tensor, context_lens: torch.Tensor) -> torch.Tensor:
+        """float32 logits [B, vocab] of one decode token per sequence (each writes its K/V into its slot)."""
+        x = self.model.embed_tokens(input_ids)
+        return self.stack.forward(x, positions, slot_mapping, block_table, self.block_size, context_lens, True)
