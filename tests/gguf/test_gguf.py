@@ -463,3 +463,31 @@ def test_default_model_truncated(default_gguf, tmp_path, cut):
     with pytest.raises(TokenloomError, match="truncated") as e:
         load_gguf(str(p))
     assert "cut.gguf" in str(e.value)
+
+
+@pytest.mark.slow
+def test_gguf_blocks_load_without_a_float_copy(default_gguf, monkeypatch):
+    """keep_gguf_blocks: the quantized linear and embedding weights are never dequantized (their names come back
+    as deferred, and no dequantization of them runs), and the model, once its modules are built from the blocks,
+    is the same as one loaded in float first."""
+    import tokenloom.gguf.loader as loader
+    from tokenloom.loader.sources import resolve_model
+    from tokenloom.quant import quantize_model
+    from tokenloom.worker.model_loading import load_model
+
+    source = resolve_model(str(default_gguf))
+    dequantized_rows = []
+    real = loader._dequantize_rows
+    monkeypatch.setattr(loader, "_dequantize_rows", lambda raw, *a: dequantized_rows.append(raw.shape[0]) or real(raw, *a))
+    direct, _ = load_model(source, torch.bfloat16, torch.device("cpu"), keep_gguf_blocks=True)
+    cfg = direct.config
+    assert max(dequantized_rows) < cfg.hidden_size  # norms only: no [out, in] matrix was dequantized
+    monkeypatch.setattr(loader, "_dequantize_rows", real)
+    full, _ = load_model(source, torch.bfloat16, torch.device("cpu"))
+    for model in (direct, full):
+        quantize_model(model, "gguf", gguf_path=source.path)
+    ids = torch.tensor([1, 502, 9017, 314, 260, 1789])
+    from tokenloom.model_executor.sequence_forward import SequenceForward
+
+    outs = [SequenceForward(m, len(ids)).hidden(ids) for m in (direct, full)]
+    assert torch.equal(outs[0], outs[1])

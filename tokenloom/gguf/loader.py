@@ -19,7 +19,7 @@ import torch
 
 from tokenloom.config import ModelConfig, TokenloomError
 from tokenloom.gguf.reader import GGUFFile, open_gguf, read_metadata
-from tokenloom.gguf.quants import check_supported, dequantize
+from tokenloom.gguf.quants import Q, check_supported, dequantize
 
 # elements dequantised per step (bounds the float32 temporaries of one big tensor)
 _CHUNK_ELEMENTS = 1 << 22
@@ -239,16 +239,19 @@ class GGUFCheckpoint:
             raise TokenloomError(f"cannot read GGUF file '{path}': corrupt metadata ({exc})") from None
         self.tensors = {t.name: t for t in self.reader.tensors}
         self.architecture = gguf_architecture(self.metadata)
+        self.deferred: set[str] = set()  # checkpoint names left quantized by state_dict(keep_blocks=True)
 
     def config(self) -> ModelConfig:
         return config_from_metadata(self.metadata, set(self.tensors))
 
     def state_dict(self, cfg: ModelConfig, names: GGUFTensorNames, expected: set[str],
-                   dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+                   dtype: torch.dtype = torch.float32, keep_blocks: bool = False) -> dict[str, torch.Tensor]:
         """Every tensor in `dtype` under its checkpoint name (names: the model class's declaration), llama.cpp's
         q/k permutation undone where it was applied. `expected`: the checkpoint names the model needs; those
         with a GGUF name of their own are checked before anything is read. A Llama-3.1 rope_freqs tensor
-        becomes cfg.rope_scaling (and metadata["tokenloom.rope_freqs"])."""
+        becomes cfg.rope_scaling (and metadata["tokenloom.rope_freqs"]). keep_blocks: the quantized weights of
+        linear layers and of the embedding are not dequantized at all (left out of the result, listed in
+        self.deferred): quant.gguf_linear builds their modules straight from the file's blocks."""
         self._check_present(expected, names)
         state: dict[str, torch.Tensor] = {}
         for name, t in self.tensors.items():
@@ -264,6 +267,9 @@ class GGUFCheckpoint:
             target = names.expert_name(exps[1], exps[2], 0) if exps else names.checkpoint_name(name)
             if target is None:
                 raise TokenloomError(f"GGUF file '{self.path}' has a tensor tokenloom does not know: '{name}'")
+            if keep_blocks and not exps and is_block_weight(target, qtype):
+                self.deferred.add(target)
+                continue
             heads = names.permuted_heads(name, cfg)
             raw = _raw_bytes(self.reader, t)
             if heads and len(shape) > 1:
@@ -280,7 +286,7 @@ class GGUFCheckpoint:
             else:
                 state[target] = w
             del raw, w
-        missing = sorted(expected - set(state))
+        missing = sorted(expected - set(state) - self.deferred)
         if missing:
             raise TokenloomError(f"GGUF file '{self.path}' is missing the weights for {', '.join(missing[:5])}")
         return state
@@ -292,6 +298,14 @@ class GGUFCheckpoint:
             more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
             raise TokenloomError(
                 f"GGUF file '{self.path}' is missing required tensor(s): {', '.join(missing[:5])}{more}")
+
+
+def is_block_weight(checkpoint_name: str, qtype) -> bool:
+    """A linear layer's or the embedding's weight in a quantized (non-float) ggml type."""
+    float_types = (Q.F32, Q.F16, Q.BF16)
+    linear = checkpoint_name.endswith("_proj.weight") or checkpoint_name.endswith(("embed_tokens.weight",
+                                                                                   "lm_head.weight"))
+    return linear and "experts" not in checkpoint_name and qtype not in float_types
 
 
 def _natural(name: str) -> list:

@@ -35,6 +35,9 @@ class TensorInfo:
     data_offset: int  # absolute offset in the file
 
 
+_U64 = struct.Struct("<Q")
+
+
 class _Header:
     def __init__(self, buf: memoryview):
         self.buf, self.pos = buf, 0
@@ -55,13 +58,29 @@ class _Header:
         self.pos += n
         return s
 
+    def strings(self, count: int) -> list[str]:
+        """`count` strings in a row (a vocabulary: ~50k of them, so one tight loop)."""
+        buf, pos, size, unpack = self.buf, self.pos, len(self.buf), _U64.unpack_from
+        out = [""] * count
+        for i in range(count):
+            if pos + 8 > size:
+                raise EOFError("header ends early")
+            (n,) = unpack(buf, pos)
+            pos += 8
+            if pos + n > size:
+                raise EOFError("header ends early")
+            out[i] = str(buf[pos : pos + n], "utf-8", "replace")
+            pos += n
+        self.pos = pos
+        return out
+
     def value(self, vtype: int) -> Any:
         if vtype == _STRING:
             return self.string()
         if vtype == _ARRAY:
             sub, count = self.take("I"), self.take("Q")
             if sub == _STRING:
-                return [self.string() for _ in range(count)]
+                return self.strings(count)
             if sub == _ARRAY:
                 return [self.value(_ARRAY) for _ in range(count)]
             dt = np.dtype(_NUMPY[sub]).newbyteorder("<")

@@ -30,13 +30,17 @@ def config_from_hf(hf_config: dict) -> ModelConfig:
 
 
 def load_gguf(
-    path: str, dtype: torch.dtype = torch.float32
+    path: str, dtype: torch.dtype = torch.float32, keep_blocks: bool = False
 ) -> tuple[ModelConfig, dict[str, torch.Tensor], dict[str, Any]]:
     """Read a GGUF file of a supported architecture: (config, state dict under checkpoint (transformers) names in
-    `dtype`, GGUF metadata as plain Python values); llama.cpp's q/k permutation is undone where it was applied."""
+    `dtype`, GGUF metadata as plain Python values); llama.cpp's q/k permutation is undone where it was applied.
+    keep_blocks: quantized linear and embedding weights are left out of the state dict (GGUFCheckpoint.state_dict),
+    their names in metadata["tokenloom.deferred"]."""
     gguf = GGUFCheckpoint(path)
     cls = model_class(gguf.architecture)
     cfg = gguf.config()
     with torch.device("meta"):
         expected = set(cls(cfg, 1).checkpoint_keys())
-    return cfg, gguf.state_dict(cfg, cls.gguf_tensor_names, expected, dtype), gguf.metadata
+    state = gguf.state_dict(cfg, cls.gguf_tensor_names, expected, dtype, keep_blocks)
+    gguf.metadata["tokenloom.deferred"] = frozenset(gguf.deferred)
+    return cfg, state, gguf.metadata

@@ -206,7 +206,7 @@ def build_gguf_linear(parts: list[tuple[torch.Tensor, object]], in_features: int
 @torch.no_grad()
 def quantize_model_gguf(model, gguf_path, act_dtype, use_kernel: bool = True, progress: bool = False) -> dict:
     """Swap the model's (dequantized) linears for modules over the GGUF file's own quantized blocks."""
-    from tokenloom.gguf.loader import _raw_bytes, open_gguf_checked, unpermute_rows
+    from tokenloom.gguf.loader import _dequantize_rows, _raw_bytes, open_gguf_checked, unpermute_rows
     from tokenloom.quant.modules import get_module, is_moe, model_dtype, set_module
     from tokenloom.quant.options import LINEAR_NAMES
 
@@ -242,6 +242,10 @@ def quantize_model_gguf(model, gguf_path, act_dtype, use_kernel: bool = True, pr
             if new is not None:
                 set_module(model, name, new)
                 kinds[new.kernel] = kinds.get(new.kernel, 0) + 1
+            else:  # a float part in the group: the layer stays float, filled from the file (the loader may have
+                # left its quantized parts out: load_model(keep_gguf_blocks=True))
+                w = torch.cat([_dequantize_rows(raw, qt, old.in_features, torch.float32) for raw, qt in parts])
+                old.weight.data.copy_(w.reshape(old.weight.shape))
     # LM head and token embedding
     dtype = model_dtype(model)
     emb_name, head_name = (model.checkpoint_module(m) + ".weight" for m in ("embed_tokens", "lm_head"))

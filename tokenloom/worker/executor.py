@@ -61,7 +61,9 @@ class Executor(abc.ABC):
 class UniProcExecutor(Executor):
     def __init__(self, config: EngineConfig, source: ModelSource, dtype: torch.dtype, generator: torch.Generator):
         device = torch.device(config.device)
-        self.model, self.tokenizer = load_model(source, dtype, device)
+        # GGUF blocks kept as they are: their modules come straight from the file, never via a float copy
+        keep_blocks = config.quantization == "gguf" and source.kind == "gguf"
+        self.model, self.tokenizer = load_model(source, dtype, device, keep_gguf_blocks=keep_blocks)
         self.model_config = cfg = self.model.config
         if config.quantization:
             from tokenloom.quant import quantize_model

@@ -10,9 +10,13 @@ from tokenloom.model_executor.model_loader import build_model, config_from_hf, l
 from tokenloom.quant.checkpoint import load_quantized
 
 
-def load_model(source: ModelSource, dtype: torch.dtype, device: torch.device, max_positions: int | None = None):
-    """Returns (model, tokenizer)."""
+def load_model(source: ModelSource, dtype: torch.dtype, device: torch.device, max_positions: int | None = None,
+               keep_gguf_blocks: bool = False):
+    """Returns (model, tokenizer). keep_gguf_blocks: a GGUF file's quantized linear and embedding weights are not
+    read at all; the caller swaps in modules over the file's blocks (quantize_model(model, "gguf")) before the
+    model runs, so no float copy of them is ever made."""
     raw_config: dict = {}
+    deferred: frozenset[str] = frozenset()
     if source.kind == "hf_dir":
         raw_config = load_hf_config(source.path)
         cfg = config_from_hf(raw_config)  # the architecture's model class must exist
@@ -25,7 +29,8 @@ def load_model(source: ModelSource, dtype: torch.dtype, device: torch.device, ma
             tokenizer = Tokenizer.from_hf_dir(source.path)
         weights = iter_safetensors(source.path, dtype)
     else:
-        cfg, state_dict, metadata = load_gguf(str(source.path), dtype)
+        cfg, state_dict, metadata = load_gguf(str(source.path), dtype, keep_blocks=keep_gguf_blocks)
+        deferred = metadata.pop("tokenloom.deferred", frozenset())
         from tokenloom.tokenizer import Tokenizer
 
         tokenizer = Tokenizer.from_gguf_metadata(metadata)
@@ -37,5 +42,5 @@ def load_model(source: ModelSource, dtype: torch.dtype, device: torch.device, ma
     if "quantization_config" in raw_config:  # GPTQ / AWQ / tokenloom-quantized directory
         load_quantized(model, source.path, raw_config["quantization_config"], dtype)
     else:
-        model.load_hf_weights(weights)
+        model.load_hf_weights(weights, deferred)
     return model, tokenizer

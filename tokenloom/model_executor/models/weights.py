@@ -92,9 +92,11 @@ class CheckpointNames:
         return keys
 
     # ---- loading -----------------------------------------------------------------------------------
-    def load_hf_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+    def load_hf_weights(self, weights: Iterable[tuple[str, torch.Tensor]], deferred: frozenset[str] = frozenset()
+                        ) -> None:
         """Load checkpoint-named tensors, each into the slice of the (fused) parameter it fills, as they arrive;
-        every tensor the model needs must come."""
+        every tensor the model needs must come, but those in `deferred` (a GGUF file's quantized blocks, which
+        become quantized modules without ever being dequantized)."""
         keys = self.checkpoint_keys()
         params = dict(self.named_parameters())
         tied_head = self.checkpoint_module("lm_head") + ".weight" if self.config.tie_word_embeddings else None
@@ -110,7 +112,7 @@ class CheckpointNames:
                 raise TokenloomError(f"tensor '{name}' has shape {tuple(tensor.shape)}, expected {tuple(dst.shape)}")
             dst.copy_(tensor)
             seen.add(name)
-        missing = sorted(set(keys) - seen)
+        missing = sorted(set(keys) - seen - deferred)
         if missing:
             raise TokenloomError(f"checkpoint is missing {len(missing)} tensors, e.g. {missing[0]}")
 
