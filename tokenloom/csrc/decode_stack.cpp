@@ -26,7 +26,6 @@ namespace {
 
 using namespace tl;
 
-
 enum Kind : int64_t { DENSE_F32 = 0, DENSE_BF16 = 1, U8 = 2, S8 = 3, U4 = 4 };
 
 // One block of output rows of a linear layer, in one weight format (a fused q/k/v can mix formats).
@@ -154,6 +153,7 @@ struct Prep {
   QuantizedX<int8_t> q8;
   QuantizedX<int16_t> q16;
   std::vector<int8_t> x16h, x16l;  // q16's column-order copy split into bytes (split_x16)
+  std::vector<float> gsums;  // block sums per group (groups of more than 32 columns)
   int64_t sums_group = -1, M = 0, K = 0;
   bool have_bf16 = false;
 };
@@ -315,7 +315,7 @@ class DecodeStack {
   enum Path { ROW, INT16, INT8, BF16_U4 };
   Path path_of(const Part& part, int64_t K) const {
 #ifdef TL_VNNI
-    const bool fmt = part.kind == S8 || ((part.kind == U4 || part.kind == U8) && part.group == 32);
+    const bool fmt = part.kind == S8 || ((part.kind == U4 || part.kind == U8) && part.group % 32 == 0);
     if (act_bits_ && K % 64 == 0 && fmt) return act_bits_ == 8 ? INT8 : INT16;
 #endif
 #ifdef TL_BF16
@@ -336,20 +336,28 @@ class DecodeStack {
   }
 
   // four rows of `part` from row n against one quantized activation row (its int8 or int16 copy in the arranged
-  // order for 4-bit rows, column order otherwise)
+  // order for 4-bit rows, column order otherwise); xs: x's block sums, xg: the same per group of the part
   template <typename XQ, typename U4K, typename U8K, typename S8K>
   void rows4_integer(const Part& part, int64_t n, int64_t K, const XQ* xq, const XQ* xq_arranged, const float* dx,
-                     const float* xs, float* out, U4K u4k, U8K u8k, S8K s8k) const {
-    const int64_t G = K / 32;
+                     const float* xs, const float* xg, float* out, U4K u4k, U8K u8k, S8K s8k) const {
     if (part.kind == S8) return s8k(xq, dx, xs, part.qp + n * K, K, part.sp + n, K, out);
+    const int64_t G = (K + part.group - 1) / part.group, g = part.group;
     const bool u4 = part.kind == U4;
     const uint8_t* q = part.qp + n * (u4 ? K / 2 : K);
     if (part.sp16) {
       const uint16_t *s = part.sp16 + n * G, *o = part.op16 ? part.op16 + n * G : nullptr;
-      return u4 ? u4k(xq_arranged, dx, xs, q, K / 2, s, o, K, out) : u8k(xq, dx, xs, q, K, s, o, K, out);
+      return u4 ? u4k(xq_arranged, dx, xg, q, K / 2, s, o, K, g, out) : u8k(xq, dx, xg, q, K, s, o, K, g, out);
     }
     const float *s = part.sp + n * G, *o = part.op ? part.op + n * G : nullptr;
-    return u4 ? u4k(xq_arranged, dx, xs, q, K / 2, s, o, K, out) : u8k(xq, dx, xs, q, K, s, o, K, out);
+    return u4 ? u4k(xq_arranged, dx, xg, q, K / 2, s, o, K, g, out) : u8k(xq, dx, xg, q, K, s, o, K, g, out);
+  }
+
+  // x's block sums per group of `group` columns (the block sums themselves for groups of 32)
+  const float* group_sums_of(Prep& p, const float* block_sums, int64_t K, int64_t group) const {
+    if (group == 32) return block_sums;
+    p.gsums.resize((K + group - 1) / group);
+    group_xsums(block_sums, K, group, p.gsums.data());
+    return p.gsums.data();
   }
 
   // out[0..count) = rows local..local+count of `part` against activation row m (before bias): four rows per
@@ -362,25 +370,30 @@ class DecodeStack {
       need_q16(p);
       const int64_t B = K / 32;
       const float *dx = p.q16.scale.data() + m * B, *xs = p.q16.sums.data() + m * B;
+      const float* xg = part.kind == S8 ? xs : group_sums_of(p, xs, K, part.group);
       const int8_t *xh = p.x16h.data() + m * K, *xl = p.x16l.data() + m * K;
       auto s8k = [&](const int16_t*, const float*, const float*, const uint8_t* q, int64_t rb, const float* s,
                      int64_t K, float* o) { rows4_s8_i16(xh, xl, dx, xs, q, rb, s, K, o); };
-      auto u4k = [](auto... a) { rows4_u4_i16_g32(a...); };
-      auto u8k = [&](const int16_t*, const float*, const float*, const uint8_t* q, int64_t rb, auto s, auto o,
-                     int64_t K, float* out) { rows4_u8_i16_g32(xh, xl, dx, xs, q, rb, s, o, K, out); };
+      auto u4k = [](auto... a) { rows4_u4_i16_gk(a...); };
+      auto u8k = [&](const int16_t*, const float*, const float* sums, const uint8_t* q, int64_t rb, auto s, auto o,
+                     int64_t K, int64_t group, float* out) {
+        rows4_u8_i16_gk(xh, xl, dx, sums, q, rb, s, o, K, group, out);
+      };
       for (; i + 4 <= count; i += 4)
-        rows4_integer(part, local + i, K, p.q16.plain.data() + m * K, p.q16.arranged.data() + m * K, dx, xs, out + i,
-                      u4k, u8k, s8k);
+        rows4_integer(part, local + i, K, p.q16.plain.data() + m * K, p.q16.arranged.data() + m * K, dx, xs, xg,
+                      out + i, u4k, u8k, s8k);
     } else if (path == INT8) {
       need_q8(p);
       const int64_t B = K / 32;
       auto s8k = [](const int8_t* xq, const float* dx, const float* xs, const uint8_t* q, int64_t rb, const float* s,
                     int64_t K, float* o) { rows4_s8_vnni(xq, dx, xs, q, rb, s, K, o); };
-      auto u4k = [](auto... a) { rows4_u4_vnni_g32(a...); };
-      auto u8k = [](auto... a) { rows4_u8_vnni_g32(a...); };
+      auto u4k = [](auto... a) { rows4_u4_vnni_gk(a...); };
+      auto u8k = [](auto... a) { rows4_u8_vnni_gk(a...); };
+      const float* xs = p.q8.sums.data() + m * B;
+      const float* xg = part.kind == S8 ? xs : group_sums_of(p, xs, K, part.group);
       for (; i + 4 <= count; i += 4)
         rows4_integer(part, local + i, K, p.q8.plain.data() + m * K, p.q8.arranged.data() + m * K,
-                      p.q8.scale.data() + m * B, p.q8.sums.data() + m * B, out + i, u4k, u8k, s8k);
+                      p.q8.scale.data() + m * B, xs, xg, out + i, u4k, u8k, s8k);
     }
 #endif
 #ifdef TL_BF16

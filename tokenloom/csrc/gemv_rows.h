@@ -371,19 +371,29 @@ inline void quantize_x(const float* x, int64_t K, T* xq, float* d, float* sums, 
 }
 
 
-// The common frame of the four-row integer kernels: rows n..n+3, K % 64 == 0, groups of 32 with a scale s (and an
-// offset o) each. dot(r, k) gives the int32 products of row r with the quantized x over columns k..k+63, its 16
-// lanes split between the chunk's two groups as `pattern` says (lane -> 0 or 1); they are scaled by s * dx of
-// their group and summed, then the offsets meet the block sums.
+// scales of two 32-column blocks of a row: adjacent (groups of 32) or the same group's twice (larger groups)
+inline __m128 scale_pair(const float* s, int64_t j0, int64_t j1) {
+  return j1 == j0 + 1 ? load2(s + j0) : _mm_set1_ps(s[j0]);
+}
+inline __m128 scale_pair(const uint16_t* s, int64_t j0, int64_t j1) {
+  return j1 == j0 + 1 ? load2(s + j0) : _mm_set1_ps(_cvtsh_ss(s[j0]));
+}
+
+// The common frame of the four-row integer kernels: rows n..n+3, K % 64 == 0, groups of `group` columns (a
+// multiple of 32) with a scale s (and an offset o) each. dot(r, k) gives the int32 products of row r with the
+// quantized x over columns k..k+63, its 16 lanes split between the chunk's two 32-column blocks as `pattern`
+// says (lane -> 0 or 1); they are scaled by s * dx of their block and summed, then the offsets meet the block
+// sums of x (xsums: per group, see group_xsums).
 template <typename S, typename Dot>
 inline void rows4_grouped(__m512i pattern, const float* dx, const float* xsums, const S* s, const S* o, int64_t K,
-                          float* out, Dot dot) {
-  const int64_t G = K / 32;
+                          int64_t group, float* out, Dot dot) {
+  const int64_t G = (K + group - 1) / group, per = group / 32;  // a last group may be partial
   __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
-  for (int64_t k = 0, g = 0; k < K; k += 64, g += 2) {
-    const __m512 dxv = _mm512_permutexvar_ps(pattern, _mm512_castps128_ps512(load2(dx + g)));
+  for (int64_t k = 0, b = 0; k < K; k += 64, b += 2) {
+    const __m512 dxv = _mm512_permutexvar_ps(pattern, _mm512_castps128_ps512(load2(dx + b)));
+    const int64_t j0 = b / per, j1 = (b + 1) / per;
     for (int r = 0; r < 4; ++r) {
-      const __m512 sv = _mm512_permutexvar_ps(pattern, _mm512_castps128_ps512(load2(s + r * G + g)));
+      const __m512 sv = _mm512_permutexvar_ps(pattern, _mm512_castps128_ps512(scale_pair(s + r * G, j0, j1)));
       acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot(r, k)), _mm512_mul_ps(sv, dxv), acc[r]);
     }
   }
@@ -391,14 +401,24 @@ inline void rows4_grouped(__m512i pattern, const float* dx, const float* xsums, 
     out[r] = _mm512_reduce_add_ps(acc[r]) + (o ? offset_dot_s(o + r * G, xsums, G) : 0.f);
 }
 
+// block sums of x (per 32 columns) added up per group of `group` columns (the last one may be partial)
+inline void group_xsums(const float* block_sums, int64_t K, int64_t group, float* out) {
+  const int64_t per = group / 32, blocks = K / 32;
+  for (int64_t j = 0; j * per < blocks; ++j) {
+    float t = 0.f;
+    for (int64_t b = j * per; b < std::min(blocks, (j + 1) * per); ++b) t += block_sums[b];
+    out[j] = t;
+  }
+}
+
 // lanes 0-7: the first group of a 64-column chunk, 8-15: the second (column order, and row_u4_bf16's)
 inline __m512i halves_pattern() { return _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0); }
 
 // rows n..n+3 of 8-bit unsigned weights (w = s q + o per group of 32) against x from quantize_x<int8_t>
 template <typename S>
-inline void rows4_u8_vnni_g32(const int8_t* xq, const float* dx, const float* xsums, const uint8_t* q,
-                              int64_t row_bytes, const S* s, const S* o, int64_t K, float* out) {
-  rows4_grouped(halves_pattern(), dx, xsums, s, o, K, out, [&](int r, int64_t k) {
+inline void rows4_u8_vnni_gk(const int8_t* xq, const float* dx, const float* xsums, const uint8_t* q,
+                              int64_t row_bytes, const S* s, const S* o, int64_t K, int64_t group, float* out) {
+  rows4_grouped(halves_pattern(), dx, xsums, s, o, K, group, out, [&](int r, int64_t k) {
     return _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_loadu_si512(q + r * row_bytes + k),
                                _mm512_loadu_si512(xq + k));
   });
@@ -409,11 +429,11 @@ inline void rows4_u8_vnni_g32(const int8_t* xq, const float* dx, const float* xs
 // with vpdpbusd. Each 32-bit lane sums four columns of one group; lanes 0-3 and 8-11 belong to the first group of
 // the 64, 4-7 and 12-15 to the second. (vpdpbusd is ~2.5x the throughput of vdpbf16ps on the CPUs measured.)
 template <typename S>
-inline void rows4_u4_vnni_g32(const int8_t* xq, const float* dx, const float* xsums, const uint8_t* q,
-                              int64_t row_bytes, const S* s, const S* o, int64_t K, float* out) {
+inline void rows4_u4_vnni_gk(const int8_t* xq, const float* dx, const float* xsums, const uint8_t* q,
+                              int64_t row_bytes, const S* s, const S* o, int64_t K, int64_t group, float* out) {
   const __m512i pattern = _mm512_set_epi32(1, 1, 1, 1, 0, 0, 0, 0, 1, 1, 1, 1, 0, 0, 0, 0);
   const __m256i low4 = _mm256_set1_epi8(15);
-  rows4_grouped(pattern, dx, xsums, s, o, K, out, [&](int r, int64_t k) {
+  rows4_grouped(pattern, dx, xsums, s, o, K, group, out, [&](int r, int64_t k) {
     const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + r * row_bytes + k / 2));
     const __m512i w = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_and_si256(b, low4)),
                                          _mm256_and_si256(_mm256_srli_epi16(b, 4), low4), 1);
@@ -424,10 +444,10 @@ inline void rows4_u4_vnni_g32(const int8_t* xq, const float* dx, const float* xs
 // rows n..n+3 of split32 4-bit weights against x from quantize_x<int16_t> (arranged): nibbles widened to 16 bits
 // meet x in vpdpwssd; int32 lanes 0-7 hold the first group of each 64 columns, 8-15 the second (as row_u4_bf16)
 template <typename S>
-inline void rows4_u4_i16_g32(const int16_t* xq, const float* dx, const float* xsums, const uint8_t* q,
-                             int64_t row_bytes, const S* s, const S* o, int64_t K, float* out) {
+inline void rows4_u4_i16_gk(const int16_t* xq, const float* dx, const float* xsums, const uint8_t* q,
+                             int64_t row_bytes, const S* s, const S* o, int64_t K, int64_t group, float* out) {
   const __m512i low4 = _mm512_set1_epi16(15);
-  rows4_grouped(halves_pattern(), dx, xsums, s, o, K, out, [&](int r, int64_t k) {
+  rows4_grouped(halves_pattern(), dx, xsums, s, o, K, group, out, [&](int r, int64_t k) {
     const __m512i v = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + r * row_bytes + k / 2)));
     const __m512i p = _mm512_dpwssd_epi32(_mm512_setzero_si512(), _mm512_and_si512(v, low4), _mm512_loadu_si512(xq + k));
     return _mm512_dpwssd_epi32(p, _mm512_srli_epi16(v, 4), _mm512_loadu_si512(xq + k + 32));
@@ -458,9 +478,10 @@ inline __m512i dot64_split(const uint8_t* q, __m512i xh, __m512i xl) {
 
 // rows n..n+3 of 8-bit unsigned weights (w = s q + o per group of 32) against int16 x (split_x16)
 template <typename S>
-inline void rows4_u8_i16_g32(const int8_t* xh, const int8_t* xl, const float* dx, const float* xsums,
-                             const uint8_t* q, int64_t row_bytes, const S* s, const S* o, int64_t K, float* out) {
-  rows4_grouped(halves_pattern(), dx, xsums, s, o, K, out, [&](int r, int64_t k) {
+inline void rows4_u8_i16_gk(const int8_t* xh, const int8_t* xl, const float* dx, const float* xsums,
+                             const uint8_t* q, int64_t row_bytes, const S* s, const S* o, int64_t K, int64_t group,
+                             float* out) {
+  rows4_grouped(halves_pattern(), dx, xsums, s, o, K, group, out, [&](int r, int64_t k) {
     return dot64_split<false>(q + r * row_bytes + k, _mm512_loadu_si512(xh + k), _mm512_loadu_si512(xl + k));
   });
 }
