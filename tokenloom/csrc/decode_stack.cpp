@@ -136,10 +136,9 @@ struct QuantizedX {
     arranged.resize(M * K);
     scale.resize(M * B);
     sums.resize(M * B);
-    for (int64_t m = 0; m < M; ++m) {
-      quantize_x(x + m * K, K, plain.data() + m * K, scale.data() + m * B, sums.data() + m * B, false);
-      quantize_x(x + m * K, K, arranged.data() + m * K, scale.data() + m * B, sums.data() + m * B, true);
-    }
+    for (int64_t m = 0; m < M; ++m)
+      quantize_x(x + m * K, K, plain.data() + m * K, arranged.data() + m * K, scale.data() + m * B,
+                 sums.data() + m * B);
     ready = true;
   }
 };

@@ -343,11 +343,11 @@ inline void rows4_s8_vnni(const int8_t* xq, const float* dx, const float* xsums,
 // x [K] quantized per block of 32 to T (int8 as ggml's Q8_0 activations: d = max|x| / 127; int16: d = max|x| /
 // 32639, a rounding error below bfloat16's own), xq ~ x / d[b]; sums[b] = d[b] * sum(xq) over the block (the
 // offset terms must see the same quantized x as the products, or an offset of -128 s, Q8_0 stored unsigned,
-// would turn the rounding of x into an error 128 times larger). `arranged`: xq in arrange_x64's order (the
-// nibble order of split32 rows), else in column order. 32639 = 127 * 256 + 127 keeps split_x16's high byte
-// within int8.
+// would turn the rounding of x into an error 128 times larger). xq is in column order; xq_arranged, if given,
+// gets the same values in arrange_x64's order (the nibble order of split32 rows). 32639 = 127 * 256 + 127 keeps
+// split_x16's high byte within int8.
 template <typename T>
-inline void quantize_x(const float* x, int64_t K, T* xq, float* d, float* sums, bool arranged) {
+inline void quantize_x(const float* x, int64_t K, T* xq, T* xq_arranged, float* d, float* sums) {
   constexpr float levels = sizeof(T) == 1 ? 127.f : 32639.f;
   for (int64_t b = 0; b < K / 32; ++b) {
     const __m512 a = _mm512_loadu_ps(x + b * 32), c = _mm512_loadu_ps(x + b * 32 + 16);
@@ -357,13 +357,23 @@ inline void quantize_x(const float* x, int64_t K, T* xq, float* d, float* sums, 
     const __m512i ic = _mm512_cvtps_epi32(_mm512_mul_ps(c, _mm512_set1_ps(inv)));
     // block b's halves: columns 32b.. and 32b + 16..; arranged, block 2j's go to 64j and 64j + 32, block 2j+1's to
     // 64j + 16 and 64j + 48
-    const int64_t lo = arranged ? b / 2 * 64 + (b % 2) * 16 : b * 32, hi = arranged ? lo + 32 : lo + 16;
+    const int64_t al = b / 2 * 64 + (b % 2) * 16;
     if constexpr (sizeof(T) == 1) {
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(xq + lo), _mm512_cvtsepi32_epi8(ia));
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(xq + hi), _mm512_cvtsepi32_epi8(ic));
+      const __m128i qa = _mm512_cvtsepi32_epi8(ia), qc = _mm512_cvtsepi32_epi8(ic);
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(xq + b * 32), qa);
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(xq + b * 32 + 16), qc);
+      if (xq_arranged) {
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(xq_arranged + al), qa);
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(xq_arranged + al + 32), qc);
+      }
     } else {
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(xq + lo), _mm512_cvtsepi32_epi16(ia));
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(xq + hi), _mm512_cvtsepi32_epi16(ic));
+      const __m256i qa = _mm512_cvtsepi32_epi16(ia), qc = _mm512_cvtsepi32_epi16(ic);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(xq + b * 32), qa);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(xq + b * 32 + 16), qc);
+      if (xq_arranged) {
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(xq_arranged + al), qa);
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(xq_arranged + al + 32), qc);
+      }
     }
     d[b] = db;
     sums[b] = db * static_cast<float>(_mm512_reduce_add_epi32(_mm512_add_epi32(ia, ic)));
