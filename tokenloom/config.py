@@ -155,6 +155,68 @@ class SchedulerConfig:
             raise TokenloomError("max_num_batched_tokens must be >= 1")
 
 
+SPECULATIVE_METHODS = ("ngram", "draft_model", "self", "layer_skip")
+
+
+@dataclass
+class SpeculativeConfig:
+    """Speculative decoding, under vLLM's names: {"method": "ngram", "num_speculative_tokens": 4,
+    "prompt_lookup_max": 4}; {"model": PATH_OR_NAME, ...} (a draft model sharing the target's vocabulary);
+    {"method": "self", "draft_quantization": "int4"} (the target, quantized, as its own draft);
+    {"method": "layer_skip", "draft_layers": 8} (the target's first layers and its head)."""
+
+    method: str = "ngram"
+    num_speculative_tokens: int = 4
+    prompt_lookup_max: int = 4
+    prompt_lookup_min: int = 1
+    model: str | None = None  # the draft model (method draft_model)
+    draft_quantization: str | None = None  # method self: default int4; draft_model: the draft's own weights
+    draft_layers: int = 0  # method layer_skip: 0 = a quarter of the target's layers
+    adaptive: bool = True  # per request, shrink k or pause while drafting does not pay
+
+    def __post_init__(self):
+        for name in ("num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min", "draft_layers"):
+            if not isinstance(getattr(self, name), int) or isinstance(getattr(self, name), bool):
+                raise TokenloomError(f"speculative config: {name} must be an integer")
+        if self.method not in SPECULATIVE_METHODS:
+            raise TokenloomError(f"unknown speculative method '{self.method}' ({', '.join(SPECULATIVE_METHODS)})")
+        if not 1 <= self.num_speculative_tokens <= 16:
+            raise TokenloomError("num_speculative_tokens must be in 1..16")
+        if not 1 <= self.prompt_lookup_min <= self.prompt_lookup_max:
+            raise TokenloomError("need 1 <= prompt_lookup_min <= prompt_lookup_max")
+        if self.method == "draft_model" and not self.model:
+            raise TokenloomError("speculative method draft_model needs a draft \"model\"")
+        if self.draft_layers < 0:
+            raise TokenloomError("draft_layers must be >= 0")
+
+    @classmethod
+    def parse(cls, value: "SpeculativeConfig | dict | str | None") -> "SpeculativeConfig | None":
+        """From a dict or a JSON string (the CLI's --speculative-config); a "model" without a method means a
+        draft model."""
+        if value is None or isinstance(value, cls):
+            return value
+        if isinstance(value, str):
+            import json
+
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError as exc:
+                raise TokenloomError(f"speculative config is not valid JSON: {exc}") from None
+        if not isinstance(value, dict):
+            raise TokenloomError("speculative config must be a JSON object")
+        value = dict(value)
+        if "method" not in value and value.get("model"):
+            value["method"] = "draft_model"
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(value) - known)
+        if unknown:
+            raise TokenloomError(f"unknown speculative config keys: {', '.join(unknown)} (known: {', '.join(sorted(known))})")
+        try:
+            return cls(**value)
+        except TypeError as exc:
+            raise TokenloomError(f"bad speculative config: {exc}") from None
+
+
 @dataclass
 class EngineConfig:
     model: str = "smollm2-135m"
@@ -164,3 +226,4 @@ class EngineConfig:
     quantization: str | None = None
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    speculative: SpeculativeConfig | None = None

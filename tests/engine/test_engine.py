@@ -195,7 +195,7 @@ def test_int8_kv_cache_halves_memory_and_stays_close(tiny_llama):
         runs[kv] = (llm.engine.runner, torch.cat(rec))
     (plain, ref), (quant, ours) = runs["auto"], runs["int8"]
     bytes_plain = plain.kv_cache.element_size() * plain.kv_cache[0, 0, 0].numel()
-    bytes_int8 = quant.kv_cache.element_size() * quant.kv_cache[0, 0, 0].numel() + 4 * quant.kv_scales[0, 0, 0].numel()
+    bytes_int8 = quant.kv_cache.element_size() * quant.kv_cache[0, 0, 0].numel() + 4 * quant.cache.scales[0, 0, 0].numel()
     D = plain.config.head_dim
     assert bytes_int8 / bytes_plain == (D + 4) / (2 * D)  # int8 values + a float32 scale per head vs bfloat16
     from tokenloom.config import ModelConfig

@@ -89,7 +89,7 @@ def test_logits_and_cache_writes_equal_the_layer_path(tmp_path):
     from tokenloom.worker.input_batch import InputBatch
 
     batch = InputBatch.from_scheduled(sched.scheduled, runner.device)
-    fused_logits = runner._fused_logits(batch)
+    fused_logits = runner.fused.token_logits(batch.input_ids, batch.positions, batch.block_tables, batch.query_lens)
     fused_cache = cache.clone()
     cache.copy_(saved_cache)
     from tokenloom.model_executor.forward_context import ForwardContext, set_forward_context
@@ -210,10 +210,10 @@ def test_integer_activations_stay_within_their_quantization_error(tmp_path, quan
 
     batch = InputBatch.from_scheduled(sched.scheduled, runner.device)
     saved = runner.kv_cache.clone()
-    int_logits = runner._fused_logits(batch)
+    int_logits = runner.fused.token_logits(batch.input_ids, batch.positions, batch.block_tables, batch.query_lens)
     runner.kv_cache.copy_(saved)
     runner.fused.stack.set_activation_bits(0)
-    float_logits = runner._fused_logits(batch)
+    float_logits = runner.fused.token_logits(batch.input_ids, batch.positions, batch.block_tables, batch.query_lens)
     spread = float_logits.std(dim=-1, keepdim=True)
     error = (int_logits - float_logits).abs() / spread
     bound, mean_bound = (0.075, 0.015) if bits == 8 else (0.0375, 0.005)

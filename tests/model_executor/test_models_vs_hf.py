@@ -17,9 +17,9 @@ class _RecordingSampler:
     def __init__(self, sampler, rec: list):
         self.sampler, self.rec = sampler, rec
 
-    def __call__(self, logits, metadata, return_probs=False):
+    def __call__(self, logits, metadata, return_probs=False, choose=None):
         self.rec.append(logits.clone())
-        return self.sampler(logits, metadata, return_probs)
+        return self.sampler(logits, metadata, return_probs, choose)
 
     def __getattr__(self, name):
         return getattr(self.sampler, name)

@@ -20,6 +20,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                         "the default for GGUF files unless --dtype is given); none (dequantize to --dtype)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--threads", type=int, default=0, help="CPU threads for PyTorch (default: one per core)")
+    g.add_argument("--speculative-config", type=speculative_config, default=None, metavar="JSON",
+                   help='speculative decoding, e.g. \'{"method": "ngram", "num_speculative_tokens": 4}\', '
+                        '\'{"model": "DRAFT"}\', \'{"method": "self"}\', \'{"method": "layer_skip", "draft_layers": 8}\'')
 
 
 def add_sampling_args(p: argparse.ArgumentParser, max_tokens: int | None = 256) -> None:
@@ -32,6 +35,17 @@ def add_sampling_args(p: argparse.ArgumentParser, max_tokens: int | None = 256) 
     g.add_argument("--repetition-penalty", type=float, default=1.0)
     g.add_argument("--sample-seed", type=int, default=None, help="per-request sampling seed")
     g.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+
+
+def speculative_config(text: str) -> str:
+    """Validated here, so a bad value is one argparse line; the engine parses it again."""
+    from tokenloom.config import SpeculativeConfig, TokenloomError
+
+    try:
+        SpeculativeConfig.parse(text)
+    except TokenloomError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
 
 
 def parse_size(text: str) -> int:

@@ -10,7 +10,7 @@ from tokenloom.cli.args import add_engine_args
 
 
 def add_bench_parser(sub) -> None:
-    p = sub.add_parser("bench", help="benchmarks: latency, throughput, sampling, serve, quant")
+    p = sub.add_parser("bench", help="benchmarks: latency, throughput, sampling, spec, serve, quant")
     p.set_defaults(func=run_bench)
     bsub = p.add_subparsers(dest="bench", required=True)
     common = argparse.ArgumentParser(add_help=False)
@@ -42,6 +42,21 @@ def add_bench_parser(sub) -> None:
     b.add_argument("--batch", type=int, default=32)
     b.add_argument("--input-len", type=int, default=64)
     b.add_argument("--output-len", type=int, default=64)
+    add_engine_args(b)
+
+    b = bsub.add_parser("spec", parents=[common], help="speculative decoding vs none: decode tok/s, acceptance")
+    b.add_argument("model", nargs="?", default="smollm2-135m")
+    b.add_argument("--methods", default="none,ngram,layer_skip,self",
+                   help="comma list of none, ngram, layer_skip, self, draft_model")
+    b.add_argument("--draft-model", default=None, help="the draft of method draft_model")
+    b.add_argument("--draft-layers", type=int, default=0, help="layers of the layer_skip draft (default: a quarter)")
+    b.add_argument("--num-speculative-tokens", "-k", type=int, default=8,
+                   help="most drafts a step verifies (adaptive k picks fewer where they do not pay)")
+    b.add_argument("--tasks", default=None, help="comma list (default: repeat, quote, code_edit, extract, "
+                                                 "reformat_json, chat)")
+    b.add_argument("--batch", default="1,8", help="comma list of batch sizes")
+    b.add_argument("--output-len", type=int, default=128)
+    b.add_argument("--rounds", type=int, default=2)
     add_engine_args(b)
 
     b = bsub.add_parser("serve", parents=[common], help="load test a running server (OpenAI API)")
@@ -91,6 +106,8 @@ def run_bench(args: argparse.Namespace) -> None:
         from tokenloom.bench.throughput import bench_throughput as fn
     elif args.bench == "sampling":
         from tokenloom.bench.throughput import bench_sampling as fn
+    elif args.bench == "spec":
+        from tokenloom.bench.spec import bench_spec as fn
     elif args.bench == "serve":
         from tokenloom.bench.serve import bench_serve as fn
     else:

@@ -121,7 +121,8 @@ class KVCacheManager:
         """Register the request's newly filled blocks (of computed, accepted tokens) in the prefix cache."""
         if not self.enable_prefix_caching:
             return
-        num_full = req.num_computed_tokens // self.block_size
+        # Only known tokens: accepted drafts are computed before they are appended to the output.
+        num_full = min(req.num_computed_tokens, req.num_tokens) // self.block_size
         if num_full <= req.num_hashed_blocks:
             return
         hashes = self._block_hashes(req, num_full)

@@ -23,8 +23,13 @@ from tokenloom.worker.outputs import ModelRunnerOutput
 
 class Scheduler:
     def __init__(self, config: SchedulerConfig, kv_cache_manager: KVCacheManager, max_model_len: int,
-                 eos_token_ids: tuple[int, ...] = ()):
+                 eos_token_ids: tuple[int, ...] = (), num_lookahead_tokens: int = 0):
         self.config = config
+        # A draft model writes the K/V of its drafts after a step, ahead of the request's tokens: every request
+        # that catches up in a step keeps this many slots beyond it.
+        self.num_lookahead_tokens = num_lookahead_tokens
+        # finished or preempted since the last schedule(): their blocks are gone, the worker drops its state of them
+        self.freed_request_ids: list[str] = []
         self.kv_cache_manager = kv_cache_manager
         self.max_model_len = max_model_len
         self.eos_token_ids = frozenset(eos_token_ids)
@@ -34,6 +39,7 @@ class Scheduler:
         self.num_reused_tokens = 0  # prompt tokens served from the prefix cache instead of computed
         self.num_draft_tokens = 0  # speculative tokens verified
         self.num_accepted_tokens = 0  # of which accepted
+        self.num_spec_steps = 0  # verify runs (requests with drafts, per step)
 
     def add_request(self, req: Request) -> None:
         self.waiting.append(req)
@@ -43,7 +49,8 @@ class Scheduler:
 
     # ---- schedule ------------------------------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
-        out = SchedulerOutput()
+        out = SchedulerOutput(freed_request_ids=self.freed_request_ids)
+        self.freed_request_ids = []
         budget = self._schedule_running(out, self.config.max_num_batched_tokens)
         if not out.num_preempted:  # a step that had to preempt admits nobody
             self._schedule_waiting(out, budget)
@@ -56,6 +63,13 @@ class Scheduler:
         room = min(budget - 1, self.max_model_len - req.num_tokens - 1, req.max_tokens - len(req.output_token_ids) - 1)
         return max(0, min(len(req.spec_token_ids), room))
 
+    def _lookahead(self, req: Request, num_after: int, num_drafts: int) -> int:
+        """Slots beyond the request's next tokens: its drafts', and, when this step catches it up
+        (num_after tokens with the drafts), the draft model's for its next drafts."""
+        if not self.num_lookahead_tokens or num_after - num_drafts < req.num_tokens:
+            return num_drafts
+        return num_drafts + max(0, min(self.num_lookahead_tokens, self.max_model_len - num_after))
+
     def _schedule_running(self, out: SchedulerOutput, budget: int) -> int:
         """Decodes and unfinished prefill chunks of running requests; preempts from the back when blocks run out."""
         kv = self.kv_cache_manager
@@ -64,14 +78,15 @@ class Scheduler:
             req = self.running[i]
             k = self._num_drafts(req, budget)
             n = min(req.num_tokens - req.num_computed_tokens, budget - k)
-            copies = kv.allocate_slots(req, n, num_lookahead_tokens=k)
+            ahead = self._lookahead(req, req.num_computed_tokens + n + k, k)
+            copies = kv.allocate_slots(req, n, num_lookahead_tokens=ahead)
             while copies is None:  # out of blocks: preempt from the back until this request fits
                 victim = self.running.pop()
                 self._preempt(victim)
                 out.num_preempted += 1
                 if victim is req:
                     break
-                copies = kv.allocate_slots(req, n, num_lookahead_tokens=k)
+                copies = kv.allocate_slots(req, n, num_lookahead_tokens=ahead)
             if copies is None:
                 break
             out.scheduled.append(ScheduledRequest(req, n + k, req.spec_token_ids[:k]))
@@ -91,7 +106,7 @@ class Scheduler:
             num_cached = len(cached) * kv.block_size
             n = min(req.num_tokens - num_cached, budget)
             req.num_computed_tokens = num_cached
-            if kv.allocate(req, num_cached + n, cached) is None:
+            if kv.allocate(req, num_cached + n + self._lookahead(req, num_cached + n, 0), cached) is None:
                 req.num_computed_tokens = 0
                 break
             req.num_cached_tokens = num_cached
@@ -106,6 +121,7 @@ class Scheduler:
         self.kv_cache_manager.free_request(req)
         req.num_computed_tokens = 0
         req.spec_token_ids = []
+        self.freed_request_ids.append(req.request_id)
         req.status = RequestStatus.WAITING
         req.num_preemptions += 1
         self.num_preemptions += 1
@@ -124,17 +140,22 @@ class Scheduler:
                 req.num_computed_tokens -= num_drafts - accepted  # roll back the rejected drafts' K/V
                 self.num_draft_tokens += num_drafts
                 self.num_accepted_tokens += accepted
+                self.num_spec_steps += 1
             req.spec_token_ids = []
-            self.kv_cache_manager.cache_full_blocks(req)
+            self.kv_cache_manager.cache_full_blocks(req)  # of known tokens: accepted drafts once appended
         for req in out.requests:  # attach forks before any parent can finish and free the shared blocks
             if req.fork_of is not None and req.status == RequestStatus.WAITING:
                 self._attach_fork(req)
         gained = []
-        for req, tokens, logprobs in zip(out.requests, out.sampled_token_ids, out.logprobs):
+        drafts = out.spec_token_ids or [[]] * len(out.requests)
+        for req, tokens, logprobs, spec in zip(out.requests, out.sampled_token_ids, out.logprobs, drafts):
             req.forks = []
             if req.is_finished:  # aborted while in flight
                 continue
             n = self._append_tokens(req, tokens, logprobs)
+            if not req.is_finished:
+                req.spec_token_ids = spec
+                self.kv_cache_manager.cache_full_blocks(req)
             gained.append((req, n))
         return gained
 
@@ -147,6 +168,7 @@ class Scheduler:
             reason, stop = self._token_stop(req, token)
             if reason is not None:
                 req.finish_reason, req.stop_reason = reason, stop
+                self.kv_cache_manager.cache_full_blocks(req)  # its last full blocks stay reusable
                 self.finish(req)
                 return i + 1
         return len(tokens)
@@ -178,4 +200,6 @@ class Scheduler:
         elif req in self.waiting:
             self.waiting.remove(req)
         self.kv_cache_manager.free_request(req)
+        if req.status != RequestStatus.FINISHED:
+            self.freed_request_ids.append(req.request_id)
         req.status = RequestStatus.FINISHED

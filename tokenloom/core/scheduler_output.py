@@ -20,6 +20,7 @@ class SchedulerOutput:
     scheduled: list[ScheduledRequest] = field(default_factory=list)
     blocks_to_copy: list[tuple[int, int]] = field(default_factory=list)  # copy-on-write, before the step runs
     num_preempted: int = 0
+    freed_request_ids: list[str] = field(default_factory=list)  # finished or preempted: drop their state
 
     @property
     def num_tokens(self) -> int:

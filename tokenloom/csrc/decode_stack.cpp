@@ -153,6 +153,7 @@ struct Prep {
   QuantizedX<int16_t> q16;
   std::vector<int8_t> x16h, x16l;  // q16's column-order copy split into bytes (split_x16)
   std::vector<float> gsums;  // block sums per group (groups of more than 32 columns)
+  std::vector<float> gsums_m;  // the same for up to four activation rows at once (dot_rows_m)
   int64_t sums_group = -1, M = 0, K = 0;
   bool have_bf16 = false;
 };
@@ -226,9 +227,10 @@ class DecodeStack {
 
   // x [B, hidden] (the token embeddings), positions / slots / context_lens [B], block_table [B, W] (int64):
   // the final-normed hidden states [B, hidden] in the model dtype, or with `logits` the LM head's float32
-  // logits [B, vocab]
+  // logits of the rows in head_rows (ascending; empty: every row) [R, vocab]. Rows are independent tokens: a
+  // sequence may take several consecutive rows (speculative drafts), each seeing the K/V its earlier rows wrote.
   torch::Tensor forward(torch::Tensor x, torch::Tensor positions, torch::Tensor slots, torch::Tensor block_table,
-                        int64_t block_size, torch::Tensor context_lens, bool logits) {
+                        int64_t block_size, torch::Tensor context_lens, bool logits, torch::Tensor head_rows) {
     TORCH_CHECK(x.dim() == 2 && x.size(1) == Hd_, "decode_stack: x must be [B, hidden]");
     TORCH_CHECK(!logits || head_.N > 0, "decode_stack: no LM head set");
     const int64_t B = x.size(0);
@@ -237,13 +239,21 @@ class DecodeStack {
     auto table = block_table.to(at::kLong).contiguous(), lens = context_lens.to(at::kLong).contiguous();
     TORCH_CHECK(pos.numel() == B && slot.numel() == B && lens.numel() == B && table.size(0) == B);
     TORCH_CHECK(pos.max().item<int64_t>() < cos_.size(0), "decode_stack: position beyond the rotary table");
-    auto out = torch::empty({B, logits ? head_.N : Hd_}, logits ? xf.options() : x.options());
+    auto rows = head_rows.to(at::kLong).contiguous();
+    const int64_t R = rows.numel() ? rows.numel() : B;
+    const int64_t* row_ids = rows.numel() ? rows.data_ptr<int64_t>() : nullptr;
+    for (int64_t i = 0; row_ids && i < R; ++i)
+      TORCH_CHECK(row_ids[i] >= i && row_ids[i] < B && (i == 0 || row_ids[i] > row_ids[i - 1]),
+                  "decode_stack: head_rows must be ascending rows of the batch");
+    auto out = torch::empty({logits ? R : B, logits ? head_.N : Hd_}, logits ? xf.options() : x.options());
     if (bf16_)
       run<c10::BFloat16>(B, xf.data_ptr<float>(), pos.data_ptr<int64_t>(), slot.data_ptr<int64_t>(),
-                         table.data_ptr<int64_t>(), table.size(1), block_size, lens.data_ptr<int64_t>(), logits, out);
+                         table.data_ptr<int64_t>(), table.size(1), block_size, lens.data_ptr<int64_t>(), logits,
+                         row_ids, R, out);
     else
       run<float>(B, xf.data_ptr<float>(), pos.data_ptr<int64_t>(), slot.data_ptr<int64_t>(),
-                 table.data_ptr<int64_t>(), table.size(1), block_size, lens.data_ptr<int64_t>(), logits, out);
+                 table.data_ptr<int64_t>(), table.size(1), block_size, lens.data_ptr<int64_t>(), logits, row_ids, R,
+                 out);
     return out;
   }
 
@@ -358,6 +368,67 @@ class DecodeStack {
     group_xsums(block_sums, K, group, p.gsums.data());
     return p.gsums.data();
   }
+
+  // out[i][0..count) = rows local..local+count of `part` against activation rows m0..m0+mc (mc <= 4): 4- and
+  // 8-bit affine weights with int16 activations load (and widen) each weight once for all mc rows
+  // (rows4_u4_i16_gk_m, rows4_u8_i16_gk_m: the same result to the bit); other formats run dot_rows per row
+  void dot_rows_m(const Part& part, Prep& p, int64_t m0, int64_t mc, int64_t local, int64_t count, int64_t K,
+                  float (*out)[16]) const {
+#ifdef TL_VNNI
+    if (mc > 1 && count % 4 == 0 && (part.kind == U4 || part.kind == U8) && path_of(part, K) == INT16) {
+      need_q16(p);
+      const int64_t B = K / 32, G = (K + part.group - 1) / part.group;
+      const bool u4 = part.kind == U4;
+      const int16_t* xq[4];
+      const int8_t *xh[4], *xl[4];
+      const float *dx[4], *xg[4];
+      if (part.group != 32) p.gsums_m.resize(4 * G);
+      for (int64_t i = 0; i < mc; ++i) {
+        const int64_t m = m0 + i;
+        xq[i] = p.q16.arranged.data() + m * K;
+        xh[i] = p.x16h.data() + m * K;
+        xl[i] = p.x16l.data() + m * K;
+        dx[i] = p.q16.scale.data() + m * B;
+        xg[i] = p.q16.sums.data() + m * B;
+        if (part.group != 32) {
+          group_xsums(xg[i], K, part.group, p.gsums_m.data() + i * G);
+          xg[i] = p.gsums_m.data() + i * G;
+        }
+      }
+      for (int64_t i = 0; i < count; i += 4) {
+        const int64_t n = local + i;
+        const uint8_t* q = part.qp + n * (u4 ? K / 2 : K);
+        float o4[16];
+        if (part.sp16)
+          rows_m(u4, mc, xq, xh, xl, dx, xg, q, part.sp16 + n * G, part.op16 ? part.op16 + n * G : nullptr, K,
+                 part.group, o4);
+        else
+          rows_m(u4, mc, xq, xh, xl, dx, xg, q, part.sp + n * G, part.op ? part.op + n * G : nullptr, K,
+                 part.group, o4);
+        for (int64_t m = 0; m < mc; ++m)
+          for (int r = 0; r < 4; ++r) out[m][i + r] = o4[m * 4 + r];
+      }
+      return;
+    }
+#endif
+    for (int64_t i = 0; i < mc; ++i) dot_rows(part, p, m0 + i, local, count, K, out[i]);
+  }
+
+#ifdef TL_VNNI
+  template <typename S>
+  static void rows_m(bool u4, int64_t mc, const int16_t* const* xq, const int8_t* const* xh, const int8_t* const* xl,
+                     const float* const* dx, const float* const* xg, const uint8_t* q, const S* s, const S* o,
+                     int64_t K, int64_t g, float* out) {
+    if (u4) {
+      if (mc == 2) return rows4_u4_i16_gk_m<2>(xq, dx, xg, q, K / 2, s, o, K, g, out);
+      if (mc == 3) return rows4_u4_i16_gk_m<3>(xq, dx, xg, q, K / 2, s, o, K, g, out);
+      return rows4_u4_i16_gk_m<4>(xq, dx, xg, q, K / 2, s, o, K, g, out);
+    }
+    if (mc == 2) return rows4_u8_i16_gk_m<2>(xh, xl, dx, xg, q, K, s, o, K, g, out);
+    if (mc == 3) return rows4_u8_i16_gk_m<3>(xh, xl, dx, xg, q, K, s, o, K, g, out);
+    return rows4_u8_i16_gk_m<4>(xh, xl, dx, xg, q, K, s, o, K, g, out);
+  }
+#endif
 
   // out[0..count) = rows local..local+count of `part` against activation row m (before bias): four rows per
   // kernel call where the format has a four-row kernel, else one by one
@@ -483,13 +554,15 @@ class DecodeStack {
       int64_t local = c * 16;
       const Part& part = locate(lin, local);
       const int64_t count = std::min<int64_t>(16, part.rows - local);
-      float v[16];
-      for (int64_t m = 0; m < M; ++m) {
-        dot_rows(part, p, m, local, count, K, v);
-        for (int64_t i = 0; i < count; ++i) {
-          const float r = v[i] + (part.bp ? part.bp[local + i] : 0.f);
-          y[m * N + c * 16 + i] = bf16_ ? round_bf16(r) : r;
-        }
+      float v[4][16];
+      for (int64_t m0 = 0; m0 < M; m0 += 4) {
+        const int64_t mc = std::min<int64_t>(4, M - m0);
+        dot_rows_m(part, p, m0, mc, local, count, K, v);
+        for (int64_t m = m0; m < m0 + mc; ++m)
+          for (int64_t i = 0; i < count; ++i) {
+            const float r = v[m - m0][i] + (part.bp ? part.bp[local + i] : 0.f);
+            y[m * N + c * 16 + i] = bf16_ ? round_bf16(r) : r;
+          }
       }
     }
   }
@@ -503,10 +576,15 @@ class DecodeStack {
       int64_t g = c * 16, u = I + c * 16;
       const Part& pg = locate(lin, g);
       const Part& pu = locate(lin, u);
+      alignas(64) float gates[4][16], ups[4][16];
       for (int64_t m = 0; m < M; ++m) {
-        alignas(64) float gate[16], up[16];
-        dot_rows(pg, p, m, g, 16, K, gate);
-        dot_rows(pu, p, m, u, 16, K, up);
+        const int64_t m0 = m & ~int64_t(3);
+        if (m == m0) {  // four activation rows at a time
+          dot_rows_m(pg, p, m0, std::min<int64_t>(4, M - m0), g, 16, K, gates);
+          dot_rows_m(pu, p, m0, std::min<int64_t>(4, M - m0), u, 16, K, ups);
+        }
+        float* gate = gates[m - m0];
+        float* up = ups[m - m0];
         for (int64_t j = 0; j < 16; ++j) {
           gate[j] += pg.bp ? pg.bp[g + j] : 0.f;
           up[j] += pu.bp ? pu.bp[u + j] : 0.f;
@@ -514,9 +592,9 @@ class DecodeStack {
         rnd(gate, 16);
         rnd(up, 16);
         float* a = act + m * I + c * 16;
-        _mm512_storeu_ps(a, silu16(_mm512_load_ps(gate)));
+        _mm512_storeu_ps(a, silu16(_mm512_loadu_ps(gate)));
         rnd(a, 16);
-        _mm512_storeu_ps(a, _mm512_mul_ps(_mm512_loadu_ps(a), _mm512_load_ps(up)));
+        _mm512_storeu_ps(a, _mm512_mul_ps(_mm512_loadu_ps(a), _mm512_loadu_ps(up)));
         rnd(a, 16);
       }
     }
@@ -549,7 +627,8 @@ class DecodeStack {
 
   template <typename T>
   void run(int64_t B, const float* x_in, const int64_t* pos, const int64_t* slot, const int64_t* table,
-           int64_t table_stride, int64_t block_size, const int64_t* lens, bool logits, torch::Tensor& out) const {
+           int64_t table_stride, int64_t block_size, const int64_t* lens, bool logits, const int64_t* head_rows,
+           int64_t R, torch::Tensor& out) const {
     const int64_t H = H_, KVH = KVH_, D = D_, G = H / KVH, Hd = Hd_, QKV = (H + 2 * KVH) * D;
     const float scale = 1.0f / std::sqrt(static_cast<float>(D));
     // attention work units: (sequence, KV head, key range); long contexts split so every thread has work
@@ -559,7 +638,8 @@ class DecodeStack {
     std::vector<int64_t> first_unit(B + 1), parts_of(B);
     for (int64_t b = 0; b < B; ++b) {
       const int64_t start = window_ > 0 ? std::max<int64_t>(0, lens[b] - window_) : 0, n = lens[b] - start;
-      const int64_t want = std::max<int64_t>(1, (4 * nt + B * KVH - 1) / (B * KVH));
+      // the split depends on the context alone, not on the batch: a row's result is the same whatever else runs
+      const int64_t want = std::max<int64_t>(1, (4 * nt + KVH - 1) / KVH);
       const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(want, n / 128));
       parts_of[b] = parts;
       first_unit[b] = static_cast<int64_t>(units.size());
@@ -633,8 +713,10 @@ class DecodeStack {
       }
       rms_norm(x.data(), final_norm_.data_ptr<float>(), h.data(), B, Hd);
       if (logits) {
-        prepare(prep, h.data(), B, Hd);
-        gemv(head_, prep, result, B);
+        for (int64_t i = 0; head_rows && i < R; ++i)  // ascending rows: compacting in place is safe
+          std::copy_n(h.data() + head_rows[i] * Hd, Hd, h.data() + i * Hd);
+        prepare(prep, h.data(), R, Hd);
+        gemv(head_, prep, result, R);
       } else {
 #pragma omp single
         std::copy(h.begin(), h.end(), final_h.begin());

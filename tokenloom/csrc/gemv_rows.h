@@ -464,6 +464,64 @@ inline void rows4_u4_i16_gk(const int16_t* xq, const float* dx, const float* xsu
   });
 }
 
+// rows4_grouped against M activation rows at once: load(r, k) fetches (and widens) weight row r's 64 columns
+// once, dot(w, m, k) meets them with activation row m, so a few rows (speculative drafts, small batches) cost far
+// less than M passes. Per (activation row, weight row) the arithmetic is the one-row kernel's, in the same order:
+// the same result to the bit. out[m * 4 + r].
+template <int M, typename S, typename Load, typename Dot>
+inline void rows4_grouped_m(const float* const* dx, const float* const* xsums, const S* s, const S* o, int64_t K,
+                            int64_t group, float* out, Load load, Dot dot) {
+  const __m512i pattern = halves_pattern();
+  const int64_t G = (K + group - 1) / group, per = group / 32;
+  __m512 acc[M][4];
+  for (int m = 0; m < M; ++m)
+    for (int r = 0; r < 4; ++r) acc[m][r] = _mm512_setzero_ps();
+  for (int64_t k = 0, b = 0; k < K; k += 64, b += 2) {
+    __m512 dxv[M];
+    for (int m = 0; m < M; ++m) dxv[m] = _mm512_permutexvar_ps(pattern, _mm512_castps128_ps512(load2(dx[m] + b)));
+    const int64_t j0 = b / per, j1 = (b + 1) / per;
+    for (int r = 0; r < 4; ++r) {
+      const auto w = load(r, k);
+      const __m512 sv = _mm512_permutexvar_ps(pattern, _mm512_castps128_ps512(scale_pair(s + r * G, j0, j1)));
+      for (int m = 0; m < M; ++m)
+        acc[m][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot(w, m, k)), _mm512_mul_ps(sv, dxv[m]), acc[m][r]);
+    }
+  }
+  for (int m = 0; m < M; ++m)
+    for (int r = 0; r < 4; ++r)
+      out[m * 4 + r] = _mm512_reduce_add_ps(acc[m][r]) + (o ? offset_dot_s(o + r * G, xsums[m], G) : 0.f);
+}
+
+// rows4_u4_i16_gk for M activation rows: the nibbles widened once
+template <int M, typename S>
+inline void rows4_u4_i16_gk_m(const int16_t* const* xq, const float* const* dx, const float* const* xsums,
+                              const uint8_t* q, int64_t row_bytes, const S* s, const S* o, int64_t K, int64_t group,
+                              float* out) {
+  const __m512i low4 = _mm512_set1_epi16(15);
+  struct W { __m512i lo, hi; };
+  rows4_grouped_m<M>(dx, xsums, s, o, K, group, out, [&](int r, int64_t k) {
+    const __m512i v = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + r * row_bytes + k / 2)));
+    return W{_mm512_and_si512(v, low4), _mm512_srli_epi16(v, 4)};
+  }, [&](const W& w, int m, int64_t k) {
+    return _mm512_dpwssd_epi32(_mm512_dpwssd_epi32(_mm512_setzero_si512(), w.lo, _mm512_loadu_si512(xq[m] + k)),
+                               w.hi, _mm512_loadu_si512(xq[m] + k + 32));
+  });
+}
+
+// rows4_u8_i16_gk for M activation rows: each weight load serves all of them (dot64_split's arithmetic)
+template <int M, typename S>
+inline void rows4_u8_i16_gk_m(const int8_t* const* xh, const int8_t* const* xl, const float* const* dx,
+                              const float* const* xsums, const uint8_t* q, int64_t row_bytes, const S* s, const S* o,
+                              int64_t K, int64_t group, float* out) {
+  rows4_grouped_m<M>(dx, xsums, s, o, K, group, out,
+                     [&](int r, int64_t k) { return _mm512_loadu_si512(q + r * row_bytes + k); },
+                     [&](__m512i w, int m, int64_t k) {
+    const __m512i h = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w, _mm512_loadu_si512(xh[m] + k));
+    const __m512i l = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w, _mm512_loadu_si512(xl[m] + k));
+    return _mm512_add_epi32(_mm512_slli_epi32(h, 8), l);
+  });
+}
+
 // int16 activations as two int8 halves, x = 256 hi + lo with lo in [-128, 127] (quantize_x<int16_t>'s range keeps hi
 // in [-127, 127]): 8-bit weights then meet them in two vpdpbusd (u8 x s8), twice the work of int8 activations
 // instead of widening every weight byte to 16 bits

@@ -55,7 +55,8 @@ class LLMEngine:
         cache_cfg = config.cache
         self.kv_cache_manager = KVCacheManager(self.executor.num_blocks, cache_cfg.block_size,
                                                cache_cfg.enable_prefix_caching)
-        self.scheduler = Scheduler(config.scheduler, self.kv_cache_manager, self.max_model_len, cfg.eos_token_ids)
+        self.scheduler = Scheduler(config.scheduler, self.kv_cache_manager, self.max_model_len, cfg.eos_token_ids,
+                                   getattr(self.executor, "num_lookahead_tokens", 0))
         self.output_processor = OutputProcessor(self.scheduler.finish)
         self.last_step_num_seqs = 0
         self._ids = itertools.count()
@@ -207,4 +208,7 @@ class LLMEngine:
             kv_waste_paged=1 - c["slots_used"] / c["slots_alloc"] if c["slots_alloc"] else 0.0,
             kv_waste_contiguous=1 - c["slots_used"] / c["slots_contig"] if c["slots_contig"] else 0.0,
             steps=c["steps"],
+            spec_draft_tokens=self.scheduler.num_draft_tokens,
+            spec_accepted_tokens=self.scheduler.num_accepted_tokens,
+            spec_verify_runs=self.scheduler.num_spec_steps,
         )

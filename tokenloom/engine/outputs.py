@@ -66,4 +66,17 @@ class EngineStats:
     kv_waste_paged: float  # step-averaged share of allocated KV slots holding no token
     kv_waste_contiguous: float  # same, had each request reserved its maximum length up front
     steps: int
+    # speculative decoding: drafts verified, of which accepted, in how many verify runs
+    spec_draft_tokens: int = 0
+    spec_accepted_tokens: int = 0
+    spec_verify_runs: int = 0
     extra: dict = field(default_factory=dict)
+
+    @property
+    def spec_acceptance_rate(self) -> float:
+        return self.spec_accepted_tokens / self.spec_draft_tokens if self.spec_draft_tokens else 0.0
+
+    @property
+    def spec_mean_accepted_length(self) -> float:
+        """Tokens a verify run yields: its accepted drafts plus the one sampled token (1 = no gain)."""
+        return 1 + self.spec_accepted_tokens / self.spec_verify_runs if self.spec_verify_runs else 0.0

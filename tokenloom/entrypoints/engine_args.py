@@ -23,6 +23,7 @@ class EngineArgs:
     enable_prefix_caching: bool = True
     kv_cache_dtype: str = "auto"
     threads: int = 0  # CPU threads for PyTorch (0 = torch's default, one per core)
+    speculative_config: str | None = None  # JSON, as vLLM's --speculative-config
 
     @classmethod
     def from_namespace(cls, ns) -> "EngineArgs":

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Iterator, Sequence
 
-from tokenloom.config import CacheConfig, EngineConfig, SchedulerConfig, TokenloomError
+from tokenloom.config import CacheConfig, EngineConfig, SchedulerConfig, SpeculativeConfig, TokenloomError
 from tokenloom.engine.llm_engine import LLMEngine
 from tokenloom.engine.outputs import RequestOutput
 from tokenloom.loader.sources import DEFAULT_MODEL
@@ -28,12 +28,16 @@ class LLM:
         num_blocks: int | None = None,
         enable_prefix_caching: bool = True,
         kv_cache_dtype: str = "auto",
+        speculative_config: dict | str | None = None,
     ):
+        """speculative_config: speculative decoding under vLLM's names, e.g. {"method": "ngram",
+        "num_speculative_tokens": 4}; see config.SpeculativeConfig."""
         self.engine = LLMEngine(
             EngineConfig(
                 model=model, dtype=dtype, device=device, seed=seed, quantization=quantization,
                 cache=CacheConfig(block_size, kv_cache_memory, num_blocks, enable_prefix_caching, kv_cache_dtype),
                 scheduler=SchedulerConfig(max_num_seqs, max_num_batched_tokens, max_model_len),
+                speculative=SpeculativeConfig.parse(speculative_config),
             )
         )
         self.tokenizer = self.engine.tokenizer

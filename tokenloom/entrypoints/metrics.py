@@ -14,6 +14,10 @@
     tokenloom_batch_size                             histogram: sequences per engine step
     tokenloom_step_num_seqs / _max                   sequences in the last engine step / the most in any step
     tokenloom_num_preemptions / _engine_steps        preemptions and engine steps so far
+    tokenloom_spec_decode_num_draft_tokens           speculative decoding: draft tokens verified so far
+    tokenloom_spec_decode_num_accepted_tokens        of which accepted
+    tokenloom_spec_decode_acceptance_rate            accepted / verified (0..1)
+    tokenloom_spec_decode_mean_accepted_length       tokens per verify run: accepted drafts + 1
 """
 from __future__ import annotations
 
@@ -74,6 +78,14 @@ class ServerMetrics:
               lambda: st().prefix_cache_hit_rate)
         gauge("tokenloom_num_preemptions", "Preemptions so far", lambda: st().num_preemptions)
         gauge("tokenloom_engine_steps", "Engine steps so far", lambda: st().steps)
+        gauge("tokenloom_spec_decode_num_draft_tokens", "Speculative draft tokens verified so far",
+              lambda: st().spec_draft_tokens)
+        gauge("tokenloom_spec_decode_num_accepted_tokens", "Speculative draft tokens accepted so far",
+              lambda: st().spec_accepted_tokens)
+        gauge("tokenloom_spec_decode_acceptance_rate", "Accepted share of verified draft tokens (0..1)",
+              lambda: st().spec_acceptance_rate)
+        gauge("tokenloom_spec_decode_mean_accepted_length", "Tokens per verify run: accepted drafts plus one",
+              lambda: st().spec_mean_accepted_length)
         gauge("tokenloom_step_num_seqs", "Sequences in the last engine step", lambda: async_engine.last_step_num_seqs)
         gauge("tokenloom_step_num_seqs_max", "Most sequences in one engine step so far",
               lambda: async_engine.max_step_num_seqs)

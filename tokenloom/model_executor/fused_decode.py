@@ -167,7 +167,26 @@ class FusedDecoder:
 
     @torch.inference_mode()
     def logits(self, input_ids: torch.Tensor, positions: torch.Tensor, slot_mapping: torch.Tensor,
-               block_table: torch.Tensor, context_lens: torch.Tensor) -> torch.Tensor:
-        """float32 logits [B, vocab] of one decode token per sequence (each writes its K/V into its slot)."""
+               block_table: torch.Tensor, context_lens: torch.Tensor,
+               head_rows: torch.Tensor | None = None) -> torch.Tensor:
+        """float32 logits [rows, vocab] of a batch of token rows, each with its position, slot, block table row
+        and context length (a sequence may take consecutive rows: its drafts). Each row writes its K/V into its
+        slot before any row attends, so a later row of a sequence sees the earlier ones. head_rows (ascending):
+        the rows whose logits are wanted (default all)."""
         x = self.model.embed_tokens(input_ids)
-        return self.stack.forward(x, positions, slot_mapping, block_table, self.block_size, context_lens, True)
+        rows = _EMPTY.long() if head_rows is None else head_rows
+        return self.stack.forward(x, positions, slot_mapping, block_table, self.block_size, context_lens, True, rows)
+
+    @torch.inference_mode()
+    def token_logits(self, input_ids: torch.Tensor, positions: torch.Tensor, block_tables: list[list[int]],
+                     query_lens: list[int], head_rows: torch.Tensor | None = None) -> torch.Tensor:
+        """logits() for a flat batch as InputBatch lays it out: sequence i's query_lens[i] tokens at consecutive
+        positions, all attending causally over its block table."""
+        bs = self.block_size
+        width = max(len(t) for t in block_tables)
+        table = torch.tensor([t + [0] * (width - len(t)) for t in block_tables], dtype=torch.long)
+        if len(query_lens) != len(input_ids):
+            table = table.repeat_interleave(torch.tensor(query_lens), dim=0)
+        pos = positions.long()
+        slots = table.gather(1, (pos // bs)[:, None])[:, 0] * bs + pos % bs
+        return self.logits(input_ids, pos, slots, table, pos + 1, head_rows)

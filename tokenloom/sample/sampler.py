@@ -41,8 +41,11 @@ class Sampler:
         self.processors = default_processors() if processors is None else list(processors)
         self.ws = Workspace()
 
-    def __call__(self, logits: torch.Tensor, metadata: SamplingMetadata, return_probs: bool = False) -> SamplerOutput:
-        """Sample one token per row of logits [rows, V] (any float dtype; left as it was)."""
+    def __call__(self, logits: torch.Tensor, metadata: SamplingMetadata, return_probs: bool = False,
+                 choose=None) -> SamplerOutput:
+        """Sample one token per row of logits [rows, V] (any float dtype; left as it was). choose(tokens, probs)
+        may replace the drawn tokens [rows] before logprobs are taken (speculative decoding's rejection
+        sampler), given the distributions they were drawn from (return_probs is implied)."""
         B, V = logits.shape
         active = [p for p in self.processors if p.active(metadata)]
         saved = []
@@ -53,12 +56,12 @@ class Sampler:
         try:
             for p in active:
                 p.apply(logits, metadata)
-            return self._run(logits, metadata, return_probs)
+            return self._run(logits, metadata, return_probs or choose is not None, choose)
         finally:
             for index, values in reversed(saved):
                 logits.index_put_(index, values)
 
-    def _run(self, logits: torch.Tensor, md: SamplingMetadata, return_probs: bool) -> SamplerOutput:
+    def _run(self, logits: torch.Tensor, md: SamplingMetadata, return_probs: bool, choose=None) -> SamplerOutput:
         B, V = logits.shape
         ws = self.ws
         tokens = torch.empty(B, dtype=torch.long, device=logits.device)
@@ -74,8 +77,10 @@ class Sampler:
                 at = list(range(len(md.sampled)))
             drawn, thr = ops.sample(ws, x, at, md.truncation, md.plain, self._uniforms(md), return_probs)
             tokens[md.sampled_index] = drawn
-        token_list = tokens.tolist()
         probs = self._probs(md, tokens, x, at, thr, V) if return_probs else None
+        if choose is not None:
+            tokens = choose(tokens, probs)
+        token_list = tokens.tolist()
         return SamplerOutput(token_list, self._logprobs(logits, md, tokens, token_list), probs)
 
     def _uniforms(self, md: SamplingMetadata) -> torch.Tensor:

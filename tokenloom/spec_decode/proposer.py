@@ -1,27 +1,45 @@
-"""The proposer interface of speculative decoding."""
+"""The proposer interface of speculative decoding: what a proposer is given and what it hands back."""
 from __future__ import annotations
 
 import abc
-from typing import Protocol, Sequence
+from dataclasses import dataclass, field
+
+import torch
 
 
-class DraftContext(Protocol):
-    """What a proposer may read of a request (core.Request satisfies it)."""
+@dataclass
+class DraftRequest:
+    """One request to draft for, as the model runner sees it after a step."""
 
     request_id: str
-    prompt_token_ids: list[int]
-    output_token_ids: list[int]
+    token_ids: list[int]  # every accepted token: the prompt, the output, and this step's kept tokens
+    num_drafts: int  # how many tokens to propose (at most)
+    params: object = None  # the request's SamplingParams (a model draft samples as the request does)
+    block_table: list[int] = field(default_factory=list)  # the target's blocks, lookahead slots included
+    generator: torch.Generator | None = None  # a seeded request's own generator
 
-    @property
-    def all_token_ids(self) -> list[int]: ...
+
+@dataclass
+class Draft:
+    token_ids: list[int]
+    # [len(token_ids), vocab] float32: the distribution q each draft token was drawn from; None: q is one-hot on
+    # the drafted tokens (n-gram lookups, greedy drafts), verified by equality with the target's own draw.
+    probs: torch.Tensor | None = None
+    # What kind of guess this is (an n-gram lookup: the matched length), so acceptance is learnt per kind.
+    kind: int = 0
 
 
 class Proposer(abc.ABC):
-    """Given the running requests, propose up to `num_speculative_tokens` draft tokens for each.
+    """Given requests that just gained tokens, propose up to `num_drafts` draft tokens for each.
 
     Drafts are only guesses: a wrong one costs a little compute, never a different output, because verification
-    keeps the target model's distribution exactly. A proposer may return fewer tokens (or none) for a request.
+    keeps the target model's distribution exactly.
     """
+
+    # Proposals cost next to nothing: adaptive k keeps scoring them while speculation is paused.
+    cheap = False
+    # Draft K/V written into the target's lookahead slots (the scheduler reserves num_speculative_tokens of them).
+    needs_lookahead_slots = False
 
     def __init__(self, num_speculative_tokens: int):
         if num_speculative_tokens < 1:
@@ -29,13 +47,8 @@ class Proposer(abc.ABC):
         self.num_speculative_tokens = num_speculative_tokens
 
     @abc.abstractmethod
-    def propose(self, requests: Sequence[DraftContext]) -> list[list[int]]:
-        """Draft token ids per request, in the order given."""
+    def propose(self, requests: list[DraftRequest]) -> list[Draft]:
+        """One Draft per request, in the order given (possibly empty)."""
 
-    def draft_probs(self) -> list | None:
-        """The draft distributions q of the last proposal, for rejection sampling; None means q is one-hot on the
-        drafted tokens (n-gram lookups and greedy drafts)."""
-        return None
-
-    def remove_requests(self, request_ids: Sequence[str]) -> None:
-        """Forget per-request state (a draft model's KV cache, for instance) of finished requests."""
+    def remove_requests(self, request_ids) -> None:
+        """Forget per-request state of finished requests."""

@@ -14,7 +14,7 @@ import torch
 from tokenloom.config import EngineConfig, ModelConfig, TokenloomError
 from tokenloom.loader.sources import ModelSource
 from tokenloom.worker.kv_cache import kv_bytes_per_block
-from tokenloom.worker.model_loading import load_model
+from tokenloom.worker.model_loading import load_worker_model
 from tokenloom.worker.model_runner import ModelRunner
 from tokenloom.worker.outputs import ModelRunnerOutput
 
@@ -61,33 +61,43 @@ class Executor(abc.ABC):
 class UniProcExecutor(Executor):
     def __init__(self, config: EngineConfig, source: ModelSource, dtype: torch.dtype, generator: torch.Generator):
         device = torch.device(config.device)
-        # GGUF blocks kept as they are: their modules come straight from the file, never via a float copy
-        keep_blocks = config.quantization == "gguf" and source.kind == "gguf"
-        self.model, self.tokenizer = load_model(source, dtype, device, keep_gguf_blocks=keep_blocks)
+        self.model, self.tokenizer = load_worker_model(source, dtype, device, config.quantization)
         self.model_config = cfg = self.model.config
-        if config.quantization:
-            from tokenloom.quant import quantize_model
-
-            quantize_model(self.model, config.quantization, tokenizer=self.tokenizer,
-                           gguf_path=source.path if source.kind == "gguf" else None)
         if device.type == "cpu":
             from tokenloom.kernels import cpu_ops
 
             cpu_ops.EXTENSION.load()  # build or load the fused kernels now, not inside the first request's TTFT
-        self.num_blocks, self.max_model_len = self._size_kv_cache(config, cfg, dtype, device)
+        draft = None
+        if config.speculative is not None:
+            from tokenloom.worker.speculative import DraftModel
+
+            draft = DraftModel.load(config.speculative, self.model, self.tokenizer, source, dtype, device)
+        extra = draft.kv_bytes_per_block(config.cache) if draft else 0
+        self.num_blocks, self.max_model_len = self._size_kv_cache(config, cfg, dtype, device, extra)
         self.runner = ModelRunner(self.model, config.cache, self.num_blocks, device, generator)
+        self.num_lookahead_tokens = 0  # slots the scheduler keeps beyond each request for a draft model's K/V
+        if config.speculative is not None:
+            from tokenloom.worker.speculative import build_speculator
+
+            self.runner.speculator = build_speculator(config.speculative, draft, self.runner, self.max_model_len,
+                                                      config.cache, generator)
+            if self.runner.speculator.proposer.needs_lookahead_slots:
+                self.num_lookahead_tokens = config.speculative.num_speculative_tokens
         if device.type == "cpu":
             from tokenloom.model_executor.layers.linear import pack_linear_layers
 
-            # after the runner: its compiled decode stack keeps the plain float matrices it was built on, the
-            # layers (wider batches, prefill) use oneDNN's packed copies
-            pack_linear_layers(self.model)
+            # after the runners: their compiled decode stacks keep the plain float matrices they were built on,
+            # the layers (wider batches, prefill) use oneDNN's packed copies
+            for model in {id(m): m for m in (self.model, draft and draft.model) if m is not None}.values():
+                pack_linear_layers(model)
 
     @staticmethod
-    def _size_kv_cache(config: EngineConfig, cfg: ModelConfig, dtype, device) -> tuple[int, int]:
+    def _size_kv_cache(config: EngineConfig, cfg: ModelConfig, dtype, device, extra_block_bytes: int = 0
+                       ) -> tuple[int, int]:
+        """(blocks, max_model_len); extra_block_bytes: a draft model's K/V at the same slots."""
         cache_cfg, sched_cfg = config.cache, config.scheduler
         max_model_len = min(sched_cfg.max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
-        block_bytes = kv_bytes_per_block(cfg, cache_cfg.block_size, dtype, cache_cfg.kv_cache_dtype)
+        block_bytes = kv_bytes_per_block(cfg, cache_cfg.block_size, dtype, cache_cfg.kv_cache_dtype) + extra_block_bytes
         if cache_cfg.num_blocks:
             num_blocks = cache_cfg.num_blocks
         else:

@@ -44,3 +44,16 @@ def load_model(source: ModelSource, dtype: torch.dtype, device: torch.device, ma
     else:
         model.load_hf_weights(weights, deferred)
     return model, tokenizer
+
+
+def load_worker_model(source: ModelSource, dtype: torch.dtype, device: torch.device, quantization: str | None):
+    """(model, tokenizer) with the weights in their run-time form."""
+    # GGUF blocks kept as they are: their modules come straight from the file, never via a float copy
+    keep_blocks = quantization == "gguf" and source.kind == "gguf"
+    model, tokenizer = load_model(source, dtype, device, keep_gguf_blocks=keep_blocks)
+    if quantization:
+        from tokenloom.quant import quantize_model
+
+        quantize_model(model, quantization, tokenizer=tokenizer,
+                       gguf_path=source.path if source.kind == "gguf" else None)
+    return model, tokenizer

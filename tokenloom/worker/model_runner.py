@@ -1,12 +1,17 @@
 """Runs one scheduled step as one forward pass over the paged KV cache, then samples (and verifies draft tokens).
 
 Input: the scheduler output (core/scheduler_output.py), read and never changed. Output: a ModelRunnerOutput with
-the tokens each request keeps. A request with draft tokens gets one sampled row per position; the drafts are kept
+the tokens each request keeps, and (speculative decoding) the drafts to verify next step. A request with draft
+tokens gets one sampled row per position. Drafts whose distribution q is one-hot (n-gram, greedy drafts) are kept
 while they equal the token sampled at their position, then the first sampled token that differs (or the bonus
-token after them all) ends the run: every kept token is a draw from the model's own distribution given the
-tokens before it, so outputs are exactly those of decoding without drafts.
+token after them all) ends the run: this is rejection sampling for one-hot q (accept x with probability p(x),
+else draw from p without x). Sampled model drafts go through the general rejection sampler
+(sample/rejection_sampler.py). Either way every kept token is a draw from the model's own distribution given the
+tokens before it, so greedy outputs are exactly those of decoding without drafts.
 """
 from __future__ import annotations
+
+import time
 
 import torch
 
@@ -16,14 +21,22 @@ from tokenloom.model_executor.fused_decode import FusedDecoder
 from tokenloom.model_executor.layers.attention import build_attention_metadata
 from tokenloom.model_executor.sequence_forward import SequenceForward
 from tokenloom.sample import Sampler, SamplingMetadata, SamplingRow
+from tokenloom.sample.rejection_sampler import rejection_sample
 from tokenloom.worker.input_batch import InputBatch
 from tokenloom.worker.kv_cache import KVCache
 from tokenloom.worker.outputs import ModelRunnerOutput
 
 
+# Rows of one token run beyond which logits() goes layer by layer: the compiled stack's kernels are
+# matrix-vector products, each row a pass over the weights.
+FUSED_MAX_ROWS = 16
+
+
 class ModelRunner:
     def __init__(self, model, cache_config: CacheConfig, num_blocks: int, device: torch.device,
-                 generator: torch.Generator):
+                 generator: torch.Generator, layer_caches: list | None = None):
+        """layer_caches: run on these layers' caches (a layer-skip draft shares its target's) instead of
+        allocating a KV cache of num_blocks blocks."""
         self.model = model
         self.config: ModelConfig = model.config
         self.block_size = cache_config.block_size
@@ -31,19 +44,24 @@ class ModelRunner:
         self.dtype = model.embed_tokens.weight.dtype
         cfg = self.config
         self.num_blocks = num_blocks
-        self.cache = KVCache(cfg, cache_config, num_blocks, self.dtype, device)
-        self.kv_cache, self.kv_scales = self.cache.tensor, self.cache.scales
-        self.layer_caches = self.cache.layers
+        self.cache = KVCache(cfg, cache_config, num_blocks, self.dtype, device) if layer_caches is None else None
+        self.layer_caches = self.cache.layers if layer_caches is None else layer_caches
+        self.kv_cache = self.cache.tensor if self.cache else None  # [layer, k/v, slot, kv_head, head_dim]
         model.bind_kv_caches(self.layer_caches)  # each attention layer keeps its view of the cache
         self.sampler = Sampler(generator)
         # decode batches up to this many sequences run as one compiled call (None: layer by layer only)
         self.fused = FusedDecoder.build(model, self.layer_caches, self.block_size) if device.type == "cpu" else None
         self.steps_by_path = {"fused": 0, "layers": 0}  # which path each forward took (tests and benchmarks)
+        self.speculator = None  # spec_decode.Speculator, set by the executor when speculative decoding is on
 
     @torch.inference_mode()
     def execute(self, sched) -> ModelRunnerOutput:
         """Run one step of the scheduler output `sched`: its one-token requests (decodes) through the compiled
         stack when there is one, the rest (prefill chunks, drafts, prompt logprobs) layer by layer."""
+        start = time.perf_counter()
+        spec = self.speculator
+        if spec is not None:
+            spec.drop(sched.freed_request_ids)
         if sched.blocks_to_copy:
             self.cache.copy_blocks(sched.blocks_to_copy)
         out = ModelRunnerOutput()
@@ -52,30 +70,45 @@ class ModelRunner:
             self._run_fused(InputBatch.from_scheduled(fused, self.device), out)
         if layers:
             self._run_layers(InputBatch.from_scheduled(layers, self.device), out)
+        if spec is not None:
+            spec.after_step(sched, out, time.perf_counter() - start)
         return out
 
     def _split(self, scheduled: list) -> tuple[list, list]:
-        """(items for the compiled stack, items for the layers). The stack takes one-token items without prompt
-        logprobs, up to its batch limit; so a request's decode runs the same kernels whatever else is in the
-        step, which keeps its output independent of the batch."""
+        """(items for the compiled stack, items for the layers). The stack takes decodes (one token, plus the
+        drafts to verify) without prompt logprobs, up to its batch limit in rows; so a request's decode runs the
+        same kernels whatever else is in the step, which keeps its output independent of the batch and of
+        speculation."""
         if self.fused is None:
             return [], scheduled
-        fused, layers = [], []
+        fused, drafted, layers = [], [], []
         for item in scheduled:
             req = item.request
-            one = item.num_tokens == 1 and not item.spec_token_ids and (
+            decode = item.num_tokens == 1 + len(item.spec_token_ids) and (
                 req.params.prompt_logprobs is None or req.num_computed_tokens >= req.num_prompt_tokens - 1)
-            (fused if one else layers).append(item)
+            (layers if not decode else drafted if item.spec_token_ids else fused).append(item)
         if len(fused) > self.fused.max_batch:
             return [], scheduled
+        rows = len(fused)
+        for item in drafted:
+            if rows + item.num_tokens <= self.fused.max_batch:
+                fused.append(item)
+                rows += item.num_tokens
+            else:
+                layers.append(item)
         return fused, layers
 
     def _run_fused(self, batch: InputBatch, out: ModelRunnerOutput) -> None:
         self.steps_by_path["fused"] += 1
-        logits = self._fused_logits(batch)
-        if batch.samples:
-            rows = batch.sample_rows
-            self._sample(batch, logits if rows == list(range(len(logits))) else logits[rows], out)
+        rows = batch.sample_rows
+        heads = sorted(set(rows)) or [len(batch.input_ids) - 1]  # forks of n > 1 share their parent's row
+        head_rows = None if len(heads) == len(batch.input_ids) else torch.tensor(heads)
+        logits = self.fused.token_logits(batch.input_ids, batch.positions, batch.block_tables, batch.query_lens,
+                                         head_rows)
+        if rows:
+            if rows != heads:
+                logits = logits[[heads.index(r) for r in rows]]
+            self._sample(batch, logits, out)
 
     def _run_layers(self, batch: InputBatch, out: ModelRunnerOutput) -> None:
         self.steps_by_path["layers"] += 1
@@ -92,15 +125,6 @@ class ModelRunner:
         if batch.samples:
             self._sample(batch, self.model.compute_logits(hidden[batch.sample_rows]), out)
 
-    def _fused_logits(self, batch: InputBatch) -> torch.Tensor:
-        bs = self.block_size
-        width = max(len(t) for t in batch.block_tables)
-        table = torch.tensor([t + [0] * (width - len(t)) for t in batch.block_tables], dtype=torch.long)
-        lens = torch.tensor(batch.context_lens, dtype=torch.long)
-        pos = lens - 1
-        slots = table.gather(1, (pos // bs)[:, None])[:, 0] * bs + pos % bs
-        return self.fused.logits(batch.input_ids, pos, slots, table, lens)
-
     def _sample(self, batch: InputBatch, logits: torch.Tensor, out: ModelRunnerOutput) -> None:
         rows = []
         for g in batch.samples:
@@ -108,7 +132,8 @@ class ModelRunner:
             for j in range(len(g.rows)):  # row j sees the drafts before it as output already
                 history = r.output_token_ids + g.draft_token_ids[:j] if j else r.output_token_ids
                 rows.append(SamplingRow(r.params, r.prompt_token_ids, history, r.generator, self.config.eos_token_ids))
-        samples = self.sampler(logits, SamplingMetadata.from_rows(rows, logits.device))
+        samples = self.sampler(logits, SamplingMetadata.from_rows(rows, logits.device),
+                               choose=self._rejection_sampler(batch))
         row = 0
         for g in batch.samples:
             tokens = samples.token_ids[row : row + len(g.rows)]
@@ -122,12 +147,56 @@ class ModelRunner:
             out.logprobs.append(samples.logprobs[row : row + kept] if g.request.params.logprobs is not None else None)
             row += len(g.rows)
 
+    def _rejection_sampler(self, batch: InputBatch):
+        """The sampler's choose() for the requests whose drafts were sampled from a draft distribution q: their
+        rows' tokens become the rejection sampler's (accepted drafts, then the residual or bonus token)."""
+        spec = self.speculator
+        if spec is None or not spec.draft_probs:
+            return None
+        checks, row = [], 0
+        for g in batch.samples:
+            q = spec.draft_probs.get(g.request.request_id) if g.draft_token_ids else None
+            if q is not None:
+                checks.append((row, g, q[: len(g.draft_token_ids)]))
+            row += len(g.rows)
+        if not checks:
+            return None
+
+        def choose(tokens: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
+            tokens = tokens.clone()
+            for row, g, q in checks:
+                kept = rejection_sample(probs[row : row + len(g.rows)], g.draft_token_ids, q,
+                                        g.request.generator or self.sampler.generator)
+                tokens[row : row + len(kept)] = torch.tensor(kept, device=tokens.device)
+            return tokens
+
+        return choose
+
     @torch.inference_mode()
     def hidden_states(self, token_ids: list[int]) -> torch.Tensor:
         """Final-norm hidden states [n, hidden] of one causal forward over a scratch cache: the engine's own
         cache and requests are untouched (used for embeddings)."""
         ids = torch.tensor(token_ids, dtype=torch.long, device=self.device)
         return SequenceForward(self.model, len(token_ids)).hidden(ids)
+
+    @torch.inference_mode()
+    def logits(self, input_ids: list[int], starts: list[int], query_lens: list[int], block_tables: list[list[int]],
+               rows: list[int]) -> torch.Tensor:
+        """float32 logits of the flat rows `rows` (ascending) of a batch of token runs, run i continuing its
+        sequence at position starts[i] over block_tables[i], its K/V written into the cache: through the compiled
+        stack for a few rows, else layer by layer (a draft model catching up)."""
+        ids = torch.tensor(input_ids, dtype=torch.long, device=self.device)
+        pos = torch.cat([torch.arange(s, s + n) for s, n in zip(starts, query_lens)]).to(self.device)
+        if self.fused is not None and len(input_ids) <= min(self.fused.max_batch, FUSED_MAX_ROWS):
+            self.steps_by_path["fused"] += 1
+            return self.fused.token_logits(ids, pos, block_tables, query_lens, torch.tensor(rows))
+        self.steps_by_path["layers"] += 1
+        meta = build_attention_metadata(query_lens, [s + n for s, n in zip(starts, query_lens)], block_tables,
+                                        self.block_size, self.config.num_heads // self.config.num_kv_heads,
+                                        self.config.sliding_window, self.device)
+        with set_forward_context(ForwardContext(meta)):
+            hidden = self.model(ids, pos)
+        return self.model.compute_logits(hidden[rows])
 
     def _prompt_logprobs(self, req, hidden: torch.Tensor, next_tokens: list[int]) -> list[dict]:
         logprobs = torch.log_softmax(self.model.compute_logits(hidden), dim=-1)

@@ -13,5 +13,7 @@ class ModelRunnerOutput:
     sampled_token_ids: list[list[int]] = field(default_factory=list)
     # Per such request and kept token: [(token, logprob), (top token, logprob), ...], or None when not asked.
     logprobs: list[list | None] = field(default_factory=list)
+    # Per such request, draft tokens to verify next step (speculative decoding; empty when not speculating).
+    spec_token_ids: list[list[int]] = field(default_factory=list)
     # Prompt logprobs computed this step: (request, first prompt position, [{token: logprob}, ...]).
     prompt_logprobs: list[tuple[object, int, list[dict]]] = field(default_factory=list)

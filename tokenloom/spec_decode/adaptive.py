@@ -1,0 +1,139 @@
+"""Adaptive k: how many drafts each request verifies next step, chosen to maximise tokens per second.
+
+Each request keeps an estimate of alpha, the chance that a draft is accepted given the drafts before it were
+(decayed counts, so it follows a conversation's changing phases), per kind of proposal (an n-gram lookup's match
+length); a new request starts from the engine-wide estimate of the same kind. The step's cost is measured, not assumed: the
+runner reports each step's wall time by how many token rows it verified, and the cost of r rows is their running
+mean (a linear guess until a row count has been seen). Drafts are then added in order of expected gain (the j-th
+draft of a request is kept with probability alpha^j) for as long as expected tokens per unit of cost improve,
+across the whole batch; where no draft pays, a request verifies none (speculation pauses). A cheap proposer's
+drafts are still scored against the tokens that came, so speculation resumes when they would pay again; a costly
+one is probed now and then (one request at a time, less often while probes fail).
+"""
+from __future__ import annotations
+
+import statistics
+from collections import deque
+from dataclasses import dataclass
+
+DECAY = 0.9  # weight of past observations per verify step
+GLOBAL_DECAY = 0.98  # the same for the engine-wide estimate new requests start from
+PRIOR_WEIGHT = 2.0  # observations a new request's starting estimate counts as (alpha starts at 1/2)
+PROBE_FIRST, PROBE_MAX = 32, 1024  # paused steps before a costly proposer's probe; doubled after each failed one
+PROBE_DRAFTS = 2  # drafts a probe verifies
+ROW_COST_GUESS = 0.35  # cost of one more row relative to a one-row step, until measured
+
+
+@dataclass
+class Acceptance:
+    accepted: float = PRIOR_WEIGHT / 2
+    rejected: float = PRIOR_WEIGHT / 2
+
+    @property
+    def alpha(self) -> float:
+        return self.accepted / (self.accepted + self.rejected)
+
+    def observe(self, num_drafts: int, num_accepted: int, decay: float = DECAY) -> None:
+        """A run of num_drafts drafts of which the first num_accepted were accepted (a rejection ends a run;
+        drafts cut short by the end of the tokens compared count only as far as they went)."""
+        if num_drafts <= 0:
+            return
+        self.accepted = self.accepted * decay + num_accepted
+        self.rejected = self.rejected * decay + (1.0 if num_accepted < num_drafts else 0.0)
+
+
+class StepCost:
+    """Wall time of a step by the number of token rows it ran (decodes plus drafts): the median of the last few
+    (a noisy machine's outliers do not move it)."""
+
+    WINDOW = 15
+
+    def __init__(self):
+        self.samples: dict[int, deque] = {}
+        self.mean: dict[int, float] = {}
+
+    def observe(self, rows: int, seconds: float) -> None:
+        window = self.samples.setdefault(rows, deque(maxlen=self.WINDOW))
+        window.append(seconds)
+        self.mean[rows] = statistics.median(window)
+
+    def __call__(self, rows: int) -> float:
+        if rows in self.mean:
+            return self.mean[rows]
+        known = sorted(self.mean)
+        if not known:
+            return 1.0 + ROW_COST_GUESS * (rows - 1)
+        below = [r for r in known if r < rows]
+        base = below[-1] if below else known[0]
+        return self.mean[base] * (1.0 + ROW_COST_GUESS * (rows - base) / max(base, 1))
+
+
+class AdaptiveK:
+    def __init__(self, max_k: int, enabled: bool = True, cheap: bool = True):
+        self.max_k, self.enabled, self.cheap = max_k, enabled, cheap
+        self.stats: dict[tuple, Acceptance] = {}  # (request id, kind of proposal) -> its acceptance
+        self.engine_wide: dict[int, Acceptance] = {}  # kind -> acceptance over every request: new ones start here
+        self.cost = StepCost()
+        self.paused_steps, self.probe_after = 0, PROBE_FIRST  # a costly proposer's probes, engine-wide
+
+    def acceptance(self, key: tuple) -> Acceptance:
+        s = self.stats.get(key)
+        if s is None:
+            g = self.engine_wide.get(key[1])
+            alpha = g.alpha if g is not None else 0.5
+            s = self.stats[key] = Acceptance(PRIOR_WEIGHT * alpha, PRIOR_WEIGHT * (1 - alpha))
+        return s
+
+    def observe(self, key: tuple, num_drafts: int, num_accepted: int) -> None:
+        self.acceptance(key).observe(num_drafts, num_accepted)
+        g = self.engine_wide.get(key[1])
+        if g is None:
+            g = self.engine_wide[key[1]] = Acceptance()
+        g.observe(num_drafts, num_accepted, GLOBAL_DECAY)
+
+    def plan(self, keys: list, available: list[int], draft_step_cost: float = 0.0) -> list[int]:
+        """Drafts to verify per request, given how many each could have (its proposal's length). keys: each
+        request's acceptance statistics (a request id, or a request id with the kind of its proposal). Each draft
+        step of a model proposer costs draft_step_cost (in the step-cost's units) for the whole batch."""
+        if not self.enabled:
+            return [min(a, self.max_k) for a in available]
+        B = len(keys)
+        gains = []  # (expected extra tokens, request index), best first within each request by construction
+        for i, (key, avail) in enumerate(zip(keys, available)):
+            alpha = self.acceptance(key).alpha
+            g = 1.0
+            for j in range(min(avail, self.max_k)):
+                g *= alpha
+                gains.append((g, j, i))
+        gains.sort(key=lambda t: -t[0])
+        ks = [0] * B
+        tokens, best_rate, best_n = float(B), B / self.cost(B), 0
+        depth = 0
+        for n, (g, j, i) in enumerate(gains, 1):
+            tokens += g
+            depth = max(depth, j + 1)
+            rate = tokens / (self.cost(B + n) + draft_step_cost * depth)
+            if rate > best_rate:
+                best_rate, best_n = rate, n
+        for g, j, i in gains[:best_n]:
+            ks[i] += 1
+        return ks
+
+    def probe(self, ks: list[int], available: list[int]) -> list[int]:
+        """A costly proposer's plan ks, or while it drafts for nobody, now and then a short probe of one request
+        (engine-wide, so probing costs at most 1/PROBE_FIRST of the steps, less after each probe that did not
+        pay: a probe that pays resumes drafting through plan())."""
+        if any(ks):
+            self.paused_steps, self.probe_after = 0, PROBE_FIRST
+            return ks
+        self.paused_steps += 1
+        if self.paused_steps < self.probe_after or not any(available):
+            return ks
+        self.paused_steps, self.probe_after = 0, min(2 * self.probe_after, PROBE_MAX)
+        i = max(range(len(ks)), key=lambda j: available[j])
+        return [min(PROBE_DRAFTS, available[j]) if j == i else 0 for j in range(len(ks))]
+
+    def remove_requests(self, request_ids) -> None:
+        gone = set(request_ids)
+        for key in [key for key in self.stats if key[0] in gone]:
+            del self.stats[key]
