@@ -84,3 +84,22 @@ def test_compare_without_llama_cpp_says_how_to_get_it(default_gguf, tmp_path):
         assert_clean_error(proc, "llama-bench", "llama-cpp-python")
     else:
         assert proc.returncode == 0, proc.stderr
+
+
+def test_spec_json(default_gguf):
+    """`bench spec`: every method beside none on the same tasks, greedy outputs identical, figures in JSON."""
+    proc = tokenloom("bench", "spec", str(default_gguf), "--methods", "ngram,layer_skip", "--batch", "1,2",
+                     "--rounds", "1", "--output-len", "12", "--tasks", "reformat_json,chat", "-k", "4", "--json")
+    assert proc.returncode == 0, proc.stderr
+    res = json.loads(proc.stdout)
+    rows = {(r["method"], r["task"], r["batch"]): r for r in res["results"]}
+    assert set(rows) == {(m, t, b) for m in ("none", "ngram", "layer_skip") for t in ("reformat_json", "chat")
+                         for b in (1, 2)}
+    assert all(r["identical"] and r["decode_tok_s"] > 0 for r in rows.values())
+    assert all(rows[("none", t, b)]["speedup"] == 1.0 for t in ("reformat_json", "chat") for b in (1, 2))
+    assert "ngram/batch1/grounded" in res["geomean_speedup"]
+
+
+def test_spec_rejects_an_unknown_method(default_gguf):
+    proc = tokenloom("bench", "spec", str(default_gguf), "--methods", "magic", "--rounds", "1")
+    assert_clean_error(proc, "unknown method")

@@ -600,3 +600,35 @@ def test_serve_sigterm_finishes_inflight_requests(tiny_llama):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+@slow
+def test_speculative_server_streams_and_reports():
+    """A server speculating (n-gram drafts): greedy chat completions, streamed or not, equal the plain engine's,
+    runs of several tokens a step reach the stream whole and in order, and /metrics reports drafts and acceptance."""
+    from tokenloom import LLM
+    from tokenloom.engine.async_engine import AsyncEngine
+    from tokenloom.entrypoints.server import build_app
+
+    chat = [{"role": "user", "content": "Repeat exactly: red fish, blue fish, one fish, two fish, old fish, new fish."}]
+    plain = LLM(MODEL, max_model_len=2048)
+    ref = plain.chat(chat, SamplingParams(temperature=0, max_tokens=40))[0].outputs[0].text
+    llm = LLM(MODEL, max_model_len=2048, speculative_config='{"method": "ngram", "num_speculative_tokens": 6}')
+    aengine = AsyncEngine(llm.engine).start()
+    server = RunningServer(build_app(aengine, None, api_key=None, max_queue=64))
+    try:
+        body = {"model": MODEL, "messages": chat, "max_tokens": 40, "temperature": 0}
+        r = httpx.post(server.url + "/v1/chat/completions", json=body, timeout=60)
+        assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == ref
+        raw = httpx.post(server.url + "/v1/chat/completions", json={**body, "stream": True}, timeout=60).text
+        frames = [f for f in _sse_frames(raw) if f.get("choices")]
+        assert "".join(f["choices"][0]["delta"].get("content") or "" for f in frames) == ref
+        m = _metrics(server.url)
+        drafts = m["tokenloom_spec_decode_num_draft_tokens"]
+        accepted = m["tokenloom_spec_decode_num_accepted_tokens"]
+        assert drafts > 0 and 0 < accepted <= drafts
+        assert m["tokenloom_spec_decode_acceptance_rate"] == pytest.approx(accepted / drafts)
+        assert m["tokenloom_spec_decode_mean_accepted_length"] > 1
+    finally:
+        server.stop()
+        aengine.shutdown()

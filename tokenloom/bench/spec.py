@@ -2,8 +2,9 @@
 (input-grounded: repeat or quote a passage, edit code, extract from a document, reformat JSON) and on
 open-ended chat, at batch 1 and batch 8.
 
-Every method's engine is loaded first; then rounds go over methods in turn (the machine is noisy, so each
-method's figure is its median over rounds, and ratios compare figures from the same rounds). Decode tok/s at
+Every method's engine is loaded first; then rounds go over tasks and methods in turn, the methods' order reversed
+every other round (a noisy machine only ever slows a run down, so each figure is its best round; ratios compare
+figures from the same rounds). Decode tok/s at
 batch 1 is per request, after its first token; at batch 8 it is the batch's output tokens over the time after
 the last first token. Greedy decoding, so every method must produce the same text (checked: `identical`).
 """
@@ -13,6 +14,8 @@ import json
 import random
 import statistics
 import time
+
+from tokenloom.config import TokenloomError
 
 METHODS = {
     "none": None,
@@ -42,13 +45,28 @@ CHAT = ["Write a short story about a lighthouse keeper who finds a message in a 
         "Tell me about the history of tea in a few paragraphs."]
 
 
+# Where the Moby-Dick corpus cannot be fetched (no npm): its opening, cut into passages of `words` words.
+OPENING = ("Call me Ishmael. Some years ago, never mind how long precisely, having little or no money in my purse, and "
+           "nothing particular to interest me on shore, I thought I would sail about a little and see the watery part "
+           "of the world. It is a way I have of driving off the spleen and regulating the circulation. Whenever I find "
+           "myself growing grim about the mouth; whenever it is a damp, drizzly November in my soul; whenever I find "
+           "myself involuntarily pausing before coffin warehouses, and bringing up the rear of every funeral I meet; "
+           "and especially whenever my hypos get such an upper hand of me, that it requires a strong moral principle "
+           "to prevent me from deliberately stepping into the street, and methodically knocking people's hats off, "
+           "then, I account it high time to get to sea as soon as I can. This is my substitute for pistol and ball.")
+
+
 def _passages(n: int, words: int, seed: int) -> list[str]:
     from tokenloom.quant.calib import corpus_text
 
-    paras = [p.strip().replace("\n", " ") for p in corpus_text("moby-dick").split("\n\n")]
+    try:
+        paras = [p.strip().replace("\n", " ") for p in corpus_text("moby-dick").split("\n\n")]
+    except TokenloomError:
+        w = OPENING.split()
+        paras = [" ".join((w * 2)[i : i + words]) for i in range(0, len(w), 7)]
     paras = [p for p in paras if len(p.split()) >= words]
     rnd = random.Random(seed)
-    return [" ".join(p.split()[:words]) for p in rnd.sample(paras, n)]
+    return [" ".join(p.split()[:words]) for p in (rnd.sample(paras, n) if len(paras) >= n else rnd.choices(paras, k=n))]
 
 
 def tasks(n: int, seed: int = 0) -> dict[str, tuple[str, list[str]]]:
@@ -101,12 +119,12 @@ def bench_spec(args) -> dict:
         name = name.strip()
         if name == "draft_model":
             if not args.draft_model:
-                raise SystemExit("tokenloom: --methods draft_model needs --draft-model")
+                raise TokenloomError("--methods draft_model needs --draft-model")
             spec = {"model": args.draft_model}
         elif name in METHODS:
             spec = METHODS[name] and dict(METHODS[name])
         else:
-            raise SystemExit(f"tokenloom: unknown method '{name}' (none, ngram, layer_skip, self, draft_model)")
+            raise TokenloomError(f"unknown method '{name}' (none, ngram, layer_skip, self, draft_model)")
         if spec:
             spec["num_speculative_tokens"] = k
             if name == "layer_skip" and args.draft_layers:
@@ -128,10 +146,10 @@ def bench_spec(args) -> dict:
         _run(llm, prompts[next(iter(prompts))][:1], 8)
     rates = {(m, t, b): [] for m in llms for t in work for b in batches}
     outputs = {}
-    for _ in range(args.rounds):
+    for rnd in range(args.rounds):
         for b in batches:
             for t in work:
-                for m, llm in llms.items():
+                for m, llm in (list(llms.items()) if rnd % 2 == 0 else list(llms.items())[::-1]):
                     llm.engine.reset_prefix_cache()
                     before = llm.engine.stats()
                     if b == 1:  # two requests one after the other, their mean
@@ -160,9 +178,9 @@ def _report(args, llms, work, batches, rates, outputs) -> dict:
     results = []
     for b in batches:
         for t, (kind, _) in work.items():
-            base = statistics.median(rates[("none", t, b)])
+            base = max(rates[("none", t, b)])
             for m in llms:
-                rate = statistics.median(rates[(m, t, b)])
+                rate = max(rates[(m, t, b)])
                 o = outputs[(m, t, b)]
                 row = {"batch": b, "task": t, "kind": kind, "method": m, "decode_tok_s": rate,
                        "speedup": rate / base if base else 0.0,

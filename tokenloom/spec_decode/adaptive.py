@@ -43,29 +43,45 @@ class Acceptance:
 
 
 class StepCost:
-    """Wall time of a step by the number of token rows it ran (decodes plus drafts): the median of the last few
-    (a noisy machine's outliers do not move it)."""
+    """Wall time of a step by the number of token rows it ran (decodes plus drafts), as a line a + b * rows
+    fitted to the median time of each row count seen (a noisy machine's outliers do not move a median; the line
+    prices row counts not seen yet). Before two row counts are seen, a row is guessed at ROW_COST_GUESS of a
+    one-row step."""
 
     WINDOW = 15
 
     def __init__(self):
         self.samples: dict[int, deque] = {}
         self.mean: dict[int, float] = {}
+        self._line: tuple[float, float] | None = None
 
     def observe(self, rows: int, seconds: float) -> None:
         window = self.samples.setdefault(rows, deque(maxlen=self.WINDOW))
         window.append(seconds)
         self.mean[rows] = statistics.median(window)
+        self._line = None
+
+    def line(self) -> tuple[float, float]:
+        """(a, b): a step of r rows costs a + b r."""
+        if self._line is None:
+            pts = [(r, m, len(self.samples[r])) for r, m in self.mean.items()]
+            if len(pts) >= 2:
+                w = sum(n for _, _, n in pts)
+                mr = sum(r * n for r, _, n in pts) / w
+                mc = sum(c * n for _, c, n in pts) / w
+                var = sum(n * (r - mr) ** 2 for r, _, n in pts)
+                b = sum(n * (r - mr) * (c - mc) for r, c, n in pts) / var
+                b = max(b, 0.05 * mc / mr)  # more rows never cost less
+                self._line = (mc - b * mr, b)
+            else:
+                r0, c0 = (pts[0][0], pts[0][1]) if pts else (1, 1.0)
+                b = c0 * ROW_COST_GUESS / (1 + ROW_COST_GUESS * (r0 - 1))
+                self._line = (c0 - b * r0, b)
+        return self._line
 
     def __call__(self, rows: int) -> float:
-        if rows in self.mean:
-            return self.mean[rows]
-        known = sorted(self.mean)
-        if not known:
-            return 1.0 + ROW_COST_GUESS * (rows - 1)
-        below = [r for r in known if r < rows]
-        base = below[-1] if below else known[0]
-        return self.mean[base] * (1.0 + ROW_COST_GUESS * (rows - base) / max(base, 1))
+        a, b = self.line()
+        return a + b * rows
 
 
 class AdaptiveK:
