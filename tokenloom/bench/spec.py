@@ -3,8 +3,9 @@
 open-ended chat, at batch 1 and batch 8.
 
 Every method's engine is loaded first; then rounds go over tasks and methods in turn, the methods' order reversed
-every other round (a noisy machine only ever slows a run down, so each figure is its best round; ratios compare
-figures from the same rounds). Decode tok/s at
+every other round. A noisy machine only ever slows a run down, so each decode tok/s figure is its best round; a
+speedup is the median over rounds of the method's rate over none's in the same round (run next to each other,
+they share the machine's mood). Decode tok/s at
 batch 1 is per request, after its first token; at batch 8 it is the batch's output tokens over the time after
 the last first token. Greedy decoding, so every method must produce the same text (checked: `identical`).
 """
@@ -178,17 +179,17 @@ def _report(args, llms, work, batches, rates, outputs) -> dict:
     results = []
     for b in batches:
         for t, (kind, _) in work.items():
-            base = max(rates[("none", t, b)])
+            base = rates[("none", t, b)]
             for m in llms:
-                rate = max(rates[(m, t, b)])
+                rate = rates[(m, t, b)]
                 o = outputs[(m, t, b)]
-                row = {"batch": b, "task": t, "kind": kind, "method": m, "decode_tok_s": rate,
-                       "speedup": rate / base if base else 0.0,
+                row = {"batch": b, "task": t, "kind": kind, "method": m, "decode_tok_s": max(rate),
+                       "speedup": statistics.median(r / n for r, n in zip(rate, base)),
                        "acceptance_rate": o["accepted"] / o["drafts"] if o["drafts"] else 0.0,
                        "mean_accepted_length": 1 + o["accepted"] / o["runs"] if o["runs"] else 1.0,
                        "identical": o["tokens"] == outputs[("none", t, b)]["tokens"]}
                 results.append(row)
-                print(f"{b:5} {t:14}{m:12}{rate:13.1f}{row['speedup']:8.2f}x{row['acceptance_rate']:8.2f}"
+                print(f"{b:5} {t:14}{m:12}{max(rate):13.1f}{row['speedup']:8.2f}x{row['acceptance_rate']:8.2f}"
                       f"{row['mean_accepted_length']:9.2f}{'yes' if row['identical'] else 'NO':>10}")
     summary = {}
     for m in llms:

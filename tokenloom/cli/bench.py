@@ -56,7 +56,7 @@ def add_bench_parser(sub) -> None:
                                                  "reformat_json, chat)")
     b.add_argument("--batch", default="1,8", help="comma list of batch sizes")
     b.add_argument("--output-len", type=int, default=128)
-    b.add_argument("--rounds", type=int, default=3, help="rounds; each figure is its best round")
+    b.add_argument("--rounds", type=int, default=3, help="rounds (tok/s: the best round; speedup: the median of same-round ratios)")
     add_engine_args(b)
 
     b = bsub.add_parser("serve", parents=[common], help="load test a running server (OpenAI API)")

@@ -145,6 +145,9 @@ struct QuantizedX {
 
 // One thread's view of an activation block [M, K] prepared for every weight format: float32, bfloat16 bits and
 // the 64-column arrangement of row_u4_bf16, and per-group sums for each group size met.
+// Keys per attention part (see DecodeStack::run): long contexts give every thread work, short ones stay whole.
+constexpr int64_t KEY_CHUNK = 128;
+
 struct Prep {
   const float* x = nullptr;
   std::vector<uint16_t> xb, xq;
@@ -631,27 +634,34 @@ class DecodeStack {
            int64_t R, torch::Tensor& out) const {
     const int64_t H = H_, KVH = KVH_, D = D_, G = H / KVH, Hd = Hd_, QKV = (H + 2 * KVH) * D;
     const float scale = 1.0f / std::sqrt(static_cast<float>(D));
-    // attention work units: (sequence, KV head, key range); long contexts split so every thread has work
+    // Attention: each row's keys [start, len) are cut at multiples of KEY_CHUNK (so a row's result depends on its
+    // context alone, not on the batch) and the parts merged flash-decoding style. A work unit is (sequence, KV
+    // head, chunk) and takes that chunk for every row of the sequence (a sequence's drafts are consecutive rows
+    // of one block table): the chunk's K/V are read once for all of them.
     const int nt = std::max(1, at::get_num_threads());
-    struct Unit { int64_t b, h, s0, n, part; };
-    std::vector<Unit> units;
-    std::vector<int64_t> first_unit(B + 1), parts_of(B);
+    std::vector<int64_t> start(B), first_part(B + 1), parts_of(B);
     for (int64_t b = 0; b < B; ++b) {
-      const int64_t start = window_ > 0 ? std::max<int64_t>(0, lens[b] - window_) : 0, n = lens[b] - start;
-      // the split depends on the context alone, not on the batch: a row's result is the same whatever else runs
-      const int64_t want = std::max<int64_t>(1, (4 * nt + KVH - 1) / KVH);
-      const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(want, n / 128));
-      parts_of[b] = parts;
-      first_unit[b] = static_cast<int64_t>(units.size());
-      for (int64_t h = 0; h < KVH; ++h)
-        for (int64_t p = 0; p < parts; ++p) {
-          const int64_t s0 = start + n * p / parts, s1 = start + n * (p + 1) / parts;
-          units.push_back({b, h, s0, s1 - s0, p});
-        }
+      start[b] = window_ > 0 ? std::max<int64_t>(0, lens[b] - window_) : 0;
+      parts_of[b] = (lens[b] + KEY_CHUNK - 1) / KEY_CHUNK - start[b] / KEY_CHUNK;
+      first_part[b + 1] = first_part[b] + KVH * parts_of[b];  // part slots of row b: [head][part]
     }
-    first_unit[B] = static_cast<int64_t>(units.size());
-    const int64_t U = static_cast<int64_t>(units.size());
-    std::vector<float> qkv(B * QKV), attn_acc(U * G * D), attn_m(U * G), attn_l(U * G), o(B * Hd),
+    struct Unit { int64_t b0, b1, h, chunk; };
+    std::vector<Unit> units;
+    for (int64_t b0 = 0, b1; b0 < B; b0 = b1) {
+      for (b1 = b0 + 1; b1 < B && pos[b1] == pos[b1 - 1] + 1 &&
+                        std::equal(table + b1 * table_stride, table + (b1 + 1) * table_stride, table + b0 * table_stride);
+           ++b1) {
+      }
+      int64_t c0 = start[b0] / KEY_CHUNK, c1 = 0;
+      for (int64_t b = b0; b < b1; ++b) {
+        c0 = std::min(c0, start[b] / KEY_CHUNK);
+        c1 = std::max(c1, (lens[b] + KEY_CHUNK - 1) / KEY_CHUNK);
+      }
+      for (int64_t h = 0; h < KVH; ++h)
+        for (int64_t c = c0; c < c1; ++c) units.push_back({b0, b1, h, c});
+    }
+    const int64_t U = static_cast<int64_t>(units.size()), P = first_part[B];
+    std::vector<float> qkv(B * QKV), attn_acc(P * G * D), attn_m(P * G), attn_l(P * G), o(B * Hd),
         act(B * I_), down(B * Hd);
     float* result = logits ? out.data_ptr<float>() : nullptr;
     std::vector<float> final_h(B * Hd);
@@ -683,18 +693,23 @@ class DecodeStack {
 #pragma omp for schedule(dynamic, 1)
         for (int64_t u = 0; u < U; ++u) {
           const Unit& un = units[u];
-          const float* q = qkv.data() + un.b * QKV + un.h * G * D;
-          for (int64_t i = 0; i < G * D; ++i) qf[i] = q[i] * scale;
-          scores.resize(G * un.n);
           const int64_t pf = un.h == 0 ? KVH * D * static_cast<int64_t>(sizeof(T)) : 0;
-          attend_part_any<T>(qf.data(), G, D, kcache + un.h * D, vcache + un.h * D, KVH * D,
-                             table + un.b * table_stride, block_size, un.s0, un.n, scores.data(),
-                             attn_acc.data() + u * G * D, attn_m.data() + u * G, attn_l.data() + u * G, pf);
+          for (int64_t b = un.b0; b < un.b1; ++b) {
+            const int64_t s0 = std::max(un.chunk * KEY_CHUNK, start[b]), s1 = std::min((un.chunk + 1) * KEY_CHUNK, lens[b]);
+            if (s1 <= s0) continue;
+            const int64_t part = first_part[b] + un.h * parts_of[b] + un.chunk - start[b] / KEY_CHUNK;
+            const float* q = qkv.data() + b * QKV + un.h * G * D;
+            for (int64_t i = 0; i < G * D; ++i) qf[i] = q[i] * scale;
+            scores.resize(G * (s1 - s0));
+            attend_part_any<T>(qf.data(), G, D, kcache + un.h * D, vcache + un.h * D, KVH * D,
+                               table + b * table_stride, block_size, s0, s1 - s0, scores.data(),
+                               attn_acc.data() + part * G * D, attn_m.data() + part * G, attn_l.data() + part * G, pf);
+          }
         }
         for (int64_t b = 0; b < B; ++b)  // every thread merges the parts into its own copy
           for (int64_t hh = 0; hh < KVH; ++hh) {
-            const int64_t u0 = first_unit[b] + hh * parts_of[b];
-            merge_parts<float>(attn_acc.data() + u0 * G * D, attn_m.data() + u0 * G, attn_l.data() + u0 * G,
+            const int64_t p0 = first_part[b] + hh * parts_of[b];
+            merge_parts<float>(attn_acc.data() + p0 * G * D, attn_m.data() + p0 * G, attn_l.data() + p0 * G,
                                parts_of[b], G, D, G * D, attn.data() + (b * H + hh * G) * D);
           }
         rnd(attn.data(), B * H * D);

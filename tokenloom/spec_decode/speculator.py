@@ -23,8 +23,10 @@ def common_prefix(a: list[int], b: list[int]) -> int:
 
 
 class Speculator:
-    def __init__(self, proposer: Proposer, max_model_len: int, block_size: int, adaptive: bool = True):
+    def __init__(self, proposer: Proposer, max_model_len: int, block_size: int, adaptive: bool = True,
+                 eos_token_ids: tuple[int, ...] = ()):
         self.proposer = proposer
+        self.eos_token_ids = frozenset(eos_token_ids)
         self.block_size = block_size
         self.max_k = proposer.num_speculative_tokens
         self.max_model_len = max_model_len
@@ -54,9 +56,16 @@ class Speculator:
                        self.max_model_len - len(tokens) - 1)
             if self.proposer.needs_lookahead_slots:  # draft K/V up to position len(tokens) + room - 2
                 room = min(room, len(req.block_table) * self.block_size - len(tokens) + 1)
+            if kept and self._stops(req, kept[-1], len(req.output_token_ids) + len(kept)):
+                room = 0  # the request ends with this step
             reqs.append(DraftRequest(req.request_id, tokens, max(room, 0), req.params, req.block_table,
                                      req.generator))
         out.spec_token_ids = self._draft(reqs)
+
+    def _stops(self, req, token: int, num_output: int) -> bool:
+        p = req.params
+        return num_output >= p.min_tokens and (token in (p.stop_token_ids or ()) or (
+            not p.ignore_eos and token in self.eos_token_ids))
 
     def _learn(self, sched, out, seconds: float) -> None:
         if all(item.num_tokens == 1 + len(item.spec_token_ids) for item in sched.scheduled):

@@ -56,8 +56,9 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, sched) -> ModelRunnerOutput:
-        """Run one step of the scheduler output `sched`: its one-token requests (decodes) through the compiled
-        stack when there is one, the rest (prefill chunks, drafts, prompt logprobs) layer by layer."""
+        """Run one step of the scheduler output `sched`: its decodes (with any drafts to verify) through the
+        compiled stack when there is one, the rest (prefill chunks, prompt logprobs) layer by layer; then, when
+        speculating, the next drafts."""
         start = time.perf_counter()
         spec = self.speculator
         if spec is not None:

@@ -90,4 +90,5 @@ def build_speculator(spec: SpeculativeConfig, draft: DraftModel | None, target_r
         runner = ModelRunner(draft.model, cache, target_runner.num_blocks, target_runner.device, draft_generator,
                              layer_caches=caches)
         proposer = DraftModelProposer(k, runner, draft.shares_target_cache)
-    return Speculator(proposer, max_model_len, target_runner.block_size, spec.adaptive)
+    return Speculator(proposer, max_model_len, target_runner.block_size, spec.adaptive,
+                      target_runner.config.eos_token_ids)
