@@ -178,6 +178,11 @@ class SpeculativeConfig:
         for name in ("num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min", "draft_layers"):
             if not isinstance(getattr(self, name), int) or isinstance(getattr(self, name), bool):
                 raise TokenloomError(f"speculative config: {name} must be an integer")
+        for name in ("model", "draft_quantization"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
+                raise TokenloomError(f"speculative config: {name} must be a string")
+        if not isinstance(self.adaptive, bool):
+            raise TokenloomError("speculative config: adaptive must be true or false")
         if self.method not in SPECULATIVE_METHODS:
             raise TokenloomError(f"unknown speculative method '{self.method}' ({', '.join(SPECULATIVE_METHODS)})")
         if not 1 <= self.num_speculative_tokens <= 16:
@@ -210,7 +215,8 @@ class SpeculativeConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(value) - known)
         if unknown:
-            raise TokenloomError(f"unknown speculative config keys: {', '.join(unknown)} (known: {', '.join(sorted(known))})")
+            raise TokenloomError(f"unknown speculative config keys: {', '.join(unknown)} "
+                                 f"(known: {', '.join(sorted(known))})")
         try:
             return cls(**value)
         except TypeError as exc:

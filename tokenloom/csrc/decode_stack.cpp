@@ -648,8 +648,9 @@ class DecodeStack {
     struct Unit { int64_t b0, b1, h, chunk; };
     std::vector<Unit> units;
     for (int64_t b0 = 0, b1; b0 < B; b0 = b1) {
+      const int64_t* t0 = table + b0 * table_stride;
       for (b1 = b0 + 1; b1 < B && pos[b1] == pos[b1 - 1] + 1 &&
-                        std::equal(table + b1 * table_stride, table + (b1 + 1) * table_stride, table + b0 * table_stride);
+                        std::equal(t0, t0 + table_stride, table + b1 * table_stride);
            ++b1) {
       }
       int64_t c0 = start[b0] / KEY_CHUNK, c1 = 0;
@@ -695,7 +696,8 @@ class DecodeStack {
           const Unit& un = units[u];
           const int64_t pf = un.h == 0 ? KVH * D * static_cast<int64_t>(sizeof(T)) : 0;
           for (int64_t b = un.b0; b < un.b1; ++b) {
-            const int64_t s0 = std::max(un.chunk * KEY_CHUNK, start[b]), s1 = std::min((un.chunk + 1) * KEY_CHUNK, lens[b]);
+            const int64_t s0 = std::max(un.chunk * KEY_CHUNK, start[b]);
+            const int64_t s1 = std::min((un.chunk + 1) * KEY_CHUNK, lens[b]);
             if (s1 <= s0) continue;
             const int64_t part = first_part[b] + un.h * parts_of[b] + un.chunk - start[b] / KEY_CHUNK;
             const float* q = qkv.data() + b * QKV + un.h * G * D;

@@ -500,7 +500,8 @@ inline void rows4_u4_i16_gk_m(const int16_t* const* xq, const float* const* dx, 
   const __m512i low4 = _mm512_set1_epi16(15);
   struct W { __m512i lo, hi; };
   rows4_grouped_m<M>(dx, xsums, s, o, K, group, out, [&](int r, int64_t k) {
-    const __m512i v = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + r * row_bytes + k / 2)));
+    const auto* p = reinterpret_cast<const __m256i*>(q + r * row_bytes + k / 2);
+    const __m512i v = _mm512_cvtepu8_epi16(_mm256_loadu_si256(p));
     return W{_mm512_and_si512(v, low4), _mm512_srli_epi16(v, 4)};
   }, [&](const W& w, int m, int64_t k) {
     return _mm512_dpwssd_epi32(_mm512_dpwssd_epi32(_mm512_setzero_si512(), w.lo, _mm512_loadu_si512(xq[m] + k)),

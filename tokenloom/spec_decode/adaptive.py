@@ -2,13 +2,13 @@
 
 Each request keeps an estimate of alpha, the chance that a draft is accepted given the drafts before it were
 (decayed counts, so it follows a conversation's changing phases), per kind of proposal (an n-gram lookup's match
-length); a new request starts from the engine-wide estimate of the same kind. The step's cost is measured, not assumed: the
-runner reports each step's wall time by how many token rows it verified, and the cost of r rows is their running
-mean (a linear guess until a row count has been seen). Drafts are then added in order of expected gain (the j-th
-draft of a request is kept with probability alpha^j) for as long as expected tokens per unit of cost improve,
-across the whole batch; where no draft pays, a request verifies none (speculation pauses). A cheap proposer's
-drafts are still scored against the tokens that came, so speculation resumes when they would pay again; a costly
-one is probed now and then (one request at a time, less often while probes fail).
+length); a new request starts from the engine-wide estimate of the same kind. The step's cost is measured, not
+assumed: the runner reports each decode step's wall time with the number of token rows it ran, and StepCost fits
+a line to them. Drafts are then added in order of expected gain (the j-th draft of a request is kept with
+probability alpha^j) for as long as expected tokens per unit of cost improve, across the whole batch; where no
+draft pays, a request verifies none (speculation pauses). A cheap proposer's drafts are still scored against the
+tokens that came, so speculation resumes when they would pay again; a costly one is probed now and then (one
+request at a time, less often while probes fail).
 """
 from __future__ import annotations
 

@@ -16,15 +16,7 @@ import torch
 
 from tokenloom.sample import SamplingMetadata, SamplingRow
 from tokenloom.sampling_params import SAMPLING_EPS
-from tokenloom.spec_decode.proposer import Draft, DraftRequest, Proposer
-
-
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    n = min(len(a), len(b))
-    for i in range(n):
-        if a[i] != b[i]:
-            return i
-    return n
+from tokenloom.spec_decode.proposer import Draft, DraftRequest, Proposer, common_prefix
 
 
 class DraftModelProposer(Proposer):
@@ -48,7 +40,7 @@ class DraftModelProposer(Proposer):
             if self.shares_target_cache:
                 done = known  # the target computed every token before it
             else:
-                done = min(_common_prefix(self.seen.get(r.request_id, ()), r.token_ids), known)
+                done = min(common_prefix(self.seen.get(r.request_id, ()), r.token_ids), known)
             ids += r.token_ids[done:]
             starts.append(done)
             lens.append(len(r.token_ids) - done)

@@ -7,6 +7,15 @@ from dataclasses import dataclass, field
 import torch
 
 
+def common_prefix(a, b) -> int:
+    """How many leading tokens two sequences share."""
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n
+
+
 @dataclass
 class DraftRequest:
     """One request to draft for, as the model runner sees it after a step."""

@@ -10,16 +10,7 @@ import time
 import torch
 
 from tokenloom.spec_decode.adaptive import AdaptiveK
-from tokenloom.spec_decode.proposer import DraftRequest, Proposer
-
-
-def common_prefix(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
+from tokenloom.spec_decode.proposer import DraftRequest, Proposer, common_prefix
 
 
 class Speculator:
@@ -111,5 +102,6 @@ class Speculator:
                     self.draft_probs[r.request_id] = d.probs
             depth = max(r.num_drafts for r in todo)
             step = (time.perf_counter() - start) / max(depth, 1)
-            self.draft_step_seconds = step if not self.draft_step_seconds else 0.8 * self.draft_step_seconds + 0.2 * step
+            old = self.draft_step_seconds
+            self.draft_step_seconds = step if not old else 0.8 * old + 0.2 * step
         return [result.get(rid, []) for rid in ids]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import logging
 
 import torch
 from torch import nn
@@ -16,8 +15,6 @@ from tokenloom.spec_decode.speculator import Speculator
 from tokenloom.worker.kv_cache import kv_bytes_per_block
 from tokenloom.worker.model_loading import load_worker_model
 from tokenloom.worker.model_runner import ModelRunner
-
-log = logging.getLogger("tokenloom")
 
 
 def first_layers(model: nn.Module, num_layers: int) -> nn.Module:
