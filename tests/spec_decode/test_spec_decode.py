@@ -285,6 +285,22 @@ def test_adaptive_k_follows_acceptance_and_cost():
         expensive.cost.observe(rows, float(rows))
     assert expensive.plan([("r", 0)], [8]) == [0]
     assert AdaptiveK(8, enabled=False).plan([("r", 0)], [5]) == [5]
+    # one outlier (a first touch of memory, a noisy neighbour) must not price drafts out for good
+    spiky = AdaptiveK(8)
+    for _ in range(10):
+        spiky.cost.observe(1, 1.0)
+    spiky.cost.observe(9, 60.0)
+    for _ in range(30):
+        spiky.observe(("good", 4), 8, 8)
+    assert spiky.plan([("good", 4)], [8])[0] > 0
+    # and a plan that keeps verifying nothing verifies its likeliest draft now and then, to measure afresh
+    stale = AdaptiveK(8)
+    for rows in range(1, 10):
+        stale.cost.observe(rows, float(rows))
+    for _ in range(30):
+        stale.observe(("ok", 2), 4, 3)
+    plans = [stale.plan([("ok", 2)], [4])[0] for _ in range(200)]
+    assert 0 < sum(plans) <= 200 // 32
 
 
 def test_speculative_config_validation(tiny):

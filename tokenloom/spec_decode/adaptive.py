@@ -22,6 +22,7 @@ PRIOR_WEIGHT = 2.0  # observations a new request's starting estimate counts as (
 PROBE_FIRST, PROBE_MAX = 32, 1024  # paused steps before a costly proposer's probe; doubled after each failed one
 PROBE_DRAFTS = 2  # drafts a probe verifies
 ROW_COST_GUESS = 0.35  # cost of one more row relative to a one-row step, until measured
+REMEASURE_EVERY = 64  # plans without drafts before one likely draft is verified anyway (fresh cost figures)
 
 
 @dataclass
@@ -71,7 +72,11 @@ class StepCost:
                 mc = sum(c * n for _, c, n in pts) / w
                 var = sum(n * (r - mr) ** 2 for r, _, n in pts)
                 b = sum(n * (r - mr) * (c - mc) for r, c, n in pts) / var
-                b = max(b, 0.05 * mc / mr)  # more rows never cost less
+                # More rows never cost less, and one more row never costs more than a one-row step (which reads
+                # every weight besides): a few outliers (a first touch of memory, a noisy neighbour) must not
+                # price drafts out for good.
+                one = min(m for _, m, _ in pts)
+                b = min(max(b, 0.05 * mc / mr), one)
                 self._line = (mc - b * mr, b)
             else:
                 r0, c0 = (pts[0][0], pts[0][1]) if pts else (1, 1.0)
@@ -91,6 +96,7 @@ class AdaptiveK:
         self.engine_wide: dict[int, Acceptance] = {}  # kind -> acceptance over every request: new ones start here
         self.cost = StepCost()
         self.paused_steps, self.probe_after = 0, PROBE_FIRST  # a costly proposer's probes, engine-wide
+        self.steps_without_drafts = 0  # plans in a row that verified nothing (the cost line goes stale)
 
     def acceptance(self, key: tuple) -> Acceptance:
         s = self.stats.get(key)
@@ -133,6 +139,14 @@ class AdaptiveK:
                 best_rate, best_n = rate, n
         for g, j, i in gains[:best_n]:
             ks[i] += 1
+        if any(ks) or not gains:
+            self.steps_without_drafts = 0
+        else:  # now and then verify the likeliest draft anyway, so the cost of rows is measured afresh
+            self.steps_without_drafts += 1
+            g, j, i = gains[0]
+            if self.steps_without_drafts >= REMEASURE_EVERY and g >= 0.5:
+                self.steps_without_drafts = 0
+                ks[i] = 1
         return ks
 
     def probe(self, ks: list[int], available: list[int]) -> list[int]:
