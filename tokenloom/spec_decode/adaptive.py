@@ -3,8 +3,7 @@
 Each request keeps an estimate of alpha, the chance that a draft is accepted given the drafts before it were
 (decayed counts, so it follows a conversation's changing phases), per kind of proposal (an n-gram lookup's match
 length); a new request starts from the engine-wide estimate of the same kind. The step's cost is measured, not
-assumed: the runner reports each decode step's wall time with the number of token rows it ran, and StepCost fits
-a line to them. Drafts are then added in order of expected gain (the j-th draft of a request is kept with
+assumed: the runner reports each decode step's wall time with the number of token rows it ran (StepCost). Drafts are then added in order of expected gain (the j-th draft of a request is kept with
 probability alpha^j) for as long as expected tokens per unit of cost improve, across the whole batch; where no
 draft pays, a request verifies none (speculation pauses). A cheap proposer's drafts are still scored against the
 tokens that came, so speculation resumes when they would pay again; a costly one is probed now and then (one
@@ -12,6 +11,7 @@ request at a time, less often while probes fail).
 """
 from __future__ import annotations
 
+import bisect
 import statistics
 from collections import deque
 from dataclasses import dataclass
@@ -44,49 +44,54 @@ class Acceptance:
 
 
 class StepCost:
-    """Wall time of a step by the number of token rows it ran (decodes plus drafts), as a line a + b * rows
-    fitted to the median time of each row count seen (a noisy machine's outliers do not move a median; the line
-    prices row counts not seen yet). Before two row counts are seen, a row is guessed at ROW_COST_GUESS of a
-    one-row step."""
+    """Wall time of a step by the number of token rows it ran (decodes plus drafts): the median of the last few
+    steps of each row count seen at least MIN_SAMPLES times (a noisy machine's outliers do not move a median),
+    joined piecewise-linearly; other row counts extend the nearest segment. One more row is priced between 5 % and
+    100 % of a one-row step (which reads every weight besides). Before two row counts are known, a row is guessed
+    at ROW_COST_GUESS of a one-row step."""
 
     WINDOW = 15
+    MIN_SAMPLES = 3
 
     def __init__(self):
         self.samples: dict[int, deque] = {}
         self.mean: dict[int, float] = {}
-        self._line: tuple[float, float] | None = None
+        self._curve: tuple[list[int], list[float], float, float] | None = None
 
     def observe(self, rows: int, seconds: float) -> None:
         window = self.samples.setdefault(rows, deque(maxlen=self.WINDOW))
         window.append(seconds)
         self.mean[rows] = statistics.median(window)
-        self._line = None
+        self._curve = None
 
-    def line(self) -> tuple[float, float]:
-        """(a, b): a step of r rows costs a + b r."""
-        if self._line is None:
-            pts = [(r, m, len(self.samples[r])) for r, m in self.mean.items()]
-            if len(pts) >= 2:
-                w = sum(n for _, _, n in pts)
-                mr = sum(r * n for r, _, n in pts) / w
-                mc = sum(c * n for _, c, n in pts) / w
-                var = sum(n * (r - mr) ** 2 for r, _, n in pts)
-                b = sum(n * (r - mr) * (c - mc) for r, c, n in pts) / var
-                # More rows never cost less, and one more row never costs more than a one-row step (which reads
-                # every weight besides): a few outliers (a first touch of memory, a noisy neighbour) must not
-                # price drafts out for good.
-                one = min(m for _, m, _ in pts)
-                b = min(max(b, 0.05 * mc / mr), one)
-                self._line = (mc - b * mr, b)
-            else:
-                r0, c0 = (pts[0][0], pts[0][1]) if pts else (1, 1.0)
-                b = c0 * ROW_COST_GUESS / (1 + ROW_COST_GUESS * (r0 - 1))
-                self._line = (c0 - b * r0, b)
-        return self._line
+    def _build(self) -> tuple[list[int], list[float], float, float]:
+        # row counts seen fewer than MIN_SAMPLES times are priced from the others: one outlier is not a price
+        rows = sorted(r for r in self.mean if len(self.samples[r]) >= self.MIN_SAMPLES) or sorted(self.mean)
+        if not rows:
+            return [1], [1.0], ROW_COST_GUESS, ROW_COST_GUESS
+        one = self.mean[rows[0]] / (1 + ROW_COST_GUESS * (rows[0] - 1))  # a one-row step, measured or guessed
+        lo, hi = 0.05 * one, one
+        costs = [self.mean[rows[0]]]
+        for prev, r in zip(rows, rows[1:]):  # each row adds between lo and hi
+            costs.append(min(max(self.mean[r], costs[-1] + lo * (r - prev)), costs[-1] + hi * (r - prev)))
+
+        def slope(i: int) -> float:  # of the segment from point i to i + 1
+            return min(max((costs[i + 1] - costs[i]) / (rows[i + 1] - rows[i]), lo), hi)
+
+        first = slope(0) if len(rows) > 1 else ROW_COST_GUESS * one
+        last = slope(len(rows) - 2) if len(rows) > 1 else ROW_COST_GUESS * one
+        return rows, costs, first, last
 
     def __call__(self, rows: int) -> float:
-        a, b = self.line()
-        return a + b * rows
+        if self._curve is None:
+            self._curve = self._build()
+        xs, ys, first, last = self._curve
+        if rows <= xs[0]:
+            return ys[0] - first * (xs[0] - rows)
+        if rows >= xs[-1]:
+            return ys[-1] + last * (rows - xs[-1])
+        i = bisect.bisect_right(xs, rows) - 1
+        return ys[i] + (ys[i + 1] - ys[i]) * (rows - xs[i]) / (xs[i + 1] - xs[i])
 
 
 class AdaptiveK:
