@@ -279,7 +279,11 @@ def test_adaptive_k_follows_acceptance_and_cost():
         ak.observe(("bad", 1), 1, 0)
     assert ak.plan([("good", 4)], [8]) == [8]
     assert ak.plan([("bad", 1)], [8]) == [0]
-    assert ak.plan([("new", 4)], [8])[0] >= 4  # a new request starts from what this kind of draft has earned
+    # a new request starts from what this kind of draft has earned, with short runs until its own first ones
+    assert ak.plan([("new", 4)], [8]) == [2]
+    ak.observe(("new", 4), 2, 2)
+    ak.observe(("new", 4), 2, 2)
+    assert ak.plan([("new", 4)], [8])[0] >= 4
     expensive = AdaptiveK(8)
     for rows in range(1, 10):  # each row costs as much as a step: no draft ever pays
         expensive.cost.observe(rows, float(rows))

@@ -22,6 +22,7 @@ PRIOR_WEIGHT = 2.0  # observations a new request's starting estimate counts as (
 PROBE_FIRST, PROBE_MAX = 32, 1024  # paused steps before a costly proposer's probe; doubled after each failed one
 PROBE_DRAFTS = 2  # drafts a probe verifies
 ROW_COST_GUESS = 0.35  # cost of one more row relative to a one-row step, until measured
+FIRST_RUNS, FIRST_RUN_DRAFTS = 2, 2  # a request's first verify runs of a kind take at most this many drafts
 REMEASURE_EVERY = 64  # plans without drafts before one likely draft is verified anyway (fresh cost figures)
 
 
@@ -29,6 +30,7 @@ REMEASURE_EVERY = 64  # plans without drafts before one likely draft is verified
 class Acceptance:
     accepted: float = PRIOR_WEIGHT / 2
     rejected: float = PRIOR_WEIGHT / 2
+    runs: int = 0  # verify runs observed
 
     @property
     def alpha(self) -> float:
@@ -39,6 +41,7 @@ class Acceptance:
         drafts cut short by the end of the tokens compared count only as far as they went)."""
         if num_drafts <= 0:
             return
+        self.runs += 1
         self.accepted = self.accepted * decay + num_accepted
         self.rejected = self.rejected * decay + (1.0 if num_accepted < num_drafts else 0.0)
 
@@ -127,9 +130,12 @@ class AdaptiveK:
         B = len(keys)
         gains = []  # (expected extra tokens, request index), best first within each request by construction
         for i, (key, avail) in enumerate(zip(keys, available)):
-            alpha = self.acceptance(key).alpha
+            stats = self.acceptance(key)
+            alpha = stats.alpha
             g = 1.0
-            for j in range(min(avail, self.max_k)):
+            # a request's first runs of a kind stay short: the engine-wide estimate it starts from may be another
+            # workload's
+            for j in range(min(avail, self.max_k if stats.runs >= FIRST_RUNS else FIRST_RUN_DRAFTS)):
                 g *= alpha
                 gains.append((g, j, i))
         gains.sort(key=lambda t: -t[0])
@@ -144,7 +150,7 @@ class AdaptiveK:
                 best_rate, best_n = rate, n
         for g, j, i in gains[:best_n]:
             ks[i] += 1
-        if any(ks) or not gains:
+        if any(ks) or not gains or not self.cheap:  # (a costly proposer is probed instead)
             self.steps_without_drafts = 0
         else:  # now and then verify the likeliest draft anyway, so the cost of rows is measured afresh
             self.steps_without_drafts += 1
