@@ -2,12 +2,14 @@
 
 Each request keeps an estimate of alpha, the chance that a draft is accepted given the drafts before it were
 (decayed counts, so it follows a conversation's changing phases), per kind of proposal (an n-gram lookup's match
-length); a new request starts from the engine-wide estimate of the same kind. The step's cost is measured, not
-assumed: the runner reports each decode step's wall time with the number of token rows it ran (StepCost). Drafts are then added in order of expected gain (the j-th draft of a request is kept with
+length); a new request starts from the engine-wide estimate of the same kind, with short runs at first. The
+step's cost is measured, not assumed: the runner reports each decode step's wall time with the number of token
+rows it ran (StepCost). Drafts are then added in order of expected gain (the j-th draft of a request is kept with
 probability alpha^j) for as long as expected tokens per unit of cost improve, across the whole batch; where no
 draft pays, a request verifies none (speculation pauses). A cheap proposer's drafts are still scored against the
-tokens that came, so speculation resumes when they would pay again; a costly one is probed now and then (one
-request at a time, less often while probes fail).
+tokens that came, so speculation resumes when they would pay again (and now and then one is verified anyway, so
+the cost of rows stays measured); a costly one is probed now and then (one request at a time, less often while
+probes fail).
 """
 from __future__ import annotations
 
@@ -104,7 +106,7 @@ class AdaptiveK:
         self.engine_wide: dict[int, Acceptance] = {}  # kind -> acceptance over every request: new ones start here
         self.cost = StepCost()
         self.paused_steps, self.probe_after = 0, PROBE_FIRST  # a costly proposer's probes, engine-wide
-        self.steps_without_drafts = 0  # plans in a row that verified nothing (the cost line goes stale)
+        self.steps_without_drafts = 0  # plans in a row that verified nothing (the cost of rows goes stale)
 
     def acceptance(self, key: tuple) -> Acceptance:
         s = self.stats.get(key)
@@ -123,12 +125,12 @@ class AdaptiveK:
 
     def plan(self, keys: list, available: list[int], draft_step_cost: float = 0.0) -> list[int]:
         """Drafts to verify per request, given how many each could have (its proposal's length). keys: each
-        request's acceptance statistics (a request id, or a request id with the kind of its proposal). Each draft
-        step of a model proposer costs draft_step_cost (in the step-cost's units) for the whole batch."""
+        request's acceptance statistics, (request id, kind of proposal). Each draft step of a model proposer costs
+        draft_step_cost (seconds, as the step cost) for the whole batch."""
         if not self.enabled:
             return [min(a, self.max_k) for a in available]
         B = len(keys)
-        gains = []  # (expected extra tokens, request index), best first within each request by construction
+        gains = []  # (expected extra tokens, draft position, request index)
         for i, (key, avail) in enumerate(zip(keys, available)):
             stats = self.acceptance(key)
             alpha = stats.alpha
