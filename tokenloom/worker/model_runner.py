@@ -108,17 +108,23 @@ class ModelRunner:
                                          head_rows)
         if rows:
             if rows != heads:
-                logits = logits[[heads.index(r) for r in rows]]
+                at = {r: i for i, r in enumerate(heads)}
+                logits = logits[[at[r] for r in rows]]
             self._sample(batch, logits, out)
 
-    def _run_layers(self, batch: InputBatch, out: ModelRunnerOutput) -> None:
+    def _layers_hidden(self, input_ids: torch.Tensor, positions: torch.Tensor, query_lens: list[int],
+                       context_lens: list[int], block_tables: list[list[int]]) -> torch.Tensor:
+        """Final hidden states of a flat batch, layer by layer over the paged cache."""
         self.steps_by_path["layers"] += 1
-        meta = build_attention_metadata(
-            batch.query_lens, batch.context_lens, batch.block_tables, self.block_size,
-            self.config.num_heads // self.config.num_kv_heads, self.config.sliding_window, self.device,
-        )
+        meta = build_attention_metadata(query_lens, context_lens, block_tables, self.block_size,
+                                        self.config.num_heads // self.config.num_kv_heads,
+                                        self.config.sliding_window, self.device)
         with set_forward_context(ForwardContext(meta)):
-            hidden = self.model(batch.input_ids, batch.positions)
+            return self.model(input_ids, positions)
+
+    def _run_layers(self, batch: InputBatch, out: ModelRunnerOutput) -> None:
+        hidden = self._layers_hidden(batch.input_ids, batch.positions, batch.query_lens, batch.context_lens,
+                                     batch.block_tables)
         out.prompt_logprobs = [
             (req, start, self._prompt_logprobs(req, hidden[o : o + n], req.prompt_token_ids[start + 1 : start + n + 1]))
             for req, o, n, start in batch.prompt_logprob_spans
@@ -191,12 +197,7 @@ class ModelRunner:
         if self.fused is not None and len(input_ids) <= min(self.fused.max_batch, FUSED_MAX_ROWS):
             self.steps_by_path["fused"] += 1
             return self.fused.token_logits(ids, pos, block_tables, query_lens, torch.tensor(rows))
-        self.steps_by_path["layers"] += 1
-        meta = build_attention_metadata(query_lens, [s + n for s, n in zip(starts, query_lens)], block_tables,
-                                        self.block_size, self.config.num_heads // self.config.num_kv_heads,
-                                        self.config.sliding_window, self.device)
-        with set_forward_context(ForwardContext(meta)):
-            hidden = self.model(ids, pos)
+        hidden = self._layers_hidden(ids, pos, query_lens, [s + n for s, n in zip(starts, query_lens)], block_tables)
         return self.model.compute_logits(hidden[rows])
 
     def _prompt_logprobs(self, req, hidden: torch.Tensor, next_tokens: list[int]) -> list[dict]:
