@@ -224,6 +224,23 @@ class SpeculativeConfig:
 
 
 @dataclass
+class StructuredOutputConfig:
+    """Constrained decoding: the grammar engine, how long a constraint may take to compile (a request whose
+    constraint takes longer is refused), and how many compiled constraints are kept for reuse."""
+    backend: str = "llguidance"
+    compile_timeout_s: float = 10.0
+    max_cached_grammars: int = 256
+
+    def __post_init__(self):
+        if self.backend != "llguidance":
+            raise TokenloomError(f"unknown structured output backend '{self.backend}' (llguidance)")
+        if not self.compile_timeout_s > 0:
+            raise TokenloomError("structured output compile_timeout_s must be > 0")
+        if not isinstance(self.max_cached_grammars, int) or self.max_cached_grammars < 1:
+            raise TokenloomError("structured output max_cached_grammars must be an integer >= 1")
+
+
+@dataclass
 class EngineConfig:
     model: str = "smollm2-135m"
     dtype: str = "auto"
@@ -233,3 +250,4 @@ class EngineConfig:
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     speculative: SpeculativeConfig | None = None
+    structured_output: StructuredOutputConfig = field(default_factory=StructuredOutputConfig)

@@ -1,8 +1,10 @@
 """Per-request generation settings, validated on construction (vLLM's SamplingParams semantics)."""
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
+from typing import Any
 
 from tokenloom.config import TokenloomError
 
@@ -14,6 +16,58 @@ class SamplingParamsError(TokenloomError, ValueError):
     def __init__(self, message: str, param: str):
         super().__init__(message)
         self.param = param
+
+
+@dataclass
+class StructuredOutputsParams:
+    """A constraint on the output (vLLM's StructuredOutputsParams): set exactly one of json (a JSON schema, as a
+    dict or its JSON text), json_object (any JSON object), regex, choice (one of these strings) or grammar (Lark,
+    or llama.cpp GBNF/EBNF). whitespace_pattern overrides the regex JSON whitespace must match; unset, whitespace
+    between JSON tokens is bounded (a newline and indentation at most), so no schema can spin on blank space."""
+    json: Any = None
+    json_object: bool = False
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    whitespace_pattern: str | None = None
+
+    def __post_init__(self):
+        def bad(msg):
+            raise SamplingParamsError(f"structured_outputs: {msg}", "structured_outputs")
+
+        given = [k for k in ("json", "regex", "choice", "grammar") if getattr(self, k) is not None]
+        given += ["json_object"] if self.json_object else []
+        if len(given) != 1:
+            bad("set exactly one of json, json_object, regex, choice, grammar"
+                + (f" (got {', '.join(given)})" if given else ""))
+        if isinstance(self.json, str):
+            try:
+                self.json = json.loads(self.json)
+            except ValueError as exc:
+                bad(f"json is not a valid JSON schema: {exc}")
+        if self.json is not None and not isinstance(self.json, (dict, bool)):
+            bad("json must be a JSON schema (an object)")
+        for name in ("regex", "grammar", "whitespace_pattern"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, str) or (name != "whitespace_pattern" and not v)):
+                bad(f"{name} must be a non-empty string")
+        if self.choice is not None and (not isinstance(self.choice, (list, tuple)) or not self.choice or not all(
+                isinstance(c, str) and c for c in self.choice)):
+            bad("choice must be a non-empty list of non-empty strings")
+
+    @property
+    def kind(self) -> str:
+        return next(k for k in ("json", "regex", "choice", "grammar") if getattr(self, k) is not None) \
+            if not self.json_object else "json_object"
+
+    def key(self) -> tuple[str, str, str | None]:
+        """(kind, canonical text, whitespace pattern): equal constraints share one compiled grammar."""
+        kind = self.kind
+        # key order kept: properties are generated in the schema's order
+        value = {"json": lambda: json.dumps(self.json, separators=(",", ":")), "json_object": lambda: "",
+                 "regex": lambda: self.regex, "choice": lambda: json.dumps(list(self.choice)),
+                 "grammar": lambda: self.grammar}[kind]()
+        return kind, value, self.whitespace_pattern
 
 
 @dataclass
@@ -37,6 +91,7 @@ class SamplingParams:
     logit_bias: dict[int, float] | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    structured_outputs: StructuredOutputsParams | None = None
 
     def __post_init__(self):
         def bad(param, msg):
@@ -105,6 +160,13 @@ class SamplingParams:
                     bad("logit_bias", f"values must be in [-100, 100], got {v}")
                 bias[tid] = float(v)
             self.logit_bias = bias
+        if isinstance(self.structured_outputs, dict):
+            try:
+                self.structured_outputs = StructuredOutputsParams(**self.structured_outputs)
+            except TypeError as exc:
+                bad("structured_outputs", f"has an unknown field: {exc}")
+        if self.structured_outputs is not None and not isinstance(self.structured_outputs, StructuredOutputsParams):
+            bad("structured_outputs", "must be a StructuredOutputsParams")
 
     @property
     def greedy(self) -> bool:

@@ -103,3 +103,16 @@ def test_spec_json(default_gguf):
 def test_spec_rejects_an_unknown_method(default_gguf):
     proc = tokenloom("bench", "spec", str(default_gguf), "--methods", "magic", "--rounds", "1")
     assert_clean_error(proc, "unknown method")
+
+
+def test_structured_json(default_gguf):
+    """`bench structured`: constrained and free runs of the same batch, same run; every constrained output that
+    closed validates against its schema; the ratio is the constrained rate over the free one."""
+    proc = tokenloom("bench", "structured", str(default_gguf), "--concurrency", "4", "--rounds", "2",
+                     "--output-len", "160", "--json")
+    assert proc.returncode == 0, proc.stderr
+    res = json.loads(proc.stdout)
+    assert res["concurrency"] == 4 and len(res["ratios"]) == 2 and res["free_full_tok_s"] > 0
+    assert res["ratio"] == pytest.approx(sorted(res["ratios"])[0], rel=0.5)
+    assert res["finished"] > 0 and res["valid"] == res["finished"]
+    assert res["mask_ms_per_step"] > 0 and "decode over the first" in proc.stderr

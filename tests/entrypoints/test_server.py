@@ -415,6 +415,11 @@ BAD_OPENAI = [
     ("/v1/completions", {"prompt": [1, 2, 10 ** 9]}, 400, None, "token ids", None),
     ("/v1/chat/completions", {"messages": CHAT, "top_logprobs": 2}, 400, "top_logprobs", "logprobs", None),
     ("/v1/chat/completions", {"messages": []}, 400, "messages", "empty", None),
+    ("/v1/chat/completions", {"messages": CHAT, "response_format": {"type": "json_schema", "json_schema": {
+        "name": "x", "schema": {"type": "integer", "minimum": 3, "maximum": 1}}}}, 400, "response_format", "minimum",
+     None),
+    ("/v1/completions", {"prompt": "x", "structured_outputs": {"grammar": "start: undefined_rule"}}, 400,
+     "structured_outputs", "undefined_rule", None),
     ("/v1/completions", {"prompt": LONG}, 400, None, "context window", "context_length_exceeded"),
     ("/v1/completions", {"prompt": LONG, "stream": True}, 400, None, "context window", "context_length_exceeded"),
     ("/v1/completions", {"prompt": "hi", "max_tokens": 2048}, 400, None, "max_tokens", "context_length_exceeded"),
@@ -439,7 +444,8 @@ BAD_OLLAMA = [
     ("/api/generate", {"model": MODEL, "prompt": LONG}, 400, "context window"),
     ("/api/chat", {"model": MODEL, "messages": [{"role": "user", "content": LONG}]}, 400, "context window"),
     ("/api/show", {"model": "nope"}, 404, "not found"),
-    ("/api/generate", {"model": MODEL, "prompt": "x", "format": "json"}, 400, "format"),
+    ("/api/generate", {"model": MODEL, "prompt": "x", "format": "yaml"}, 400, "format"),
+    ("/api/generate", {"model": MODEL, "prompt": "x", "format": {"type": "foo"}}, 400, "foo"),
 ]
 
 

@@ -35,6 +35,12 @@ def add_sampling_args(p: argparse.ArgumentParser, max_tokens: int | None = 256) 
     g.add_argument("--repetition-penalty", type=float, default=1.0)
     g.add_argument("--sample-seed", type=int, default=None, help="per-request sampling seed")
     g.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    g = p.add_argument_group("structured output (one of)")
+    g.add_argument("--format", default=None, metavar="json|SCHEMA",
+                   help="'json' (a JSON object), or a JSON schema the output must match: inline or @FILE")
+    g.add_argument("--regex", default=None, help="a regular expression the output must match")
+    g.add_argument("--grammar", default=None, metavar="GRAMMAR",
+                   help="a Lark or GBNF grammar the output must match: inline or @FILE")
 
 
 def speculative_config(text: str) -> str:
@@ -59,10 +65,41 @@ def parse_size(text: str) -> int:
         raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 512MiB, 2GiB)") from None
 
 
+def _text_or_file(value: str) -> str:
+    from tokenloom.config import TokenloomError
+
+    if not value.startswith("@"):
+        return value
+    try:
+        with open(value[1:], encoding="utf-8") as f:
+            return f.read()
+    except OSError as exc:
+        raise TokenloomError(f"cannot read {value[1:]}: {exc.strerror}") from None
+
+
+def structured_outputs_from_args(args):
+    """--format / --regex / --grammar as StructuredOutputsParams (None when none is given)."""
+    from tokenloom.sampling_params import StructuredOutputsParams
+
+    fmt, regex, grammar = getattr(args, "format", None), getattr(args, "regex", None), getattr(args, "grammar", None)
+    given = [name for name, v in (("--format", fmt), ("--regex", regex), ("--grammar", grammar)) if v is not None]
+    if not given:
+        return None
+    if len(given) > 1:
+        from tokenloom.config import TokenloomError
+
+        raise TokenloomError(f"give one of --format, --regex, --grammar (got {' and '.join(given)})")
+    if fmt is not None and fmt.strip().lower() == "json":
+        return StructuredOutputsParams(json_object=True)
+    return StructuredOutputsParams(json=_text_or_file(fmt) if fmt is not None else None, regex=regex,
+                                   grammar=_text_or_file(grammar) if grammar is not None else None)
+
+
 def sampling_from_args(args):
     from tokenloom.sampling_params import SamplingParams
 
     return SamplingParams(
         max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
         min_p=args.min_p, repetition_penalty=args.repetition_penalty, seed=args.sample_seed, stop=args.stop,
+        structured_outputs=structured_outputs_from_args(args),
     )

@@ -10,7 +10,7 @@ from tokenloom.cli.args import add_engine_args
 
 
 def add_bench_parser(sub) -> None:
-    p = sub.add_parser("bench", help="benchmarks: latency, throughput, sampling, spec, serve, quant")
+    p = sub.add_parser("bench", help="benchmarks: latency, throughput, sampling, spec, structured, serve, quant")
     p.set_defaults(func=run_bench)
     bsub = p.add_subparsers(dest="bench", required=True)
     common = argparse.ArgumentParser(add_help=False)
@@ -57,6 +57,16 @@ def add_bench_parser(sub) -> None:
     b.add_argument("--batch", default="1,8", help="comma list of batch sizes")
     b.add_argument("--output-len", type=int, default=128)
     b.add_argument("--rounds", type=int, default=3, help="rounds (tok/s: the best round; speedup: the median of same-round ratios)")
+    add_engine_args(b)
+
+    b = bsub.add_parser("structured", parents=[common],
+                        help="JSON-schema-constrained requests vs the same requests free: decode tok/s, mask time")
+    b.add_argument("model", nargs="?", default="smollm2-135m")
+    b.add_argument("--concurrency", type=int, default=32, help="requests decoded together")
+    b.add_argument("--output-len", type=int, default=256, help="max tokens per request")
+    b.add_argument("--temperature", type=float, default=0.7)
+    b.add_argument("--rounds", type=int, default=5, help="rounds (tok/s: the best round; ratio: the median of "
+                                                       "same-round ratios)")
     add_engine_args(b)
 
     b = bsub.add_parser("serve", parents=[common], help="load test a running server (OpenAI API)")
@@ -108,6 +118,8 @@ def run_bench(args: argparse.Namespace) -> None:
         from tokenloom.bench.throughput import bench_sampling as fn
     elif args.bench == "spec":
         from tokenloom.bench.spec import bench_spec as fn
+    elif args.bench == "structured":
+        from tokenloom.bench.structured import bench_structured as fn
     elif args.bench == "serve":
         from tokenloom.bench.serve import bench_serve as fn
     else:

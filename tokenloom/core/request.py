@@ -38,6 +38,8 @@ class Request:
     forks: list["Request"] = field(default_factory=list)  # children waiting for this request's prefill
     # Draft tokens a proposer guessed to follow the output; verified (and accepted or rolled back) next step.
     spec_token_ids: list[int] = field(default_factory=list)
+    # structured_output.GrammarMatcher of a constrained request: advanced over every token the scheduler accepts
+    grammar: object = None
     first_token_time: float | None = None
     logprobs: list = field(default_factory=list)  # per output token: {token_id: logprob}
     generator: object = None  # torch.Generator for seeded requests

@@ -12,19 +12,23 @@ kept tokens and finishes requests that hit a token-level stop (EOS, stop token i
 """
 from __future__ import annotations
 
+import logging
 from collections import deque
 
 from tokenloom.config import SchedulerConfig
 from tokenloom.core.kv_cache_manager import KVCacheManager
 from tokenloom.core.request import Request, RequestStatus
-from tokenloom.core.scheduler_output import ScheduledRequest, SchedulerOutput
+from tokenloom.core.scheduler_output import GrammarOutput, ScheduledRequest, SchedulerOutput
 from tokenloom.worker.outputs import ModelRunnerOutput
+
+log = logging.getLogger("tokenloom")
 
 
 class Scheduler:
     def __init__(self, config: SchedulerConfig, kv_cache_manager: KVCacheManager, max_model_len: int,
-                 eos_token_ids: tuple[int, ...] = (), num_lookahead_tokens: int = 0):
+                 eos_token_ids: tuple[int, ...] = (), num_lookahead_tokens: int = 0, structured_output=None):
         self.config = config
+        self.structured_output = structured_output  # structured_output.StructuredOutputManager, or None
         # A draft model writes the K/V of its drafts after a step, ahead of the request's tokens: every request
         # that catches up in a step keeps this many slots beyond it.
         self.num_lookahead_tokens = num_lookahead_tokens
@@ -54,7 +58,27 @@ class Scheduler:
         budget = self._schedule_running(out, self.config.max_num_batched_tokens)
         if not out.num_preempted:  # a step that had to preempt admits nobody
             self._schedule_waiting(out, budget)
+        out.grammar = self._grammar_bitmask(out)
         return out
+
+    def _grammar_bitmask(self, out: SchedulerOutput) -> GrammarOutput | None:
+        """Start filling the mask of every position a constrained request samples this step: its next token,
+        and after each of its drafts (the drafts before it taken as output)."""
+        rows: dict[str, int] = {}
+        entries, num_rows = [], 0
+        for item in out.scheduled:
+            req = item.request
+            if req.num_computed_tokens + item.num_tokens - len(item.spec_token_ids) != req.num_tokens:
+                continue  # a prefill chunk that samples nothing
+            for r in [req, *req.forks]:  # forks of n > 1 draw their first token in their parent's step
+                if r.grammar is not None:
+                    drafts = item.spec_token_ids if r is req else []
+                    rows[r.request_id] = num_rows
+                    entries.append((r.grammar, num_rows, drafts))
+                    num_rows += 1 + len(drafts)
+        if not entries:
+            return None
+        return GrammarOutput(rows, self.structured_output.start_bitmask(num_rows, entries))
 
     def _num_drafts(self, req: Request, budget: int) -> int:
         """Draft tokens to verify with the request's next token: within the budget, the context and max_tokens."""
@@ -131,6 +155,8 @@ class Scheduler:
     def update_from_output(self, sched: SchedulerOutput, out: ModelRunnerOutput) -> list[tuple[Request, int]]:
         """Accept the step's results. Returns (request, number of tokens it gained) for every request that
         gained tokens, in the runner's order (finished ones included; aborted ones left out)."""
+        if sched.grammar is not None:
+            sched.grammar.bitmask()  # the matchers are the mask thread's until it is done
         kept = {id(req): tokens for req, tokens in zip(out.requests, out.sampled_token_ids)}
         for item in sched.scheduled:
             req, num_drafts = item.request, len(item.spec_token_ids)
@@ -166,12 +192,27 @@ class Scheduler:
             if logprobs is not None:
                 req.logprobs.append(dict(logprobs[i]))
             reason, stop = self._token_stop(req, token)
+            if reason is None and req.grammar is not None:
+                reason = self._advance_grammar(req, token)
             if reason is not None:
                 req.finish_reason, req.stop_reason = reason, stop
                 self.kv_cache_manager.cache_full_blocks(req)  # its last full blocks stay reusable
                 self.finish(req)
                 return i + 1
         return len(tokens)
+
+    def _advance_grammar(self, req: Request, token: int) -> str | None:
+        """Advance a constrained request's matcher over an accepted token: "stop" when the grammar is complete
+        (nothing but EOS could follow) or failed (logged), else None. EOS (drawn with ignore_eos, where the
+        grammar may end) ends it too."""
+        if token in self.eos_token_ids:
+            return "stop"
+        ok = req.grammar.accept_tokens([token])
+        if ok and not req.grammar.is_terminated():
+            return None
+        if not ok:
+            log.warning("request %s: the grammar refused a token (%s)", req.request_id, req.grammar.error())
+        return "stop"
 
     def _token_stop(self, req: Request, token: int) -> tuple[str | None, int | None]:
         p = req.params

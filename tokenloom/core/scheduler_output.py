@@ -16,11 +16,24 @@ class ScheduledRequest:
 
 
 @dataclass
+class GrammarOutput:
+    """The step's structured-output mask: request id -> its first row in the bitmask, one row per position the
+    request samples this step (its next token, after each of its drafts); the bitmask is filled in the background
+    while the forward pass runs."""
+    rows: dict[str, int]
+    job: object  # structured_output.BitmaskJob
+
+    def bitmask(self):
+        return self.job.result()
+
+
+@dataclass
 class SchedulerOutput:
     scheduled: list[ScheduledRequest] = field(default_factory=list)
     blocks_to_copy: list[tuple[int, int]] = field(default_factory=list)  # copy-on-write, before the step runs
     num_preempted: int = 0
     freed_request_ids: list[str] = field(default_factory=list)  # finished or preempted: drop their state
+    grammar: GrammarOutput | None = None  # constrained requests' token bitmask (None: nothing constrained)
 
     @property
     def num_tokens(self) -> int:

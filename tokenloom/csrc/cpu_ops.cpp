@@ -6,6 +6,8 @@
 #include <c10/util/BFloat16.h>
 #include "attention_rows.h"
 #include <cmath>
+#include <cstdint>
+#include <limits>
 #include <vector>
 #ifdef __AVX512F__
 #include <immintrin.h>
@@ -150,8 +152,46 @@ void rotary_(torch::Tensor x, torch::Tensor cos, torch::Tensor sin, int64_t head
 }
 #endif
 
+// Structured output's grammar mask, in place: logits[rows[k], t] = -inf wherever bit t % 32 of word t / 32 of
+// bitmask[k] is clear (rows empty: row k). One pass over the packed words; all-ones words (the common case in
+// free-text stretches) are skipped whole.
+void apply_token_bitmask_(torch::Tensor logits, torch::Tensor bitmask, torch::Tensor rows) {
+  TORCH_CHECK(logits.scalar_type() == torch::kFloat && logits.dim() == 2 && logits.stride(1) == 1);
+  TORCH_CHECK(bitmask.scalar_type() == torch::kInt && bitmask.dim() == 2 && bitmask.is_contiguous());
+  TORCH_CHECK(rows.numel() == 0 || (rows.scalar_type() == torch::kLong && rows.numel() == bitmask.size(0)));
+  const int64_t n = bitmask.size(0), W = bitmask.size(1), V = std::min<int64_t>(logits.size(1), W * 32);
+  const int64_t stride = logits.stride(0);
+  float* L = logits.data_ptr<float>();
+  const uint32_t* M = reinterpret_cast<const uint32_t*>(bitmask.data_ptr<int32_t>());
+  const int64_t* R = rows.numel() ? rows.data_ptr<int64_t>() : nullptr;
+  for (int64_t k = 0; k < n; ++k) TORCH_CHECK((R ? R[k] : k) >= 0 && (R ? R[k] : k) < logits.size(0));
+  const float neg_inf = -std::numeric_limits<float>::infinity();
+  at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t k = begin; k < end; ++k) {
+      float* row = L + (R ? R[k] : k) * stride;
+      const uint32_t* words = M + k * W;
+      for (int64_t w = 0; w * 32 < V; ++w) {
+        const uint32_t bits = words[w];
+        if (bits == 0xffffffffu) continue;
+        const int64_t base = w * 32, lim = std::min<int64_t>(32, V - base);
+#ifdef __AVX512F__
+        if (lim == 32) {  // the cleared bits as two masked stores of 16 lanes
+          const __m512 fill = _mm512_set1_ps(neg_inf);
+          _mm512_mask_storeu_ps(row + base, static_cast<__mmask16>(~bits & 0xffffu), fill);
+          _mm512_mask_storeu_ps(row + base + 16, static_cast<__mmask16>(~bits >> 16), fill);
+          continue;
+        }
+#endif
+        for (int64_t i = 0; i < lim; ++i)
+          if (!((bits >> i) & 1u)) row[base + i] = neg_inf;
+      }
+    }
+  });
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("has_avx512", torch::wrap_pybind_function(has_avx512), "has_avx512");
+  m.def("apply_token_bitmask_", torch::wrap_pybind_function(apply_token_bitmask_), "apply_token_bitmask_");
 #ifdef __AVX512F__  // without it the module only says so (has_avx512() is false)
   m.def("paged_decode_attention", torch::wrap_pybind_function(paged_decode_attention), "paged_decode_attention");
   m.def("rms_norm", torch::wrap_pybind_function(rms_norm), "rms_norm");

@@ -158,6 +158,8 @@ class AsyncEngine:
         sampling values, full queue) is raised here, before anything streams."""
         loop = asyncio.get_running_loop()
         request_id = request_id or f"req-{next(self._ids)}"
+        if params.structured_outputs is not None:
+            await self.compile_constraint(params)
         queue: asyncio.Queue = asyncio.Queue()
         done: asyncio.Future = loop.create_future()
         with self._cv:
@@ -174,6 +176,17 @@ class AsyncEngine:
             self.abort(request_id)
             raise
         return RequestStream(self, request_id, queue)
+
+    async def compile_constraint(self, params: SamplingParams) -> None:
+        """Compile the request's output constraint on the grammar threads, so the engine thread only picks up
+        the cached result; a bad or too slow constraint raises here."""
+        manager = self.engine.structured_output
+        fut = manager.grammar_async(params.structured_outputs)
+        waiting = asyncio.wrap_future(fut)
+        await asyncio.wait([waiting], timeout=manager.config.compile_timeout_s)  # never cancels the compile
+        if waiting.done() and not waiting.cancelled():
+            waiting.exception()  # seen here; raised from fut just below
+        manager.result(fut, timeout=0)
 
     def abort(self, request_id: str) -> None:
         with self._cv:

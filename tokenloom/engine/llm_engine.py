@@ -20,6 +20,7 @@ from tokenloom.engine.output_processor import OutputProcessor, RequestGroup
 from tokenloom.engine.outputs import EngineStats, RequestMetrics, RequestOutput
 from tokenloom.loader.sources import resolve_model
 from tokenloom.sampling_params import SamplingParams
+from tokenloom.structured_output import StructuredOutputManager
 from tokenloom.worker.executor import Executor, UniProcExecutor
 
 log = logging.getLogger("tokenloom")
@@ -55,8 +56,10 @@ class LLMEngine:
         cache_cfg = config.cache
         self.kv_cache_manager = KVCacheManager(self.executor.num_blocks, cache_cfg.block_size,
                                                cache_cfg.enable_prefix_caching)
+        self.structured_output = StructuredOutputManager(self.tokenizer, cfg.vocab_size, list(cfg.eos_token_ids),
+                                                         config.structured_output)
         self.scheduler = Scheduler(config.scheduler, self.kv_cache_manager, self.max_model_len, cfg.eos_token_ids,
-                                   getattr(self.executor, "num_lookahead_tokens", 0))
+                                   getattr(self.executor, "num_lookahead_tokens", 0), self.structured_output)
         self.output_processor = OutputProcessor(self.scheduler.finish)
         self.last_step_num_seqs = 0
         self._ids = itertools.count()
@@ -96,7 +99,11 @@ class LLMEngine:
         request_id = request_id or f"req-{next(self._ids)}"
         if request_id in self.output_processor.groups:
             raise TokenloomError(f"request id '{request_id}' is already in use")
+        # compiled off the engine loop when the caller awaited grammar_async first (the server does)
+        grammar = self.structured_output.grammar(params.structured_outputs) if params.structured_outputs else None
         reqs = [self._new_request(request_id, i, token_ids, params, max_tokens) for i in range(params.n)]
+        for req in reqs if grammar is not None else ():
+            req.grammar = grammar.matcher()
         parent = reqs[0]
         parent.forks = reqs[1:]
         for child in parent.forks:
@@ -191,7 +198,7 @@ class LLMEngine:
         c["slots_contig"] += contig
 
     def stats(self) -> EngineStats:
-        kv, c = self.kv_cache_manager, self._counters
+        kv, c, so = self.kv_cache_manager, self._counters, self.structured_output
         queries = kv.prefix_queries
         return EngineStats(
             num_running=len(self.scheduler.running),
@@ -211,4 +218,8 @@ class LLMEngine:
             spec_draft_tokens=self.scheduler.num_draft_tokens,
             spec_accepted_tokens=self.scheduler.num_accepted_tokens,
             spec_verify_runs=self.scheduler.num_spec_steps,
+            grammar_compiles=so.num_compiles,
+            grammar_compile_seconds=so.compile_seconds,
+            grammar_mask_steps=so.num_mask_steps,
+            grammar_mask_seconds=so.mask_seconds,
         )

@@ -70,6 +70,10 @@ class EngineStats:
     spec_draft_tokens: int = 0
     spec_accepted_tokens: int = 0
     spec_verify_runs: int = 0
+    grammar_compiles: int = 0  # structured output: constraints compiled so far
+    grammar_compile_seconds: float = 0.0  # their total compile time
+    grammar_mask_steps: int = 0  # steps that filled a grammar bitmask
+    grammar_mask_seconds: float = 0.0  # total time filling them (alongside the forward passes)
     extra: dict = field(default_factory=dict)
 
     @property

@@ -80,6 +80,9 @@ class LLM:
 
     def _add_all(self, prompts, params) -> list[str]:
         ids: list[str] = []
+        for p in params:  # distinct output constraints compile side by side, each once
+            if p.structured_outputs is not None:
+                self.engine.structured_output.grammar_async(p.structured_outputs)
         try:
             for prompt, p in zip(prompts, params):
                 ids.append(self.engine.add_request(prompt, p))

@@ -18,6 +18,9 @@
     tokenloom_spec_decode_num_accepted_tokens        of which accepted
     tokenloom_spec_decode_acceptance_rate            accepted / verified (0..1)
     tokenloom_spec_decode_mean_accepted_length       tokens per verify run: accepted drafts + 1
+    tokenloom_grammar_compiles / _compile_seconds    structured output: constraints compiled, their total time
+    tokenloom_grammar_mask_steps / _mask_seconds     steps that filled a grammar bitmask, total time filling them
+    tokenloom_grammar_mask_seconds_per_step          mean mask time per such step
 """
 from __future__ import annotations
 
@@ -35,6 +38,23 @@ from tokenloom.engine.outputs import RequestOutput
 _LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 1.5, 2.0,
                     2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
 _E2E_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0)
+# (gauge, help, the EngineStats field it reads)
+_STAT_GAUGES = [
+    ("tokenloom_num_preemptions", "Preemptions so far", "num_preemptions"),
+    ("tokenloom_engine_steps", "Engine steps so far", "steps"),
+    ("tokenloom_spec_decode_num_draft_tokens", "Speculative draft tokens verified so far", "spec_draft_tokens"),
+    ("tokenloom_spec_decode_num_accepted_tokens", "Speculative draft tokens accepted so far", "spec_accepted_tokens"),
+    ("tokenloom_spec_decode_acceptance_rate", "Accepted share of verified draft tokens (0..1)",
+     "spec_acceptance_rate"),
+    ("tokenloom_spec_decode_mean_accepted_length", "Tokens per verify run: accepted drafts plus one",
+     "spec_mean_accepted_length"),
+    ("tokenloom_grammar_compiles", "Structured-output constraints compiled so far", "grammar_compiles"),
+    ("tokenloom_grammar_compile_seconds", "Total time compiling structured-output constraints",
+     "grammar_compile_seconds"),
+    ("tokenloom_grammar_mask_steps", "Engine steps that filled a grammar bitmask", "grammar_mask_steps"),
+    ("tokenloom_grammar_mask_seconds", "Total time filling grammar bitmasks (alongside forward passes)",
+     "grammar_mask_seconds"),
+]
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 512)
 
 
@@ -76,16 +96,10 @@ class ServerMetrics:
         gauge("tokenloom_kv_cache_blocks_total", "KV-cache blocks", lambda: st().num_blocks_total)
         gauge("tokenloom_prefix_cache_hit_rate", "Share of prompt tokens found in the prefix cache (0..1)",
               lambda: st().prefix_cache_hit_rate)
-        gauge("tokenloom_num_preemptions", "Preemptions so far", lambda: st().num_preemptions)
-        gauge("tokenloom_engine_steps", "Engine steps so far", lambda: st().steps)
-        gauge("tokenloom_spec_decode_num_draft_tokens", "Speculative draft tokens verified so far",
-              lambda: st().spec_draft_tokens)
-        gauge("tokenloom_spec_decode_num_accepted_tokens", "Speculative draft tokens accepted so far",
-              lambda: st().spec_accepted_tokens)
-        gauge("tokenloom_spec_decode_acceptance_rate", "Accepted share of verified draft tokens (0..1)",
-              lambda: st().spec_acceptance_rate)
-        gauge("tokenloom_spec_decode_mean_accepted_length", "Tokens per verify run: accepted drafts plus one",
-              lambda: st().spec_mean_accepted_length)
+        for name, doc, attr in _STAT_GAUGES:
+            gauge(name, doc, lambda attr=attr: getattr(st(), attr))
+        gauge("tokenloom_grammar_mask_seconds_per_step", "Mean grammar bitmask time per step that filled one",
+              lambda: st().grammar_mask_seconds / max(1, st().grammar_mask_steps))
         gauge("tokenloom_step_num_seqs", "Sequences in the last engine step", lambda: async_engine.last_step_num_seqs)
         gauge("tokenloom_step_num_seqs_max", "Most sequences in one engine step so far",
               lambda: async_engine.max_step_num_seqs)

@@ -118,6 +118,15 @@ class ServerState:
         return tok.encode(text, add_special_tokens=False)
 
     # requests
+    async def check_constraint(self, params: SamplingParams, param: str) -> None:
+        """Compile the request's output constraint off the engine thread; a bad one is a 400 naming `param`."""
+        if params.structured_outputs is None:
+            return
+        try:
+            await self.engine.compile_constraint(params)
+        except SamplingParamsError as exc:
+            raise APIError(400, str(exc), param=param if exc.param == "structured_outputs" else exc.param) from None
+
     async def submit(self, prompt: str | list[int], params: SamplingParams, request_id: str) -> RequestStream:
         try:
             return await self.engine.add_request(prompt, params, request_id, max_waiting=self.max_queue)

@@ -10,6 +10,7 @@ do each of those in one pass over memory, parallel over rows (at::parallel_for),
                           cache through its block table: no gather copy, no padding, no mask
   rms_norm                RMSNorm of each row, optionally after adding a residual (the sum is returned too)
   rotary_                 the rotate-half rotary embedding applied in place to the q and k heads of a qkv row
+  apply_token_bitmask_    structured output's packed grammar mask applied to float32 logits in place (any CPU)
 
 rms_norm and rotary_ round their intermediate results to the tensor's dtype exactly where the torch code does
 (x + r, the normalised row before the weight, x*cos and rotated*sin), so they give the torch path's numbers up
@@ -22,7 +23,8 @@ import torch
 
 from tokenloom.kernels.build import CppExtension
 
-EXTENSION = CppExtension("tokenloom_cpu_ops", "cpu_ops.cpp", ["paged_decode_attention", "rms_norm", "rotary_"])
+EXTENSION = CppExtension("tokenloom_cpu_ops", "cpu_ops.cpp",
+                         ["paged_decode_attention", "rms_norm", "rotary_", "apply_token_bitmask_"])
 DTYPES = (torch.bfloat16, torch.float32)
 
 

@@ -106,7 +106,8 @@ class Sampler:
             probs[md.greedy_index, tokens[md.greedy_index]] = 1.0
         if md.sampled:
             xs = x[ops.index(at, x.device)]
-            w = (xs - xs.amax(-1, keepdim=True)).exp_().masked_fill_(xs < thr[:, None], 0.0)
+            neg = xs - xs.amax(-1, keepdim=True)
+            w = ops.exp_nonpositive(neg, neg).masked_fill_(xs < thr[:, None], 0.0)
             probs[md.sampled_index] = w / w.sum(-1, keepdim=True)
         return probs
 
@@ -121,7 +122,8 @@ class Sampler:
         rows_t = ops.index(rows, logits.device)
         lp = select_rows(self.ws, "lp", logits, rows)
         m = lp.amax(-1, keepdim=True)
-        exp = torch.sub(lp, m, out=self.ws("lp.exp", len(rows), V, device=logits.device)).exp_()
+        exp = torch.sub(lp, m, out=self.ws("lp.exp", len(rows), V, device=logits.device))
+        exp = ops.exp_nonpositive(exp, exp)
         lse = m + exp.sum(-1, keepdim=True).log_()
         chosen = (lp.gather(1, tokens[rows_t][:, None]) - lse)[:, 0].tolist()
         top_n = max(md.num_logprobs)

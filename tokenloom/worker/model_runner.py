@@ -53,6 +53,7 @@ class ModelRunner:
         self.fused = FusedDecoder.build(model, self.layer_caches, self.block_size) if device.type == "cpu" else None
         self.steps_by_path = {"fused": 0, "layers": 0}  # which path each forward took (tests and benchmarks)
         self.speculator = None  # spec_decode.Speculator, set by the executor when speculative decoding is on
+        self._grammar = None  # the step's core.GrammarOutput (structured output), while it runs
 
     @torch.inference_mode()
     def execute(self, sched) -> ModelRunnerOutput:
@@ -66,6 +67,7 @@ class ModelRunner:
         if sched.blocks_to_copy:
             self.cache.copy_blocks(sched.blocks_to_copy)
         out = ModelRunnerOutput()
+        self._grammar = sched.grammar
         fused, layers = self._split(sched.scheduled)
         if fused:
             self._run_fused(InputBatch.from_scheduled(fused, self.device), out)
@@ -139,8 +141,9 @@ class ModelRunner:
             for j in range(len(g.rows)):  # row j sees the drafts before it as output already
                 history = r.output_token_ids + g.draft_token_ids[:j] if j else r.output_token_ids
                 rows.append(SamplingRow(r.params, r.prompt_token_ids, history, r.generator, self.config.eos_token_ids))
-        samples = self.sampler(logits, SamplingMetadata.from_rows(rows, logits.device),
-                               choose=self._rejection_sampler(batch))
+        bitmask, bitmask_rows = self._grammar_rows(batch)
+        metadata = SamplingMetadata.from_rows(rows, logits.device, bitmask, bitmask_rows)
+        samples = self.sampler(logits, metadata, choose=self._rejection_sampler(batch))
         row = 0
         for g in batch.samples:
             tokens = samples.token_ids[row : row + len(g.rows)]
@@ -153,6 +156,23 @@ class ModelRunner:
             out.sampled_token_ids.append(tokens[:kept])
             out.logprobs.append(samples.logprobs[row : row + kept] if g.request.params.logprobs is not None else None)
             row += len(g.rows)
+
+    def _grammar_rows(self, batch: InputBatch) -> tuple[torch.Tensor | None, list[int] | None]:
+        """(the step's grammar bitmask rows for this batch's sampled rows, those sampled rows), or (None, None)
+        when no request here is constrained. Waits for the mask thread, which has run alongside the forward."""
+        grammar = self._grammar
+        if grammar is None:
+            return None, None
+        picked, sample_rows, row = [], [], 0
+        for g in batch.samples:
+            first = grammar.rows.get(g.request.request_id)
+            if first is not None:
+                picked += range(first, first + len(g.rows))
+                sample_rows += range(row, row + len(g.rows))
+            row += len(g.rows)
+        if not picked:
+            return None, None
+        return grammar.bitmask()[picked], sample_rows
 
     def _rejection_sampler(self, batch: InputBatch):
         """The sampler's choose() for the requests whose drafts were sampled from a draft distribution q: their

@@ -7,7 +7,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from tokenloom.entrypoints.server_state import APIError, documented_errors
-from tokenloom.sampling_params import SamplingParams, SamplingParamsError
+from tokenloom.sampling_params import SamplingParams, SamplingParamsError, StructuredOutputsParams
 
 OLLAMA_DEFAULTS = dict(temperature=0.8, top_k=40, top_p=0.9)
 
@@ -42,7 +42,7 @@ class _Common(BaseModel):
     model: str = Field(..., description="The served model's name (GET /api/tags), ':latest' optional")
     options: Options | None = None
     stream: bool = Field(True, description="Stream newline-delimited JSON objects (default true)")
-    format: str | dict | None = Field(None, description="Not supported (must be empty)")
+    format: str | dict | None = Field(None, description="'json' (any JSON value) or a JSON schema the output matches")
     keep_alive: float | str | None = Field(None, description="Ignored (the model stays loaded)")
     think: bool | str | None = Field(None, description="Ignored")
     logprobs: bool = False
@@ -68,7 +68,8 @@ class Message(BaseModel):
 
 class ChatRequest(_Common):
     messages: list[Message] = Field(default_factory=list)
-    tools: list[dict] | None = Field(None, description="Passed to the chat template; tool calls are not parsed")
+    tools: list[dict] | None = Field(None, description="Functions the model may call; its calls come back as "
+                                                        "message.tool_calls")
 
 
 class EmbedRequest(BaseModel):
@@ -119,6 +120,7 @@ class GenerateResponse(_Stats):
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str
+    tool_calls: list[dict] | None = Field(None, description="[{'function': {'name', 'arguments': {...}}}]")
 
 
 class ChatResponse(_Stats):
@@ -177,7 +179,23 @@ def ndjson_doc(what: str) -> dict:
                   "content": {"application/x-ndjson": {"schema": {"type": "string"}}}}}
 
 
-def to_sampling_params(opts: Options | None, logprobs: bool, top_logprobs: int | None) -> SamplingParams:
+def format_constraint(fmt: str | dict | None) -> StructuredOutputsParams | None:
+    """Ollama's format: "json" (any JSON value; a JSON object, as Ollama's own grammar gives), a JSON schema, or
+    empty (free text)."""
+    if fmt in (None, "", {}):
+        return None
+    try:
+        if fmt == "json":
+            return StructuredOutputsParams(json_object=True)
+        if isinstance(fmt, dict):
+            return StructuredOutputsParams(json=fmt)
+    except SamplingParamsError as exc:
+        raise APIError(400, str(exc).replace("structured_outputs", "format", 1), param="format") from None
+    raise APIError(400, f"format must be 'json' or a JSON schema, got {fmt!r}", param="format")
+
+
+def to_sampling_params(opts: Options | None, logprobs: bool, top_logprobs: int | None,
+                       structured_outputs: StructuredOutputsParams | None = None) -> SamplingParams:
     o = opts or Options()
     num_predict = o.num_predict
     if num_predict is not None and num_predict not in (-1, -2) and num_predict < 1:
@@ -195,7 +213,7 @@ def to_sampling_params(opts: Options | None, logprobs: bool, top_logprobs: int |
             stop=o.stop, seed=o.seed,
             repetition_penalty=1.0 if o.repeat_penalty is None else o.repeat_penalty,
             presence_penalty=o.presence_penalty or 0.0, frequency_penalty=o.frequency_penalty or 0.0,
-            logprobs=(top_logprobs or 0) if logprobs else None,
+            logprobs=(top_logprobs or 0) if logprobs else None, structured_outputs=structured_outputs,
         )
     except SamplingParamsError as exc:
         param = {"repetition_penalty": "repeat_penalty", "max_tokens": "num_predict"}.get(exc.param, exc.param)

@@ -21,8 +21,20 @@ from tokenloom.entrypoints.ollama.protocol import (
     GenerateRequest,
     GenerateResponse,
     _Common,
+    format_constraint,
     ndjson_doc,
     to_sampling_params,
+)
+from tokenloom.entrypoints.tool_calls import (
+    ToolCallStreamParser,
+    ToolError,
+    from_ollama_messages,
+    parse_tool_calls,
+    prepare_messages,
+    template_supports_tools,
+    to_ollama_tool_calls,
+    tool_constraint,
+    validate_tools,
 )
 from tokenloom.entrypoints.server_state import APIError, ServerState, chat_logprobs, embed_inputs, get_state
 from tokenloom.entrypoints.streaming import DeltaTracker, merge_streams, ndjson_response, until_disconnected
@@ -36,11 +48,6 @@ def _now() -> str:
 
 def _ns(seconds: float | None) -> int:
     return max(0, int((seconds or 0.0) * 1e9))
-
-
-def _check_common(body: _Common) -> None:
-    if body.format not in (None, "", {}):
-        raise APIError(400, "format (structured output) is not supported", param="format")
 
 
 def _stats(start: float, out: RequestOutput) -> dict:
@@ -74,16 +81,26 @@ def _done(model: str, kind: str, text: str, start: float, out: RequestOutput) ->
     return resp
 
 
-async def _chunks(state: ServerState, streams, start: float, model: str, kind: str, top_n: int | None
-                  ) -> AsyncIterator[dict]:
-    """The streamed objects: text deltas (with their logprobs), then the done=true object with the timings."""
+async def _chunks(state: ServerState, streams, start: float, model: str, kind: str, top_n: int | None,
+                  tool_names: list[str] | None) -> AsyncIterator[dict]:
+    """The streamed objects: text deltas (with their logprobs; with tools, the content and each tool call once
+    complete), then the done=true object with the timings."""
     tracker = DeltaTracker()
+    parser = ToolCallStreamParser(tool_names) if tool_names is not None else None
     async for _, out in merge_streams(streams):
         o = out.outputs[0]
         text, t0, t1 = tracker.delta(0, o)
-        if text or (top_n is not None and t1 > t0):
+        calls = []
+        if parser is not None:
+            text, calls = parser.feed(text)
+            if o.finished:
+                rest, more = parser.finish()
+                text, calls = text + rest, calls + more
+        if text or calls or (top_n is not None and t1 > t0):
             chunk = _reply(model, kind, text)
             chunk["done"] = False
+            if calls:
+                chunk["message"]["tool_calls"] = to_ollama_tool_calls(calls)
             if top_n is not None:
                 chunk["logprobs"] = chat_logprobs(state, o, t0, t1, top_n)
                 tracker.tokens[0] = t1
@@ -95,12 +112,17 @@ async def _chunks(state: ServerState, streams, start: float, model: str, kind: s
             yield _done(model, kind, "", start, out)
 
 
-async def _run(state: ServerState, request: Request, body: _Common, prompt, start: float, model: str, kind: str):
-    params = to_sampling_params(body.options, body.logprobs, body.top_logprobs)
+async def _run(state: ServerState, request: Request, body: _Common, prompt, start: float, model: str, kind: str,
+               constraint=None, tool_names: list[str] | None = None):
+    """Generate for an Ollama request; constraint: the output constraint (default: the body's format);
+    tool_names: parse the reply for calls of these tools."""
+    params = to_sampling_params(body.options, body.logprobs, body.top_logprobs,
+                                constraint or format_constraint(body.format))
+    await state.check_constraint(params, "tools" if constraint else "format")
     streams = await state.submit_all([prompt], params, f"ollama-{kind}-{uuid.uuid4().hex}")
     top_n = (body.top_logprobs or 0) if body.logprobs else None
     if body.stream:
-        return ndjson_response(state, streams, _chunks(state, streams, start, model, kind, top_n))
+        return ndjson_response(state, streams, _chunks(state, streams, start, model, kind, top_n, tool_names))
 
     async def collect():
         try:
@@ -114,6 +136,10 @@ async def _run(state: ServerState, request: Request, body: _Common, prompt, star
     out = await until_disconnected(request, collect())
     o = out.outputs[0]
     resp = _done(model, kind, o.text, start, out)
+    if tool_names is not None:
+        content, calls = parse_tool_calls(o.text, tool_names)
+        if calls:
+            resp["message"].update(content=content or "", tool_calls=to_ollama_tool_calls(calls))
     if top_n is not None:
         resp["logprobs"] = chat_logprobs(state, o, 0, len(o.token_ids), top_n)
     return JSONResponse(resp)
@@ -132,7 +158,6 @@ async def generate(body: GenerateRequest, request: Request):
     start = time.perf_counter()
     state = get_state(request)
     model = state.check_model(body.model, ollama=True)
-    _check_common(body)
     if body.images:
         raise APIError(400, "images are not supported by this model", param="images")
     if body.suffix:
@@ -157,7 +182,6 @@ async def chat(body: ChatRequest, request: Request):
     start = time.perf_counter()
     state = get_state(request)
     model = state.check_model(body.model, ollama=True)
-    _check_common(body)
     if not body.messages:
         return _loaded(model, "chat", body.keep_alive)
     msgs = []
@@ -168,8 +192,16 @@ async def chat(body: ChatRequest, request: Request):
         d.pop("images", None)
         d.setdefault("content", "")
         msgs.append(d)
-    ids = state.chat_prompt_ids(msgs, tools=body.tools)
-    return await _run(state, request, body, ids, start, model, "chat")
+    try:  # Ollama has no tool_choice: the model may call a tool (checked by the grammar) or answer
+        tools = validate_tools(body.tools)
+        native = template_supports_tools(state.require_tokenizer().chat_template)
+        msgs, template_tools = prepare_messages(from_ollama_messages(msgs), tools, native)
+        constraint = tool_constraint(tools, "auto") if tools and format_constraint(body.format) is None else None
+    except ToolError as exc:
+        raise APIError(400, str(exc), param=exc.param) from None
+    ids = state.chat_prompt_ids(msgs, tools=template_tools)
+    names = [t["function"]["name"] for t in tools] if constraint is not None else None
+    return await _run(state, request, body, ids, start, model, "chat", constraint, names)
 
 
 @router.post("/api/embed", response_model=EmbedResponse, responses=ERRORS)

@@ -7,7 +7,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from tokenloom.entrypoints.server_state import APIError, documented_errors
-from tokenloom.sampling_params import SamplingParams, SamplingParamsError
+from tokenloom.sampling_params import SamplingParams, SamplingParamsError, StructuredOutputsParams
 
 
 # ---- errors ------------------------------------------------------------------------------------------------
@@ -29,6 +29,32 @@ ERROR_RESPONSES = documented_errors(ErrorResponse, "invalid sampling values", "m
 # ---- requests and responses -------------------------------------------------------------------------------
 class StreamOptions(BaseModel):
     include_usage: bool = False
+
+
+class JSONSchemaFormat(BaseModel):
+    model_config = ConfigDict(extra="allow", populate_by_name=True)
+    name: str = Field("response", description="The format's name")
+    description: str | None = None
+    json_schema: dict | bool | None = Field(None, alias="schema", description="The JSON schema the output must match")
+    strict: bool | None = Field(None, description="Accepted; outputs always match the schema")
+
+
+class ResponseFormat(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    type: Literal["text", "json_object", "json_schema"] = Field(
+        ..., description="text (free), json_object (any JSON object) or json_schema (match json_schema.schema)")
+    json_schema: JSONSchemaFormat | None = None
+
+
+class StructuredOutputsBody(BaseModel):
+    """vLLM's structured_outputs extra body: exactly one constraint."""
+    model_config = ConfigDict(extra="forbid")
+    json_schema: dict | bool | str | None = Field(None, alias="json", description="A JSON schema")
+    regex: str | None = Field(None, description="A regular expression (Rust regex syntax) the output must match")
+    choice: list[str] | None = Field(None, description="The output is exactly one of these strings")
+    grammar: str | None = Field(None, description="A Lark or GBNF (EBNF) grammar")
+    json_object: bool | None = Field(None, description="Any JSON object")
+    whitespace_pattern: str | None = Field(None, description="Regex JSON whitespace must match")
 
 
 class _SamplingFields(BaseModel):
@@ -56,11 +82,53 @@ class _SamplingFields(BaseModel):
     stop_token_ids: list[int] | None = Field(None, description="Token ids that end the output")
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    # structured output
+    response_format: ResponseFormat | None = Field(
+        None, description="{'type': 'json_object'} or {'type': 'json_schema', 'json_schema': {'name', 'schema'}}")
+    structured_outputs: StructuredOutputsBody | None = Field(
+        None, description="vLLM-style constraint: one of json, regex, choice, grammar (Lark or GBNF), json_object")
+    guided_json: dict | str | None = Field(None, description="Deprecated vLLM alias of structured_outputs.json")
+    guided_regex: str | None = Field(None, description="Deprecated vLLM alias of structured_outputs.regex")
+    guided_choice: list[str] | None = Field(None, description="Deprecated vLLM alias of structured_outputs.choice")
+    guided_grammar: str | None = Field(None, description="Deprecated vLLM alias of structured_outputs.grammar")
 
 
-def to_sampling_params(req: _SamplingFields, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+def structured_outputs_of(req: _SamplingFields) -> StructuredOutputsParams | None:
+    """The request's output constraint from response_format, structured_outputs or the guided_* aliases."""
+    asked = []
+    rf = req.response_format
+    if rf is not None and rf.type == "json_object":
+        asked.append(("response_format", dict(json_object=True)))
+    elif rf is not None and rf.type == "json_schema":
+        if rf.json_schema is None or rf.json_schema.json_schema is None:
+            raise APIError(400, "response_format json_schema needs json_schema.schema", param="response_format")
+        asked.append(("response_format", dict(json=rf.json_schema.json_schema)))
+    if req.structured_outputs is not None:
+        body = req.structured_outputs.model_dump(exclude_none=True, by_alias=True)
+        asked.append(("structured_outputs", body))
+    guided = dict(json=req.guided_json, regex=req.guided_regex, choice=req.guided_choice, grammar=req.guided_grammar)
+    guided = {k: v for k, v in guided.items() if v is not None}
+    if guided:
+        asked.append((f"guided_{next(iter(guided))}", guided))
+    if not asked:
+        return None
+    if len(asked) > 1:
+        raise APIError(400, f"give one output constraint, not {' and '.join(p for p, _ in asked)}",
+                       param=asked[1][0])
+    param, fields = asked[0]
+    try:
+        return StructuredOutputsParams(**fields)
+    except SamplingParamsError as exc:
+        raise APIError(400, str(exc).replace("structured_outputs", param, 1), param=param) from None
+
+
+def to_sampling_params(req: _SamplingFields, max_tokens: int | None, logprobs: int | None,
+                       structured_outputs: StructuredOutputsParams | None = None) -> SamplingParams:
+    """SamplingParams of the request; structured_outputs, when given, replaces the request's own constraint
+    (tool calling builds one)."""
     if req.stream_options is not None and not req.stream:
         raise APIError(400, "stream_options is only allowed when stream is true", param="stream_options")
+    structured_outputs = structured_outputs or structured_outputs_of(req)
     try:
         return SamplingParams(
             n=req.n, temperature=1.0 if req.temperature is None else req.temperature,
@@ -70,7 +138,7 @@ def to_sampling_params(req: _SamplingFields, max_tokens: int | None, logprobs: i
             seed=req.seed, max_tokens=max_tokens, min_tokens=req.min_tokens, stop=req.stop,
             stop_token_ids=req.stop_token_ids, ignore_eos=req.ignore_eos, logprobs=logprobs,
             logit_bias=req.logit_bias, skip_special_tokens=req.skip_special_tokens,
-            include_stop_str_in_output=req.include_stop_str_in_output,
+            include_stop_str_in_output=req.include_stop_str_in_output, structured_outputs=structured_outputs,
         )
     except SamplingParamsError as exc:
         raise APIError(400, str(exc), param=exc.param) from None
@@ -96,7 +164,7 @@ class CompletionLogprobs(BaseModel):
 class _Choice(BaseModel):
     """What every completion and chat choice carries."""
     index: int
-    finish_reason: Literal["stop", "length"] | None = None
+    finish_reason: Literal["stop", "length", "tool_calls"] | None = None
     stop_reason: int | str | None = None
 
 
@@ -138,20 +206,17 @@ class ChatMessage(BaseModel):
     name: str | None = None
 
 
-class ResponseFormat(BaseModel):
-    model_config = ConfigDict(extra="allow")
-    type: str
-
-
 class ChatCompletionRequest(_SamplingFields):
     messages: list[ChatMessage] = Field(..., description="The conversation, rendered with the model's chat template")
     max_tokens: int | None = Field(None, description="Deprecated alias of max_completion_tokens")
     max_completion_tokens: int | None = Field(None, description="Tokens to generate (null = up to the context window)")
     logprobs: bool = Field(False, description="Return log probabilities of the output tokens")
     top_logprobs: int | None = Field(None, description="With logprobs: the top-N alternatives per token (0..20)")
-    response_format: ResponseFormat | None = Field(None, description="Only {'type': 'text'} is supported")
-    tools: list[dict] | None = Field(None, description="Passed to the chat template; tool calls are not parsed")
-    tool_choice: str | dict | None = Field(None, description="none or auto")
+    tools: list[dict] | None = Field(None, description="Functions the model may call: [{'type': 'function', "
+                                                        "'function': {'name', 'description', 'parameters'}}]")
+    tool_choice: Literal["none", "auto", "required"] | dict | None = Field(
+        None, description="none, auto (default with tools), required, or {'type': 'function', 'function': {'name'}}")
+    parallel_tool_calls: bool | None = Field(None, description="false: at most one tool call")
     # vLLM-style extras
     add_generation_prompt: bool = True
     continue_final_message: bool = False
@@ -172,9 +237,21 @@ class ChatLogprobs(BaseModel):
     content: list[TokenLogprob] | None = None
 
 
+class FunctionCall(BaseModel):
+    name: str
+    arguments: str = Field(..., description="The arguments as a JSON object's text")
+
+
+class ToolCall(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None = None
+    tool_calls: list[ToolCall] | None = None
 
 
 class ChatChoice(_Choice):

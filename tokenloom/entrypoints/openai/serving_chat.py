@@ -1,5 +1,6 @@
 """/v1/chat/completions: messages rendered with the model's chat template, then completed; whole or streamed as
-server-sent events."""
+server-sent events. With tools, the reply's tool calls come back as message.tool_calls (tool-call deltas when
+streamed), constrained by tool_choice (entrypoints/tool_calls.py)."""
 from __future__ import annotations
 
 import time
@@ -14,8 +15,18 @@ from tokenloom.entrypoints.openai.protocol import (
     ChatCompletionResponse,
     ChatMessage,
     stream_doc,
+    structured_outputs_of,
     to_sampling_params,
     usage,
+)
+from tokenloom.entrypoints.tool_calls import (
+    ToolCallStreamParser,
+    ToolError,
+    parse_tool_calls,
+    prepare_messages,
+    template_supports_tools,
+    tool_constraint,
+    validate_tools,
 )
 from tokenloom.entrypoints.server_state import APIError, ServerState, chat_logprobs, get_state
 from tokenloom.entrypoints.streaming import DeltaTracker, final_outputs, merge_streams, sse_response, until_disconnected
@@ -48,19 +59,17 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request):
     """Chat: the messages are rendered with the model's chat template, then completed."""
     state = get_state(request)
     model = state.check_model(body.model)
-    if body.response_format is not None and body.response_format.type != "text":
-        raise APIError(400, f"response_format '{body.response_format.type}' is not supported (only 'text')",
-                       param="response_format")
-    if body.tool_choice not in (None, "none", "auto"):
-        raise APIError(400, "tool_choice must be 'none' or 'auto' (tool calls are not parsed)", param="tool_choice")
     if body.top_logprobs is not None and not body.logprobs:
         raise APIError(400, "top_logprobs requires logprobs to be true", param="top_logprobs")
     if body.top_logprobs is not None and not 0 <= body.top_logprobs <= 20:
         raise APIError(400, f"top_logprobs must be in [0, 20], got {body.top_logprobs}", param="top_logprobs")
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     top_n = body.top_logprobs or 0
-    params = to_sampling_params(body, max_tokens, top_n if body.logprobs else None)
-    prompt_ids = state.chat_prompt_ids(_messages(body.messages), tools=body.tools,
+    messages, template_tools, constraint, tool_names = _tools(state, body)
+    params = to_sampling_params(body, max_tokens, top_n if body.logprobs else None, constraint)
+    await state.check_constraint(params, "tools" if constraint else
+                                 "response_format" if body.response_format else "structured_outputs")
+    prompt_ids = state.chat_prompt_ids(messages, tools=template_tools,
                                        add_generation_prompt=body.add_generation_prompt,
                                        continue_final_message=body.continue_final_message,
                                        template_kwargs=body.chat_template_kwargs)
@@ -70,7 +79,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request):
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return sse_response(state, streams, _chat_chunks(state, streams, rid, created, model, params.n,
-                                                         include_usage, top_n if body.logprobs else None))
+                                                         include_usage, top_n if body.logprobs else None, tool_names))
 
     async def run():
         return [out async for out in final_outputs(state, streams)]
@@ -80,15 +89,43 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request):
     for o in out.outputs:
         n_out += len(o.token_ids)
         lp = {"content": chat_logprobs(state, o, 0, len(o.token_ids), top_n), "refusal": None} if body.logprobs else None
-        choices.append({"index": o.index, "message": {"role": "assistant", "content": o.text},
-                        "logprobs": lp, "finish_reason": o.finish_reason, "stop_reason": o.stop_reason})
+        message, finish = {"role": "assistant", "content": o.text}, o.finish_reason
+        if tool_names is not None:
+            content, calls = parse_tool_calls(o.text, tool_names)
+            if calls:
+                message = {"role": "assistant", "content": content, "tool_calls": calls}
+                finish = "tool_calls" if finish == "stop" else finish
+        choices.append({"index": o.index, "message": message, "logprobs": lp, "finish_reason": finish,
+                        "stop_reason": o.stop_reason})
     return JSONResponse({"id": rid, "object": "chat.completion", "created": created, "model": model,
                          "choices": choices, "usage": usage(len(out.prompt_token_ids), n_out),
                          "system_fingerprint": None})
 
 
-async def _chat_chunks(state: ServerState, streams, rid, created, model, n, include_usage, top_n):
+def _tools(state: ServerState, body: ChatCompletionRequest):
+    """(messages, tools for the template, the tool-choice constraint, the tool names to parse calls of; None when
+    the reply is not parsed for tool calls)."""
+    try:
+        tools = validate_tools(body.tools)
+        native = template_supports_tools(state.require_tokenizer().chat_template)
+        messages, template_tools = prepare_messages(_messages(body.messages), tools, native)
+        choice = body.tool_choice
+        if not tools or choice == "none":
+            return messages, template_tools, None, None
+        if structured_outputs_of(body) is not None:  # the asked response format wins over tool calls
+            if choice not in (None, "auto"):
+                raise ToolError("tool_choice 'required' or a named function cannot be combined with a response "
+                                "format", param="tool_choice")
+            return messages, template_tools, None, None
+        constraint = tool_constraint(tools, choice, parallel=body.parallel_tool_calls is not False)
+    except ToolError as exc:
+        raise APIError(400, str(exc), param=exc.param) from None
+    return messages, template_tools, constraint, [t["function"]["name"] for t in tools]
+
+
+async def _chat_chunks(state: ServerState, streams, rid, created, model, n, include_usage, top_n, tool_names):
     tracker = DeltaTracker()
+    parsers = {j: ToolCallStreamParser(tool_names) for j in range(n)} if tool_names is not None else {}
     n_prompt = n_out = 0
     base = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
             "system_fingerprint": None}
@@ -103,11 +140,13 @@ async def _chat_chunks(state: ServerState, streams, rid, created, model, n, incl
             if o.index in tracker.done:
                 continue
             text, t0, t1 = tracker.delta(o.index, o)
-            if not text and not o.finished and (top_n is None or t0 == t1):
+            delta, finish = _delta(parsers.get(o.index), text, o.finished), o.finish_reason
+            if not delta and not o.finished and (top_n is None or t0 == t1):
                 continue
+            if o.index in parsers and parsers[o.index].n_calls and finish == "stop":
+                finish = "tool_calls"
             lp = {"content": chat_logprobs(state, o, t0, t1, top_n)} if top_n is not None else None
-            choice = {"index": o.index, "delta": {"content": text} if text else {}, "logprobs": lp,
-                      "finish_reason": o.finish_reason}
+            choice = {"index": o.index, "delta": delta, "logprobs": lp, "finish_reason": finish}
             if o.finished:
                 tracker.done.add(o.index)
                 n_out += len(o.token_ids)
@@ -117,3 +156,17 @@ async def _chat_chunks(state: ServerState, streams, rid, created, model, n, incl
             state.observe(out)
     if include_usage:
         yield {**base, "choices": [], "usage": usage(n_prompt, n_out)}
+
+
+def _delta(parser: ToolCallStreamParser | None, text: str, finished: bool) -> dict:
+    """The chunk's delta: the new text, or with tools what of it is content plus the tool calls completed."""
+    if parser is None:
+        return {"content": text} if text else {}
+    content, calls = parser.feed(text)
+    if finished:
+        rest, more = parser.finish()
+        content, calls = content + rest, calls + more
+    delta: dict = {"content": content} if content else {}
+    if calls:
+        delta["tool_calls"] = calls
+    return delta

@@ -62,6 +62,7 @@ async def create_completion(body: CompletionRequest, request: Request):
     if any(isinstance(p, str) for p in prompts):
         state.require_tokenizer()
     params = to_sampling_params(body, body.max_tokens, body.logprobs)
+    await state.check_constraint(params, "response_format" if body.response_format else "structured_outputs")
     rid = f"cmpl-{uuid.uuid4().hex}"
     created = int(time.time())
     streams = await state.submit_all(prompts, params, rid)
