@@ -9,6 +9,7 @@ for templates without tool support), build the grammar that keeps generated call
 of the output, whole or streamed. Ollama's shapes are converted at the edges."""
 from __future__ import annotations
 
+import functools
 import json
 import re
 import uuid
@@ -50,6 +51,7 @@ def new_call_id() -> str:
 
 # -- the prompt -----------------------------------------------------------------------------------------------------
 
+@functools.lru_cache(maxsize=16)
 def template_supports_tools(chat_template: str | None) -> bool:
     """Whether a Jinja chat template reads the `tools` variable (and so renders tools itself)."""
     if not chat_template:

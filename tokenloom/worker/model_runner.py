@@ -7,7 +7,9 @@ while they equal the token sampled at their position, then the first sampled tok
 token after them all) ends the run: this is rejection sampling for one-hot q (accept x with probability p(x),
 else draw from p without x). Sampled model drafts go through the general rejection sampler
 (sample/rejection_sampler.py). Either way every kept token is a draw from the model's own distribution given the
-tokens before it, so greedy outputs are exactly those of decoding without drafts.
+tokens before it, so greedy outputs are exactly those of decoding without drafts. A constrained request's rows
+(structured output) take their rows of the step's grammar bitmask, which the scheduler started filling on a
+background thread before the forward; p is masked at every draft position, so the above still holds.
 """
 from __future__ import annotations
 

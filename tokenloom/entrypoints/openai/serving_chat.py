@@ -110,6 +110,8 @@ def _tools(state: ServerState, body: ChatCompletionRequest):
         native = template_supports_tools(state.require_tokenizer().chat_template)
         messages, template_tools = prepare_messages(_messages(body.messages), tools, native)
         choice = body.tool_choice
+        if not tools and choice not in (None, "none", "auto"):
+            raise ToolError("tool_choice 'required' or a named function needs tools", param="tool_choice")
         if not tools or choice == "none":
             return messages, template_tools, None, None
         if structured_outputs_of(body) is not None:  # the asked response format wins over tool calls
