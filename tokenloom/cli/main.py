@@ -9,7 +9,7 @@ import os
 import sys
 
 from tokenloom.cli import models
-from tokenloom.cli.args import add_engine_args, add_sampling_args
+from tokenloom.cli.args import add_engine_args, add_sampling_args, parse_size
 from tokenloom.cli.bench import add_bench_parser
 from tokenloom.cli.eval import add_eval_parser
 from tokenloom.cli.quantize import add_quantize_parser
@@ -72,7 +72,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", default=os.environ.get("TOKENLOOM_API_KEY"))
-    p.add_argument("--max-queue", type=int, default=256, help="waiting requests beyond which new ones get 503")
+    p.add_argument("--max-queue", type=int, default=256,
+                   help="requests waiting beyond the free sequence slots past which new ones get 503 (Retry-After)")
+    p.add_argument("--shutdown-timeout", type=float, default=30.0, metavar="SECONDS",
+                   help="on SIGTERM, how long running requests may finish before they are stopped (default 30)")
+    p.add_argument("--max-request-bytes", type=parse_size, default=32 << 20, metavar="SIZE",
+                   help="request bodies larger than this get 413 (default 32M)")
     p.add_argument("--served-model-name", default=None)
     add_engine_args(p)
     p.set_defaults(func=cmd_serve)

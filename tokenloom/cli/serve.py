@@ -1,6 +1,7 @@
 """`tokenloom serve`: load the model, start the engine thread and the HTTP server."""
 from __future__ import annotations
 
+import asyncio
 import signal
 import sys
 import threading
@@ -8,20 +9,23 @@ import threading
 from tokenloom.config import TokenloomError
 from tokenloom.engine.async_engine import AsyncEngine
 from tokenloom.entrypoints.engine_args import make_llm
-from tokenloom.entrypoints.server import GRACEFUL_SHUTDOWN_S, build_app
+from tokenloom.entrypoints.server import build_app
 
 
 def serve(args) -> None:
     """Load the model, start the engine thread and uvicorn; SIGTERM / Ctrl-C stop accepting connections, let
-    in-flight requests finish (at most GRACEFUL_SHUTDOWN_S seconds), then exit."""
+    in-flight requests finish (at most --shutdown-timeout seconds, then they end with an error event), then
+    exit."""
     import uvicorn
 
     llm = make_llm(args)
     aengine = AsyncEngine(llm.engine).start()
     name = args.served_model_name or llm.engine.model_name
-    app = build_app(aengine, name, api_key=args.api_key, max_queue=args.max_queue)
+    app = build_app(aengine, name, api_key=args.api_key, max_queue=args.max_queue,
+                    max_request_bytes=args.max_request_bytes)
+    drain_s = args.shutdown_timeout
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level="info",
-                            timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S)
+                            timeout_graceful_shutdown=drain_s + 2)
 
     class Server(uvicorn.Server):
         async def startup(self, sockets=None):
@@ -33,6 +37,18 @@ def serve(args) -> None:
                 auth = "  (API key required)" if args.api_key else ""
                 print(f"tokenloom: serving '{name}' at {url}  -  OpenAI API: {url}/v1  Ollama API: {url}/api  "
                       f"metrics: {url}/metrics{auth}", flush=True)
+
+        async def shutdown(self, sockets=None):
+            # Streams still running at the drain deadline end as streams do on an engine error (an error event,
+            # then [DONE]; an {"error"} line under /api/), not cut mid-chunk by uvicorn's cancellation.
+            loop = asyncio.get_running_loop()
+            deadline = loop.call_later(drain_s, aengine.abort_all,
+                                       f"the server is shutting down: requests still running after {drain_s:g} s "
+                                       "were stopped")
+            try:
+                await super().shutdown(sockets)
+            finally:
+                deadline.cancel()
 
     server = Server(config)
     # uvicorn handles SIGTERM gracefully, then re-raises it once done: answer that with a clean exit.

@@ -165,8 +165,9 @@ class AsyncEngine:
         with self._cv:
             if self._dead is not None or self._stop or self._thread is None:
                 raise EngineDeadError("the engine is not running")
-            if max_waiting is not None and self._pending_adds + self._engine_waiting >= max_waiting:
-                raise QueueFullError(f"the server is busy: {max_waiting} requests are already waiting; retry later")
+            if max_waiting is not None and self._queued_beyond_free_slots() >= max_waiting:
+                raise QueueFullError(f"the server is busy: {max_waiting} requests are already waiting for a free "
+                                     "sequence slot; retry later")
             self._pending_adds += 1
             self._cmds.append(("add", (prompt, params, request_id, loop, queue, done)))
             self._cv.notify()
@@ -187,6 +188,12 @@ class AsyncEngine:
         if waiting.done() and not waiting.cancelled():
             waiting.exception()  # seen here; raised from fut just below
         manager.result(fut, timeout=0)
+
+    def abort_all(self, message: str) -> None:
+        """End every request now: each consumer gets RequestAbortedError(message) (a server's drain deadline)."""
+        with self._cv:
+            self._cmds.append(("abort_all", (message,)))
+            self._cv.notify()
 
     def abort(self, request_id: str) -> None:
         with self._cv:
@@ -220,6 +227,12 @@ class AsyncEngine:
     def stats(self) -> EngineStats:
         """Engine statistics as of the end of the engine thread's last iteration."""
         return self._stats
+
+    def _queued_beyond_free_slots(self) -> int:
+        """Requests queued (not yet added, or waiting in the scheduler) that the free sequence slots cannot
+        take at once: what --max-queue bounds, so a request that can start now is never refused. Under _cv."""
+        free = self.engine.config.scheduler.max_num_seqs - self._stats.num_running
+        return self._pending_adds + self._engine_waiting - max(0, free)
 
     def num_waiting(self) -> int:
         with self._cv:
@@ -263,6 +276,8 @@ class AsyncEngine:
                     self._do_add(*args)
                 elif kind == "abort":
                     self._do_abort(args[0])
+                elif kind == "abort_all":
+                    self._fail_all(RequestAbortedError(args[0]))
                 else:
                     self._do_call(*args)
             if eng.has_unfinished():

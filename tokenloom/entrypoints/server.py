@@ -36,7 +36,7 @@ from tokenloom.entrypoints.server_state import APIError, ServerState, error_for
 
 log = logging.getLogger("tokenloom.server")
 
-GRACEFUL_SHUTDOWN_S = 30  # SIGTERM: in-flight requests get this long to finish
+MAX_REQUEST_BYTES = 32 << 20  # request bodies beyond this are refused with 413 (--max-request-bytes)
 _OPEN_PATHS = frozenset({"/health"})
 
 
@@ -44,10 +44,15 @@ def _is_ollama(path: str) -> bool:
     return path.startswith("/api/")
 
 
-def error_response(path: str, err: APIError) -> JSONResponse:
+def error_response(path: str, err: APIError, headers: dict | None = None) -> JSONResponse:
     body = {"error": err.message} if _is_ollama(path) else err.openai_body()
-    headers = {"WWW-Authenticate": "Bearer"} if err.status == 401 else None
-    return JSONResponse(body, status_code=err.status, headers=headers)
+    headers = dict(headers or {})
+    if err.status == 401:
+        headers["WWW-Authenticate"] = "Bearer"
+    if err.status == 503:  # busy or starting: clients with a retry policy come back
+        headers.setdefault("Retry-After", "1")
+    return JSONResponse(body, status_code=err.status, headers=headers or None)
+
 
 
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
@@ -73,10 +78,13 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
 
 
 class _Gate:
-    """Pure ASGI middleware (streaming- and disconnect-safe): API key check, then HTTP request metrics."""
+    """Pure ASGI middleware (streaming- and disconnect-safe): API key check, the request-body limit (413), JSON
+    bodies taken whatever their Content-Type (as Ollama and vLLM do: `curl -d` sends form encoding), then HTTP
+    request metrics."""
 
-    def __init__(self, app, api_key: str | None, metrics: ServerMetrics):
+    def __init__(self, app, api_key: str | None, metrics: ServerMetrics, max_request_bytes: int = MAX_REQUEST_BYTES):
         self.app, self.api_key, self.metrics = app, api_key, metrics
+        self.max_request_bytes = max_request_bytes
 
     @staticmethod
     def _route(scope) -> str:
@@ -109,15 +117,59 @@ class _Gate:
                                code="invalid_api_key")
                 await error_response(path, err)(scope, receive, send_status)
                 return
-            await self.app(scope, receive, send_status)
+            if self._content_length(scope) > self.max_request_bytes:
+                err = APIError(413, self._too_large_message(), code="request_too_large")
+                await error_response(path, err)(scope, receive, send_status)
+                return
+            if scope["method"] == "POST":
+                scope = self._as_json(scope)
+            await self.app(scope, self._counting(receive), send_status)
         finally:
             self.metrics.observe_http(self._route(scope), status[0])
 
+    @staticmethod
+    def _content_length(scope) -> int:
+        for name, value in scope.get("headers", ()):
+            if name == b"content-length":
+                try:
+                    return int(value)
+                except ValueError:
+                    return 0
+        return 0
+
+    @staticmethod
+    def _as_json(scope):
+        """The scope with Content-Type application/json unless it already names JSON."""
+        headers = [(k, v) for k, v in scope.get("headers", ()) if k != b"content-type"]
+        given = next((v for k, v in scope.get("headers", ()) if k == b"content-type"), b"")
+        if b"json" in given.lower():
+            return scope
+        return {**scope, "headers": headers + [(b"content-type", b"application/json")]}
+
+    def _too_large_message(self) -> str:
+        return f"the request body is larger than {self.max_request_bytes} bytes (--max-request-bytes)"
+
+    def _counting(self, receive):
+        """receive(), answering 413 once a body without Content-Length (chunked) grows past the limit while it
+        is read (FastAPI passes an HTTPException raised while reading the body on as it is)."""
+        seen = [0]
+
+        async def wrapped():
+            message = await receive()
+            if message["type"] == "http.request":
+                seen[0] += len(message.get("body", b""))
+                if seen[0] > self.max_request_bytes:
+                    raise StarletteHTTPException(413, self._too_large_message())
+            return message
+
+        return wrapped
+
 
 def build_app(async_engine: AsyncEngine, served_model_name: str | None = None, api_key: str | None = None,
-              max_queue: int | None = None) -> FastAPI:
+              max_queue: int | None = None, max_request_bytes: int = MAX_REQUEST_BYTES) -> FastAPI:
     """The HTTP app over a (started or not yet started) AsyncEngine. The engine's lifecycle belongs to the
-    caller; the app only starts it if needed. max_queue bounds waiting requests (503 past it)."""
+    caller; the app only starts it if needed. max_queue bounds the requests waiting beyond the free sequence
+    slots (503 past it); bodies over max_request_bytes get 413."""
     name = served_model_name or async_engine.model_name
 
     @asynccontextmanager
@@ -173,7 +225,7 @@ def build_app(async_engine: AsyncEngine, served_model_name: str | None = None, a
             msg = f"{request.method} {request.url.path}: not found"
         elif exc.status_code == 405:
             msg = f"method {request.method} is not allowed on {request.url.path}"
-        return error_response(request.url.path, APIError(exc.status_code, msg, type=kind))
+        return error_response(request.url.path, APIError(exc.status_code, msg, type=kind), exc.headers)
 
     @app.exception_handler(TokenloomError)
     async def on_engine_error(request: Request, exc: TokenloomError):
@@ -185,7 +237,7 @@ def build_app(async_engine: AsyncEngine, served_model_name: str | None = None, a
         return error_response(request.url.path, APIError(500, f"internal error: {exc}", type="server_error"))
 
     _truthful_openapi(app, bool(api_key))
-    app.add_middleware(_Gate, api_key=api_key, metrics=metrics)
+    app.add_middleware(_Gate, api_key=api_key, metrics=metrics, max_request_bytes=max_request_bytes)
     return app
 
 

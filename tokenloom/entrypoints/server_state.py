@@ -3,6 +3,7 @@ tokenizer), APIError (answered OpenAI-style under /v1 and elsewhere, Ollama-styl
 of engine errors onto it, per-token logprob entries, and embedding of inputs."""
 from __future__ import annotations
 
+import asyncio
 import time
 
 from fastapi import Request
@@ -69,6 +70,7 @@ class ServerState:
         self.created = int(time.time())
         self._token_text: dict[int, str] = {}
         self._model_info: dict | None = None
+        self._max_prompt_bytes: int | None = None
 
     # models
     def model_names(self) -> set[str]:
@@ -102,6 +104,27 @@ class ServerState:
             self._token_text[token_id] = text
         return text
 
+    def max_prompt_bytes(self) -> int:
+        """Text longer than this (in UTF-8 bytes) cannot fit the context window: no token stands for more bytes
+        than the vocabulary's longest token string holds, so it is refused before it is tokenized."""
+        if self._max_prompt_bytes is None:
+            vocab = self.tokenizer.hf_tokenizer.get_vocab() if self.tokenizer is not None else {}
+            longest = max((len(t.encode("utf-8")) for t in vocab), default=1)
+            self._max_prompt_bytes = self.engine.max_model_len * max(longest, 1)
+        return self._max_prompt_bytes
+
+    def check_prompt_bytes(self, text: str) -> None:
+        """400 at once for text that cannot fit the context window (checked in one cheap pass)."""
+        if len(text) > self.max_prompt_bytes() or len(text.encode("utf-8", "surrogatepass")) > self.max_prompt_bytes():
+            raise APIError(400, f"the prompt is {len(text.encode('utf-8', 'surrogatepass'))} bytes, more than the "
+                                f"context window of {self.engine.max_model_len} tokens can hold",
+                           code="context_length_exceeded")
+
+    async def encode(self, text: str) -> list[int]:
+        """A text prompt's token ids, tokenized on a worker thread (never on the event loop or the engine's)."""
+        self.check_prompt_bytes(text)
+        return await asyncio.to_thread(self.require_tokenizer().encode, text)
+
     def chat_prompt_ids(self, messages: list[dict], tools=None, add_generation_prompt: bool = True,
                         continue_final_message: bool = False, template_kwargs: dict | None = None) -> list[int]:
         """Messages rendered with the model's chat template, then encoded (the template carries any BOS)."""
@@ -115,6 +138,7 @@ class ServerState:
                                            continue_final_message=continue_final_message, **(template_kwargs or {}))
         except TokenloomError as exc:
             raise APIError(400, str(exc), param="messages") from None
+        self.check_prompt_bytes(text)
         return tok.encode(text, add_special_tokens=False)
 
     # requests
@@ -128,6 +152,8 @@ class ServerState:
             raise APIError(400, str(exc), param=param if exc.param == "structured_outputs" else exc.param) from None
 
     async def submit(self, prompt: str | list[int], params: SamplingParams, request_id: str) -> RequestStream:
+        if isinstance(prompt, str):
+            prompt = await self.encode(prompt)
         try:
             return await self.engine.add_request(prompt, params, request_id, max_waiting=self.max_queue)
         except Exception as exc:  # noqa: BLE001 - mapped onto an HTTP status

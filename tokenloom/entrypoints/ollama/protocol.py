@@ -2,10 +2,11 @@
 default options and their mapping onto SamplingParams, and the documented error responses."""
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from tokenloom.entrypoints.openai.protocol import ModelName, Text, TokenIdList, explained
 from tokenloom.entrypoints.server_state import APIError, documented_errors
 from tokenloom.sampling_params import SamplingParams, SamplingParamsError, StructuredOutputsParams
 
@@ -18,6 +19,16 @@ class OllamaError(BaseModel):
 
 
 ERRORS = documented_errors(OllamaError, "invalid options", "num_predict")
+
+
+def _explain_inputs(value: Any) -> str:
+    """Why an /api/embed input is neither a text nor a list of texts (none empty)."""
+    if value == "" or value == []:
+        return "must not be empty"
+    for k, item in enumerate(value if isinstance(value, list) else []):
+        if item == "":
+            return f"item {k} is empty"
+    return "must be a non-empty string or a list of non-empty strings"
 
 
 class Options(BaseModel):
@@ -39,7 +50,7 @@ class Options(BaseModel):
 
 class _Common(BaseModel):
     model_config = ConfigDict(extra="ignore")
-    model: str = Field(..., description="The served model's name (GET /api/tags), ':latest' optional")
+    model: ModelName = Field(..., description="The served model's name (GET /api/tags), ':latest' optional")
     options: Options | None = None
     stream: bool = Field(True, description="Stream newline-delimited JSON objects (default true)")
     format: str | dict | None = Field(None, description="'json' (any JSON value) or a JSON schema the output matches")
@@ -54,7 +65,8 @@ class GenerateRequest(_Common):
     suffix: str | None = Field(None, description="Not supported")
     system: str | None = Field(None, description="System message for the chat template")
     template: str | None = Field(None, description="Ignored (Go templates): the model's chat template is used")
-    context: list[int] | None = Field(None, description="Token ids from a previous response, prepended")
+    context: TokenIdList | None = Field(None, description="Token ids (integers >= 0) from a previous response, "
+                                                           "prepended")
     raw: bool = Field(False, description="Send the prompt as is, without the chat template")
     images: list[str] | None = Field(None, description="Not supported")
 
@@ -74,12 +86,22 @@ class ChatRequest(_Common):
 
 class EmbedRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
-    model: str
-    input: str | list[str]
+    model: ModelName
+    input: Annotated[Text | Annotated[list[Text], Field(min_length=1)], explained(_explain_inputs)] = Field(
+        ..., description="A text or a list of texts (none empty)")
     truncate: bool = Field(True, description="Cut inputs to the context window (false: error instead)")
     options: Options | None = None
     keep_alive: float | str | None = None
     dimensions: int | None = None
+
+
+class EmbeddingsRequest(BaseModel):
+    """The legacy /api/embeddings body: one prompt, no truncation."""
+    model_config = ConfigDict(extra="ignore")
+    model: ModelName = Field(..., description="The served model's name (GET /api/tags), ':latest' optional")
+    prompt: str = Field("", description="The text to embed; empty: an empty embedding (as Ollama answers)")
+    options: Options | None = Field(None, description="Ignored")
+    keep_alive: float | str | None = Field(None, description="Ignored (the model stays loaded)")
 
 
 class ShowRequest(BaseModel):
@@ -134,6 +156,10 @@ class EmbedResponse(BaseModel):
     total_duration: int
     load_duration: int
     prompt_eval_count: int
+
+
+class EmbeddingsResponse(BaseModel):
+    embedding: list[float]
 
 
 class TagModel(BaseModel):

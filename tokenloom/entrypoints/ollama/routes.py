@@ -1,4 +1,5 @@
-"""/api/generate, /api/chat (newline-delimited JSON streaming, stream defaults to true) and /api/embed."""
+"""/api/generate, /api/chat (newline-delimited JSON streaming, stream defaults to true), /api/embed and the
+legacy /api/embeddings."""
 from __future__ import annotations
 
 import asyncio
@@ -16,6 +17,8 @@ from tokenloom.entrypoints.ollama.protocol import (
     ERRORS,
     ChatRequest,
     ChatResponse,
+    EmbeddingsRequest,
+    EmbeddingsResponse,
     EmbedRequest,
     EmbedResponse,
     GenerateRequest,
@@ -166,7 +169,7 @@ async def generate(body: GenerateRequest, request: Request):
         return _loaded(model, "generate", body.keep_alive)
     tok = state.require_tokenizer()
     if body.raw or tok.chat_template is None:
-        ids = tok.encode(body.prompt)
+        ids = await state.encode(body.prompt)
     else:
         msgs = ([{"role": "system", "content": body.system}] if body.system else []) + \
             [{"role": "user", "content": body.prompt}]
@@ -228,3 +231,20 @@ async def embed(body: EmbedRequest, request: Request):
     vectors, n = await embed_inputs(state, ids)
     return JSONResponse({"model": model, "embeddings": vectors, "total_duration": _ns(time.perf_counter() - start),
                          "load_duration": 0, "prompt_eval_count": n})
+
+
+@router.post("/api/embeddings", response_model=EmbeddingsResponse, responses=ERRORS)
+async def embeddings(body: EmbeddingsRequest, request: Request):
+    """Legacy single-prompt embedding (the `ollama` client's embeddings()), pooled as /api/embed; never
+    truncated: a prompt longer than the context window is a 400."""
+    state = get_state(request)
+    state.check_model(body.model, ollama=True)
+    if not body.prompt:  # Ollama answers an empty prompt with an empty embedding, not an error
+        return JSONResponse({"embedding": []})
+    try:
+        vectors, _ = await embed_inputs(state, [body.prompt], param="prompt")
+    except APIError as exc:
+        if exc.code == "context_length_exceeded":  # the client may not know the two endpoints differ here
+            exc.message += " (/api/embeddings never truncates; /api/embed truncates by default)"
+        raise
+    return JSONResponse({"embedding": vectors[0]})

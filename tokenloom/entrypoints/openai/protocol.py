@@ -2,9 +2,21 @@
 mapping of sampling fields onto SamplingParams, and the documented error responses."""
 from __future__ import annotations
 
-from typing import Any, Literal
+import json
+from collections.abc import Callable
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    Strict,
+    StringConstraints,
+    ValidationError,
+    WrapValidator,
+)
+from pydantic_core import PydanticCustomError
 
 from tokenloom.entrypoints.server_state import APIError, documented_errors
 from tokenloom.sampling_params import SamplingParams, SamplingParamsError, StructuredOutputsParams
@@ -24,6 +36,69 @@ class ErrorResponse(BaseModel):
 
 
 ERROR_RESPONSES = documented_errors(ErrorResponse, "invalid sampling values", "max_tokens")
+
+
+# ---- constrained field types (the OpenAPI schema states each constraint; the Ollama API shares them) ---------
+def explained(explain: Callable[[Any], str | None]) -> WrapValidator:
+    """Validate by the annotated type (which the OpenAPI schema shows), but answer a failure with explain(value)'s
+    one line (when it gives one): pydantic's errors for a union would list every member's."""
+    def validate(value: Any, handler):
+        try:
+            return handler(value)
+        except ValidationError:
+            message = explain(value)
+            if message is None:
+                raise
+            raise PydanticCustomError("invalid_value", message) from None
+    return WrapValidator(validate)
+
+
+def _integral(value: Any) -> Any:
+    """3.0 -> 3: JSON Schema's integer type includes integral numbers, so the server takes them too."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+def _bad_token_id(ids: list) -> str | None:
+    """The first entry of a token-id list that is not an integer >= 0 (booleans are not token ids), as JSON."""
+    for t in ids:
+        n = _integral(t)
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            return json.dumps(t, default=str)
+    return None
+
+
+def _explain_token_ids(value: Any) -> str | None:
+    bad = _bad_token_id(value) if isinstance(value, list) else None
+    return None if bad is None else f"token ids must be integers >= 0, got {bad}"
+
+
+def _explain_text_or_tokens(value: Any) -> str:
+    """Why a prompt / input is none of: text, texts, token ids, token-id lists (all non-empty)."""
+    if value == "" or value == []:
+        return "must not be empty"
+    for k, item in enumerate(value if isinstance(value, list) else []):
+        if item == "" or item == []:
+            return f"item {k} is empty"
+        bad = None if isinstance(item, str) else _bad_token_id(item if isinstance(item, list) else [item])
+        if bad is not None:
+            return f"token ids must be integers >= 0, got {bad}"
+    return ("must be a non-empty string, a list of non-empty strings, a list of token ids (integers >= 0), or a "
+            "list of non-empty token-id lists")
+
+
+MAX_N = 128  # choices per prompt: each is a sequence in the batch, so a huge n would starve other requests
+# strict: JSON true / false are not the token ids 1 / 0; integral floats (3.0) are, as JSON Schema's integer
+TokenId = Annotated[int, Strict(), Field(ge=0), BeforeValidator(_integral)]
+TokenIds = Annotated[list[TokenId], Field(min_length=1)]
+Text = Annotated[str, StringConstraints(min_length=1)]
+TextOrTokens = Annotated[Text | Annotated[list[Text], Field(min_length=1)] | TokenIds
+                         | Annotated[list[TokenIds], Field(min_length=1)], explained(_explain_text_or_tokens)]
+ModelName = Annotated[Text, explained(lambda v: "must not be empty" if v == "" else None)]
+OptionalModelName = Annotated[Text | None, explained(
+    lambda v: "must not be empty (omit it for the served model)" if v == "" else None)]
+TokenIdList = Annotated[list[TokenId], explained(_explain_token_ids)]
+ChoiceCount = Annotated[int, Field(ge=1, le=MAX_N), explained(
+    lambda v: f"must be an integer in [1, {MAX_N}], got {json.dumps(v, default=str)}")]
 
 
 # ---- requests and responses -------------------------------------------------------------------------------
@@ -61,8 +136,9 @@ class _SamplingFields(BaseModel):
     """Sampling fields common to completions and chat (OpenAI's, then vLLM-style extras)."""
     model_config = ConfigDict(extra="ignore")
 
-    model: str | None = Field(None, description="The served model's name (GET /v1/models); omitted = that model")
-    n: int = Field(1, description="Completions per prompt")
+    model: OptionalModelName = Field(None, description="The served model's name (GET /v1/models); omitted = that "
+                                                       "model")
+    n: ChoiceCount = Field(1, description=f"Completions per prompt, 1..{MAX_N}")
     temperature: float | None = Field(None, description="0 = greedy (default 1)")
     top_p: float | None = Field(None, description="Nucleus sampling mass in (0, 1] (default 1)")
     stop: str | list[str] | None = Field(None, description="Stop strings (not included in the output)")
@@ -79,7 +155,7 @@ class _SamplingFields(BaseModel):
     repetition_penalty: float | None = Field(None, description="> 0; 1 = off")
     min_tokens: int = Field(0, description="Generate at least this many tokens before EOS / stop can end the output")
     ignore_eos: bool = Field(False, description="Keep generating past the end-of-sequence token")
-    stop_token_ids: list[int] | None = Field(None, description="Token ids that end the output")
+    stop_token_ids: TokenIdList | None = Field(None, description="Token ids that end the output")
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     # structured output
@@ -145,13 +221,13 @@ def to_sampling_params(req: _SamplingFields, max_tokens: int | None, logprobs: i
 
 
 class CompletionRequest(_SamplingFields):
-    prompt: str | list[str] | list[int] | list[list[int]] = Field(
-        ..., description="Text, a list of texts, a list of token ids, or a list of token-id lists")
+    prompt: TextOrTokens = Field(
+        ..., description="Text, a list of texts, a list of token ids, or a list of token-id lists (none empty)")
     max_tokens: int | None = Field(16, description="Tokens to generate (null = up to the context window)")
     logprobs: int | None = Field(None, description="Log probabilities of the top-N tokens per position (0..20)")
     echo: bool = Field(False, description="Prepend the prompt to the completion")
     suffix: str | None = Field(None, description="Not supported (must be empty)")
-    best_of: int | None = Field(None, description="Only best_of == n is supported")
+    best_of: ChoiceCount | None = Field(None, description=f"Only best_of == n is supported (so 1..{MAX_N})")
 
 
 class CompletionLogprobs(BaseModel):
@@ -207,7 +283,9 @@ class ChatMessage(BaseModel):
 
 
 class ChatCompletionRequest(_SamplingFields):
-    messages: list[ChatMessage] = Field(..., description="The conversation, rendered with the model's chat template")
+    messages: Annotated[list[ChatMessage], Field(min_length=1), explained(
+        lambda v: "must not be empty" if v == [] else None)] = Field(
+        ..., description="The conversation (at least one message), rendered with the model's chat template")
     max_tokens: int | None = Field(None, description="Deprecated alias of max_completion_tokens")
     max_completion_tokens: int | None = Field(None, description="Tokens to generate (null = up to the context window)")
     logprobs: bool = Field(False, description="Return log probabilities of the output tokens")
@@ -267,9 +345,9 @@ class ChatCompletionResponse(_Response):
 
 class EmbeddingRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
-    model: str | None = None
-    input: str | list[str] | list[int] | list[list[int]] = Field(
-        ..., description="Text, texts, token ids, or token-id lists (each at most the context window)")
+    model: OptionalModelName = Field(None, description="The served model's name; omitted = that model")
+    input: TextOrTokens = Field(
+        ..., description="Text, texts, token ids, or token-id lists (none empty, each at most the context window)")
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: int | None = Field(None, description="Only the model's hidden size is supported")
     user: str | None = None
