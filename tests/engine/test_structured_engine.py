@@ -68,9 +68,10 @@ def test_greedy_constrained_decoding_matches_transformers(default_llm, hf_model)
     model, tok = hf_model
     llm = default_llm
     eos = list(llm.engine.model_config.eos_token_ids)
+    json_grammar = llguidance.LLMatcher.grammar_from_json_schema(
+        SCHEMA, overrides={"whitespace_pattern": BOUNDED_JSON_WHITESPACE})
     cases = [
-        ("Describe a person as JSON:", StructuredOutputsParams(json=SCHEMA),
-         llguidance.LLMatcher.grammar_from_json_schema(SCHEMA, overrides={"whitespace_pattern": BOUNDED_JSON_WHITESPACE})),
+        ("Describe a person as JSON:", StructuredOutputsParams(json=SCHEMA), json_grammar),
         ("Tell me about someone:", StructuredOutputsParams(regex=REGEX), llguidance.LLMatcher.grammar_from_regex(REGEX)),
     ]
     for prompt, so, grammar in cases:

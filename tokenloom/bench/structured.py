@@ -143,7 +143,8 @@ def bench_structured(args) -> dict:
     print(f"                             free {result['free_full_tok_s']:7.1f} tok/s   "
           f"schema {result['schema_full_tok_s']:7.1f} tok/s   ratio {result['ratio']:.3f} "
           f"(rounds {', '.join(f'{r:.3f}' for r in ratios)})")
-    print(f"whole runs                   free {result['free_tok_s']:7.1f} tok/s   schema {result['schema_tok_s']:7.1f} tok/s")
+    print(f"whole runs                   free {result['free_tok_s']:7.1f} tok/s   "
+          f"schema {result['schema_tok_s']:7.1f} tok/s")
     print(f"grammar mask {result['mask_ms_per_step']:.2f} ms per step (in the background), compile of "
           f"{len(SCHEMAS)} schemas {compile_s * 1000:.0f} ms (with the vocabulary's conversion)")
     print(f"constrained outputs: {n_finished}/{n * args.rounds} closed their JSON before max_tokens, "
