@@ -57,16 +57,19 @@ class StructuredOutputsParams:
 
     @property
     def kind(self) -> str:
-        return next(k for k in ("json", "regex", "choice", "grammar") if getattr(self, k) is not None) \
-            if not self.json_object else "json_object"
+        if self.json_object:
+            return "json_object"
+        return next(k for k in ("json", "regex", "choice", "grammar") if getattr(self, k) is not None)
 
     def key(self) -> tuple[str, str, str | None]:
         """(kind, canonical text, whitespace pattern): equal constraints share one compiled grammar."""
         kind = self.kind
-        # key order kept: properties are generated in the schema's order
-        value = {"json": lambda: json.dumps(self.json, separators=(",", ":")), "json_object": lambda: "",
-                 "regex": lambda: self.regex, "choice": lambda: json.dumps(list(self.choice)),
-                 "grammar": lambda: self.grammar}[kind]()
+        if kind == "json":  # key order kept: properties are generated in the schema's order
+            value = json.dumps(self.json, separators=(",", ":"))
+        elif kind == "choice":
+            value = json.dumps(list(self.choice))
+        else:
+            value = "" if kind == "json_object" else getattr(self, kind)
         return kind, value, self.whitespace_pattern
 
 

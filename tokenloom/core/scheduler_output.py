@@ -21,7 +21,7 @@ class GrammarOutput:
     request samples this step (its next token, after each of its drafts); the bitmask is filled in the background
     while the forward pass runs."""
     rows: dict[str, int]
-    job: object  # structured_output.BitmaskJob
+    job: object  # a concurrent.futures.Future of the [rows, ceil(V / 32)] int32 mask
 
     def bitmask(self):
         return self.job.result()

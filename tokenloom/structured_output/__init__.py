@@ -17,7 +17,7 @@ from tokenloom.structured_output.backend import (
     StructuredOutputSpec,
     allocate_token_bitmask,
 )
-from tokenloom.structured_output.manager import BitmaskJob, StructuredOutputManager
+from tokenloom.structured_output.manager import StructuredOutputManager
 
-__all__ = ["BitmaskJob", "CompiledGrammar", "GrammarMatcher", "StructuredOutputBackend", "StructuredOutputError",
+__all__ = ["CompiledGrammar", "GrammarMatcher", "StructuredOutputBackend", "StructuredOutputError",
            "StructuredOutputManager", "StructuredOutputSpec", "allocate_token_bitmask"]

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 
 from tokenloom.sampling_params import SamplingParamsError
 
 SpecKind = Literal["json", "json_object", "regex", "choice", "grammar"]
-SPEC_KINDS = ("json", "json_object", "regex", "choice", "grammar")
+SPEC_KINDS = get_args(SpecKind)
 
 # Where JSON allows whitespace: at most one line break and some indentation, so that a model drawn to blank space
 # cannot spin there until max_tokens (vLLM #38696), while pretty-printed JSON stays possible.

@@ -3,8 +3,8 @@ step's grammar bitmask in the background while the forward pass runs.
 
     manager.grammar_async(params)  -> Future[CompiledGrammar]  (the server awaits it: errors become 400s)
     manager.matcher(params)        -> a request's GrammarMatcher (waits for a compile still running)
-    manager.start_bitmask(n, rows) -> BitmaskJob; .result() is the [n, ceil(V / 32)] mask, all bits set on rows
-                                      no matcher constrains
+    manager.start_bitmask(n, rows) -> Future; .result() is the [n, ceil(V / 32)] mask, all bits set on rows no
+                                      matcher constrains
 """
 from __future__ import annotations
 
@@ -28,16 +28,6 @@ from tokenloom.structured_output.backend import (
 )
 
 
-class BitmaskJob:
-    """One step's grammar bitmask, being filled on the manager's mask thread."""
-
-    def __init__(self, future: Future):
-        self._future = future
-
-    def result(self) -> torch.Tensor:
-        return self._future.result()
-
-
 class StructuredOutputManager:
     def __init__(self, tokenizer, vocab_size: int, eos_token_ids: list[int], config: StructuredOutputConfig):
         self.config = config
@@ -53,7 +43,6 @@ class StructuredOutputManager:
         self.compile_seconds = 0.0  # total over compiles
         self.num_mask_steps = 0
         self.mask_seconds = 0.0  # total time filling step bitmasks (on the mask thread)
-        self.last_mask_seconds = 0.0
 
     # ---- compile -------------------------------------------------------------------------------------
     def backend(self) -> StructuredOutputBackend:
@@ -121,20 +110,20 @@ class StructuredOutputManager:
         return self.grammar(params).matcher()
 
     # ---- masks ---------------------------------------------------------------------------------------
-    def start_bitmask(self, num_rows: int, rows: list[tuple[GrammarMatcher, int, list[int]]]) -> BitmaskJob:
-        """Fill a [num_rows] bitmask for (matcher, first row, draft tokens) entries on the mask thread."""
+    def start_bitmask(self, num_rows: int, rows: list[tuple[GrammarMatcher, int, list[int]]]) -> Future:
+        """Fill a [num_rows] bitmask for (matcher, first row, draft tokens) entries on the mask thread; the
+        future's result is the mask."""
         backend = self.backend()
         bitmask = allocate_token_bitmask(num_rows, self.vocab_size)
 
         def fill() -> torch.Tensor:
             start = time.perf_counter()
             backend.fill_bitmask(bitmask, rows)
-            self.last_mask_seconds = dt = time.perf_counter() - start
-            self.mask_seconds += dt
+            self.mask_seconds += time.perf_counter() - start
             self.num_mask_steps += 1
             return bitmask
 
-        return BitmaskJob(self._mask_pool.submit(fill))
+        return self._mask_pool.submit(fill)
 
     def shutdown(self) -> None:
         self._compile_pool.shutdown(wait=False, cancel_futures=True)
