@@ -132,6 +132,10 @@ class CacheConfig:
     num_blocks: int | None = None  # overrides kv_cache_memory when set (tests)
     enable_prefix_caching: bool = True
     kv_cache_dtype: str = "auto"  # auto = model dtype; int8 = quantized KV
+    # Free blocks unused for this long go back to the OS (0 = never), keeping the most recently used cached
+    # prefix blocks up to kv_keep_cached_bytes resident.
+    kv_release_interval_s: float = 2.0
+    kv_keep_cached_bytes: int = 32 << 20
 
     def __post_init__(self):
         if self.block_size <= 0 or self.block_size & (self.block_size - 1):
@@ -140,6 +144,8 @@ class CacheConfig:
             raise TokenloomError("num_blocks must be >= 1")
         if self.kv_cache_dtype not in ("auto", "int8"):
             raise TokenloomError(f"unknown kv_cache_dtype '{self.kv_cache_dtype}' (auto, int8)")
+        if self.kv_release_interval_s < 0 or self.kv_keep_cached_bytes < 0:
+            raise TokenloomError("kv_release_interval_s and kv_keep_cached_bytes must be >= 0")
 
 
 @dataclass

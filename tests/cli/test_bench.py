@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import os
 import stat
+import subprocess
+import sys
 
 import pytest
 
@@ -116,3 +118,30 @@ def test_structured_json(default_gguf):
     assert res["ratio"] == pytest.approx(sorted(res["ratios"])[0], rel=0.5)
     assert res["finished"] > 0 and res["valid"] == res["finished"]
     assert res["mask_ms_per_step"] > 0 and "decode over the first" in proc.stderr
+
+
+@pytest.mark.slow
+def test_serve_chaos_json(default_gguf):
+    """The reliability load against a real server: every malformed body is a 4xx, no 5xx, no hang, and at rest
+    no KV block is held."""
+    from tests.entrypoints.test_server import start_serve
+
+    proc, url = start_serve(str(default_gguf), "--max-model-len", "2048", "--kv-cache-memory", "256MiB",
+                            "--kv-release-interval", "0.5")
+    try:
+        out = subprocess.run([sys.executable, "-m", "tokenloom", "bench", "serve", "--chaos", "--base-url", url,
+                              "--num-prompts", "60", "--concurrency", "8", "--malformed", "0.3", "--disconnect", "0.2",
+                              "--hang-timeout", "120", "--rest-timeout", "30", "--json"],
+                             capture_output=True, text=True, timeout=900)
+        assert out.returncode == 0, out.stderr
+        res = json.loads(out.stdout)
+        assert res["server_errors"] == 0 and res["hangs"] == 0 and res["transport_errors"] == {}, res
+        assert res["accepted_malformed"] == 0 and res["refused_valid"] == {}, res
+        n_bad = sum(res["client_errors"].values())
+        assert n_bad > 5 and res["disconnected"] > 3 and res["completed"] > 15
+        assert res["completed"] + res["disconnected"] + n_bad == 60
+        assert res["kv_blocks_used_at_rest"] == 0 and res["rss_after_bytes"] > 0
+        assert "4xx (malformed)" in out.stderr and "RSS at rest" in out.stderr
+    finally:
+        proc.kill()
+        proc.wait()

@@ -72,7 +72,10 @@ def test_run_is_a_multi_turn_chat(default_gguf):
     script = "\n".join([
         "/set parameter temperature 0",
         "/set parameter num_predict 24",
+        "/set verbose",
         "What is the capital of France?",
+        "/set quiet",
+        "And of Italy?",
         "/show parameters",
         "/clear",
         "/set system You are a pirate.",
@@ -87,6 +90,14 @@ def test_run_is_a_multi_turn_chat(default_gguf):
     assert "Paris" in out
     assert "Cleared session context" in out and "Set system message." in out
     assert "Unknown command '/bogus'" in out
+    # /set verbose: Ollama's statistics after the reply, and none after /set quiet
+    assert "Set 'verbose' mode." in out and "Set 'quiet' mode." in out
+    stats = dict(line.split(":", 1) for line in out.splitlines() if line.startswith(("prompt eval", "eval ")))
+    assert out.count("\neval rate:") == 1 and set(stats) == {
+        "prompt eval count", "prompt eval duration", "prompt eval rate", "eval count", "eval duration", "eval rate"}
+    n_eval = int(stats["eval count"].split()[0])
+    assert 0 < n_eval <= 24 and int(stats["prompt eval count"].split()[0]) > 10
+    assert float(stats["eval rate"].split()[0]) > 0
 
 
 @pytest.mark.slow

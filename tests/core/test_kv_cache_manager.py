@@ -88,6 +88,16 @@ class KVCacheManagerMachine(RuleBasedStateMachine):
     def reset_cache(self):
         self.bm.reset_prefix_cache()
 
+    @rule(keep=st.integers(0, 4))
+    def trim(self, keep):
+        """Return free memory to the OS: only blocks no request holds, and no cached block stays indexed."""
+        owned = {b for req in self.live for b in req.block_table}
+        released = self.bm.trim(keep)
+        assert not owned & set(released)
+        assert all(self.bm.pool.block_hash[b] is None for b in released)
+        free = list(self.bm.pool.free)  # given-back blocks are reused last
+        assert set(free[len(free) - len(released):]) == set(released)
+
     @invariant()
     def consistent(self):
         self.bm.check_invariants(self.live)
@@ -95,8 +105,9 @@ class KVCacheManagerMachine(RuleBasedStateMachine):
         owned = {b for req in self.live for b in req.block_table}
         assert self.bm.num_used_blocks == len(owned)
         assert self.bm.num_free_blocks == NUM_BLOCKS - len(owned)
-        for req in self.live:  # every computed token has a slot
+        for req in self.live:  # every computed token has a slot, in memory that was not given back
             assert len(req.block_table) * BLOCK >= req.num_computed_tokens
+            assert all(self.bm.pool.resident[b] for b in req.block_table)
 
     def teardown(self):
         for req in self.live:

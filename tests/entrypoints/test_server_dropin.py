@@ -198,26 +198,60 @@ def test_openapi_states_the_limits(served):
 
 
 # ---- schemathesis: generated requests against the document, every check --------------------------------------
-# The embedding and listing routes: generation there is cheap. Completions and chat are left out: positive cases
-# would run long generations, and their sampling fields (temperature, penalties, ...) still take values the
-# document does not bound and coerce lax ones (false as 0.0).
+GENERATING = ["/v1/completions", "/v1/chat/completions", "/api/generate", "/api/chat"]
 FUZZED = [("POST", "/v1/embeddings", "positive"), ("POST", "/v1/embeddings", "negative"),
           ("POST", "/api/embed", "positive"), ("POST", "/api/embed", "negative"),
           ("POST", "/api/embeddings", "positive"), ("POST", "/api/embeddings", "negative"),
           ("GET", "/v1/models", "positive"), ("GET", "/api/tags", "positive"), ("GET", "/api/ps", "positive"),
-          ("GET", "/api/version", "positive"), ("GET", "/health", "positive")]
+          ("GET", "/api/version", "positive"), ("GET", "/health", "positive")] + [
+          ("POST", path, mode) for path in GENERATING for mode in ("positive", "negative")]
+MAX_FUZZ_TOKENS = 4
+# What a model-independent document cannot state: a valid JSON schema or grammar in the constraint fields
+_CONSTRAINTS = ("response_format", "structured_outputs", "guided_json", "guided_regex", "guided_choice",
+                "guided_grammar", "tools", "tool_choice", "format")
 
 
-def _within_model(body, vocab: int, hidden: int):
+def _ids(x, vocab: int):
+    return [_ids(t, vocab) for t in x] if isinstance(x, list) else int(x) % vocab
+
+
+def _within_model(body, path: str, vocab: int, hidden: int):
     """A schema-valid body brought within what a model-independent document cannot state: token ids inside the
-    vocabulary, dimensions equal to the hidden size."""
+    vocabulary, dimensions equal to the hidden size, valid schemas in the constraint fields (dropped), and
+    cross-field rules (best_of == n, min_tokens <= max_tokens, stream_options only when streaming); plus a short
+    output (MAX_FUZZ_TOKENS, at most 2 choices), so the test stays quick."""
     if not isinstance(body, dict):
         return body
     if body.get("dimensions") is not None:
         body["dimensions"] = hidden
-    inp = body.get("input")
-    if isinstance(inp, list) and inp and not isinstance(inp[0], str):
-        body["input"] = [[int(t) % vocab for t in x] if isinstance(x, list) else int(x) % vocab for x in inp]
+    for key in ("input", "prompt"):
+        inp = body.get(key)
+        if isinstance(inp, list) and inp and not isinstance(inp[0], str):
+            body[key] = _ids(inp, vocab)
+    for key in ("stop_token_ids", "context"):
+        if body.get(key):
+            body[key] = _ids(body[key], vocab)
+    if body.get("logit_bias"):
+        body["logit_bias"] = {str(int(k) % vocab): v for k, v in body["logit_bias"].items()}
+    for key in _CONSTRAINTS:
+        body.pop(key, None)
+    if path in ("/v1/completions", "/v1/chat/completions"):
+        body["n"] = min(int(body.get("n") or 1), 2)
+        body.pop("best_of", None)
+        for key in ("max_tokens", "max_completion_tokens"):
+            body[key] = min(int(body.get(key) or MAX_FUZZ_TOKENS), MAX_FUZZ_TOKENS)
+        body["min_tokens"] = min(int(body.get("min_tokens") or 0), body["max_tokens"], body["max_completion_tokens"])
+        if not body.get("stream"):
+            body.pop("stream_options", None)
+        if body.get("top_logprobs") is not None and path == "/v1/chat/completions":
+            body["logprobs"] = True
+        if body.get("continue_final_message"):
+            body["add_generation_prompt"] = False
+    if path in ("/api/generate", "/api/chat"):
+        opts = body["options"] if isinstance(body.get("options"), dict) else {}
+        num = opts.get("num_predict")
+        opts["num_predict"] = MAX_FUZZ_TOKENS if num is None or num < 0 else min(int(num), MAX_FUZZ_TOKENS)
+        body["options"] = opts
     return body
 
 
@@ -235,7 +269,7 @@ def test_schemathesis(served, method, path, mode):
     @given(case=op.as_strategy(generation_mode=schemathesis.GenerationMode(mode)))
     def check(case):
         if mode == "positive":
-            case.body = _within_model(case.body, served.vocab, served.hidden)
+            case.body = _within_model(case.body, path, served.vocab, served.hidden)
         case.call_and_validate(base_url=served.url, timeout=120)  # every check the default config enables: all
 
     check()

@@ -160,9 +160,71 @@ def test_sigterm_ends_streams_cleanly_at_the_drain_deadline():
                 raw += piece
         frames = [f[len("data: "):] for f in raw.split("\n\n") if f.startswith("data: ")]
         assert frames[-1] == "[DONE]" and "shutting down" in json.loads(frames[-2])["error"]["message"]
+        assert json.loads(frames[-3])["choices"] == [{"index": 0, "text": "", "logprobs": None,
+                                                      "finish_reason": "abort"}]
         assert proc.wait(timeout=60) == 0
         assert "Traceback" not in proc.stderr.read()
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def _rss(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) << 10 for line in f if line.startswith("VmRSS:"))
+
+
+def _metric(url: str, name: str) -> float:
+    text = httpx.get(url + "/metrics", timeout=30).text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name + "{")
+               or line.startswith(name + " "))
+
+
+def test_kv_memory_goes_back_to_the_os_at_rest():
+    """Failure 7: pages of the KV pool touched under load stayed resident for good. Now the server's RSS (read
+    by the kernel) comes back to within 20 % of what it was before the load, and /metrics says so."""
+    proc, url = start_serve(MODEL, "--max-model-len", "2048", "--kv-cache-memory", "1GiB", "--max-num-seqs", "16",
+                            "--kv-release-interval", "0.5", "--kv-keep-cached", "0")
+    try:
+        def complete(prompt):
+            body = {"prompt": prompt, "max_tokens": 2, "temperature": 0}
+            r = httpx.post(url + "/v1/completions", json=body, timeout=300)
+            assert r.status_code == 200, r.text
+
+        complete([1, 2, 3])
+        time.sleep(2)
+        before = _rss(proc.pid)
+        peak, stop = [before], threading.Event()
+
+        def watch():
+            while not stop.wait(0.05):
+                peak[0] = max(peak[0], _rss(proc.pid))
+
+        watcher = threading.Thread(target=watch)
+        watcher.start()
+        # 16 distinct 800-token prompts at once: ~300 MB of K/V, no shared prefix
+        threads = [threading.Thread(target=complete, args=([100 + (i * 977 + 31 * j) % 40000 for j in range(800)],))
+                   for i in range(16)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        time.sleep(0.3)
+        stop.set()
+        watcher.join()
+        assert peak[0] - before > 200 << 20, (before, peak)  # the load really touched the pool
+        deadline = time.time() + 15  # blocks go back once they stayed free for a whole interval
+        while _metric(url, "tokenloom_kv_cache_resident_bytes") > 0 and time.time() < deadline:
+            time.sleep(0.25)
+        rest = _rss(proc.pid)
+        assert rest <= 1.2 * before, (before >> 20, peak[0] >> 20, rest >> 20)
+        assert _metric(url, "tokenloom_kv_cache_resident_bytes") == 0
+        ps = httpx.get(url + "/api/ps", timeout=30).json()["models"][0]
+        assert ps["kv_cache_resident_bytes"] == 0 and ps["kv_cache_bytes"] >= (1 << 30) - (1 << 20)
+        assert _metric(url, "tokenloom_kv_cache_released_bytes") > 200 << 20
+        assert _metric(url, "tokenloom_kv_cache_bytes") >= (1 << 30) - (1 << 20)
+        assert abs(_metric(url, "process_resident_memory_bytes") - _rss(proc.pid)) < 0.1 * rest
+    finally:
+        proc.kill()
+        proc.wait()

@@ -4,7 +4,8 @@ Requests are streamed /v1/completions calls whose prompts are random token ids o
 token-id list prompts, with ignore_eos so every request generates exactly its output length). They arrive as
 a Poisson process at --request-rate (inf = all at once), with at most --concurrency in flight. Per request the
 client measures TTFT (request sent -> first streamed token), TPOT ((last - first token) / (tokens - 1)) and
-ITL (gaps between streamed chunks); goodput counts requests per second meeting both SLOs.
+ITL (gaps between streamed chunks); goodput counts requests per second meeting both SLOs. With --chaos it runs
+the reliability load of bench/chaos.py instead.
 """
 from __future__ import annotations
 
@@ -107,6 +108,11 @@ async def _run(args) -> dict:
     limits = httpx.Limits(max_connections=limit + 4, max_keepalive_connections=limit + 4)
     async with httpx.AsyncClient(headers=headers, timeout=httpx.Timeout(None, connect=30.0), limits=limits) as client:
         model, vocab = await _discover(client, base_url, args.model)
+    if getattr(args, "chaos", False):
+        from tokenloom.bench.chaos import run_chaos
+
+        return await run_chaos(args, model, vocab)
+    async with httpx.AsyncClient(headers=headers, timeout=httpx.Timeout(None, connect=30.0), limits=limits) as client:
         lengths = make_lengths(n, args.input_len, args.output_len, args.dist, args.seed)
         prompts = random_prompts(lengths, vocab, args.seed)
         url = f"{base_url}/v1/completions"

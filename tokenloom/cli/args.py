@@ -15,6 +15,10 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "int8"])
     g.add_argument("--block-size", type=int, default=16)
     g.add_argument("--no-prefix-caching", action="store_true")
+    g.add_argument("--kv-release-interval", dest="kv_release_interval_s", type=float, default=2.0, metavar="SECONDS",
+                   help="return the memory of KV blocks free this long to the OS (0 = never; default 2)")
+    g.add_argument("--kv-keep-cached", dest="kv_keep_cached_bytes", type=parse_size, default=32 << 20,
+                   metavar="BYTES", help="prefix-cache blocks kept resident when memory is returned (default 32MiB)")
     g.add_argument("--quantization", "-q", default=None,
                    help="int8, int4, nf4, gptq, awq (quantize weights at load); gguf (a GGUF file's own blocks: "
                         "the default for GGUF files unless --dtype is given); none (dequantize to --dtype)")

@@ -82,6 +82,13 @@ def add_bench_parser(sub) -> None:
     b.add_argument("--slo-tpot-ms", type=float, default=200.0)
     b.add_argument("--api-key", default=None)
     b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--chaos", action="store_true", help="the reliability load: valid requests of every kind, "
+                   "disconnects and malformed bodies; reports 4xx by kind, 5xx, hangs, KV blocks and RSS at rest")
+    b.add_argument("--malformed", type=float, default=0.05, help="--chaos: share of malformed bodies")
+    b.add_argument("--disconnect", type=float, default=0.10, help="--chaos: share of clients that go away early")
+    b.add_argument("--hang-timeout", type=float, default=120.0, help="--chaos: seconds without an answer = a hang")
+    b.add_argument("--rest-timeout", type=float, default=60.0,
+                   help="--chaos: seconds to wait for the server to come to rest before and after the load")
 
     b = bsub.add_parser("quant", parents=[common], help="weight bytes, RSS, perplexity and speed for every quantization method")
     b.add_argument("model", nargs="?", default="smollm2-135m")

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import shlex
+import time
 
 from tokenloom.config import TokenloomError
 from tokenloom.sampling_params import SamplingParams
@@ -11,6 +12,7 @@ HELP = """Available commands:
   /set parameter NAME VALUE   set a sampling parameter (temperature, top_k, top_p, min_p, seed,
                               max_tokens, repetition_penalty, presence_penalty, frequency_penalty)
   /set system TEXT            set the system prompt (clears the conversation)
+  /set verbose, /set quiet    show (or stop showing) statistics after each reply
   /show parameters            show the sampling parameters
   /show system                show the system prompt
   /clear                      clear the conversation
@@ -23,9 +25,32 @@ _PARAM_TYPES = {"temperature": float, "top_k": int, "top_p": float, "min_p": flo
 _ALIASES = {"num_predict": "max_tokens", "repeat_penalty": "repetition_penalty"}
 
 
+def duration(seconds: float) -> str:
+    """A duration as Ollama (Go) prints one: 1.234567s, 345.678ms, 12.3µs."""
+    if seconds >= 1:
+        return f"{seconds:.6f}".rstrip("0").rstrip(".") + "s"
+    if seconds >= 1e-3:
+        return f"{seconds * 1e3:.6f}".rstrip("0").rstrip(".") + "ms"
+    return f"{seconds * 1e6:.3f}".rstrip("0").rstrip(".") + "µs"
+
+
+def reply_stats(out, start: float, end: float) -> str:
+    """Ollama's `--verbose` block for one reply (RequestOutput out; start: when the reply was asked for)."""
+    m = out.metrics
+    first = m.first_token_time or end
+    finished = m.finished_time or end
+    n_prompt, n_eval = len(out.prompt_token_ids), len(out.outputs[0].token_ids)
+    prompt_s, eval_s = max(first - m.arrival_time, 1e-9), max(finished - first, 1e-9)
+    rows = [("total duration", duration(end - start)), ("load duration", duration(max(m.arrival_time - start, 0))),
+            ("prompt eval count", f"{n_prompt} token(s)"), ("prompt eval duration", duration(prompt_s)),
+            ("prompt eval rate", f"{n_prompt / prompt_s:.2f} tokens/s"), ("eval count", f"{n_eval} token(s)"),
+            ("eval duration", duration(eval_s)), ("eval rate", f"{max(n_eval - 1, 0) / eval_s:.2f} tokens/s")]
+    return "".join(f"{name + ':':<22}{value}\n" for name, value in rows)
+
+
 class ChatSession:
-    def __init__(self, llm, params: SamplingParams, system: str | None = None):
-        self.llm, self.params, self.system = llm, params, system
+    def __init__(self, llm, params: SamplingParams, system: str | None = None, verbose: bool = False):
+        self.llm, self.params, self.system, self.verbose = llm, params, system, verbose
         self.messages: list[dict] = []
 
     def conversation(self) -> list[dict]:
@@ -46,6 +71,9 @@ class ChatSession:
             out.write("Cleared session context\n")
         elif cmd in ("/?", "/help"):
             out.write(HELP + "\n")
+        elif cmd == "/set" and len(words) == 2 and words[1] in ("verbose", "quiet"):
+            self.verbose = words[1] == "verbose"
+            out.write(f"Set '{words[1]}' mode.\n")
         elif cmd == "/set" and len(words) >= 3 and words[1] == "system":
             self.system = line.split("system", 1)[1].strip().strip('"')
             self.messages = []
@@ -72,12 +100,13 @@ class ChatSession:
 
     def reply(self, user_text: str, out) -> str:
         self.messages.append({"role": "user", "content": user_text})
+        start = time.perf_counter()
         try:
             prompt = self.llm.chat_prompt_ids(self.conversation())
             printed = 0
-            text = ""
-            for o in self.llm.stream(prompt, self.params):
-                text = o.outputs[0].text
+            text, last = "", None
+            for last in self.llm.stream(prompt, self.params):
+                text = last.outputs[0].text
                 out.write(text[printed:])
                 out.flush()
                 printed = len(text)
@@ -85,6 +114,8 @@ class ChatSession:
             self.messages.pop()
             raise
         out.write("\n\n")
+        if self.verbose and last is not None:
+            out.write(reply_stats(last, start, time.perf_counter()) + "\n")
         self.messages.append({"role": "assistant", "content": text})
         return text
 
@@ -116,4 +147,5 @@ def cmd_run(args) -> None:
     from tokenloom.cli.args import sampling_from_args
     from tokenloom.entrypoints.engine_args import make_llm
 
-    ChatSession(make_llm(args), sampling_from_args(args), system=args.system).loop(sys.stdin, sys.stdout)
+    session = ChatSession(make_llm(args), sampling_from_args(args), system=args.system, verbose=args.verbose)
+    session.loop(sys.stdin, sys.stdout)

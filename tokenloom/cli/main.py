@@ -1,4 +1,4 @@
-"""`tokenloom` command line: pull, list, show, generate, run, serve, bench, quantize, eval.
+"""`tokenloom` command line: pull, list, show, create, cp, rm, generate, run, serve, bench, quantize, eval.
 
 The only place that parses arguments: each command lives in a module of its own and gets the parsed namespace.
 """
@@ -52,6 +52,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", nargs="?", default=DEFAULT_MODEL)
     p.set_defaults(func=models.cmd_show)
 
+    p = sub.add_parser("create", help="create a model from a Modelfile (FROM, PARAMETER, SYSTEM, MESSAGE, ...)")
+    p.add_argument("name")
+    p.add_argument("--file", "-f", default="Modelfile", help="the Modelfile (default: ./Modelfile)")
+    p.set_defaults(func=models.cmd_create)
+
+    p = sub.add_parser("cp", help="copy a model under another name (a created model)")
+    p.add_argument("source")
+    p.add_argument("destination")
+    p.set_defaults(func=models.cmd_cp)
+
+    p = sub.add_parser("rm", help="remove created models or pulled catalogue models")
+    p.add_argument("models", nargs="+", metavar="MODEL")
+    p.set_defaults(func=models.cmd_rm)
+
     p = sub.add_parser("generate", help="complete a prompt, streaming to the terminal")
     p.add_argument("args", nargs="+", metavar="[MODEL] PROMPT")
     p.add_argument("--chat", action="store_true", help="wrap the prompt as a user message in the chat template")
@@ -63,6 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="interactive chat in the terminal")
     p.add_argument("model", nargs="?", default=DEFAULT_MODEL)
     p.add_argument("--system", default=None, help="system prompt")
+    p.add_argument("--verbose", action="store_true", help="statistics after each reply (as /set verbose)")
     add_engine_args(p)
     add_sampling_args(p, max_tokens=None)
     p.set_defaults(func=cmd_run, temperature=0.8, top_k=40, top_p=0.9)  # Ollama's defaults

@@ -4,6 +4,11 @@ A full block is named by a hash chained over its tokens and every token before i
 requests with the same prefix map to the same physical blocks. When a block's last reference goes it keeps its
 contents and its hash and joins the free list; the free list is LRU-ordered, so cached blocks are evicted oldest
 first, and only when a fresh block is needed. Blocks holding nothing cached go to the front: they are reused first.
+
+Memory: the pool also knows which blocks' memory the process has touched (resident). `trim()` picks the free
+blocks no one has used since the previous trim, forgets their cached contents beyond a small budget of the most
+recently used, and hands them back so the worker can return their pages to the OS; they move to the back of the
+free list, so blocks whose memory is still resident are reused before them.
 """
 from __future__ import annotations
 
@@ -18,6 +23,10 @@ class BlockPool:
         self.hash_to_block: dict[int, int] = {}
         # Front = next to be reused (least recently used).
         self.free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
+        self.resident = bytearray(num_blocks)  # 1 = its memory has been written since it was last trimmed
+        self.num_resident = 0
+        self.last_used = [0] * num_blocks  # the trim epoch in which the block was last taken, touched or freed
+        self.epoch = 1
 
     @property
     def num_free_blocks(self) -> int:
@@ -40,6 +49,10 @@ class BlockPool:
                 del self.hash_to_block[h]
             self.block_hash[block] = None
         self.ref_counts[block] = 1
+        self.last_used[block] = self.epoch
+        if not self.resident[block]:
+            self.resident[block] = 1
+            self.num_resident += 1
         return block
 
     def touch(self, block: int) -> None:
@@ -47,12 +60,14 @@ class BlockPool:
         if self.ref_counts[block] == 0:
             del self.free[block]
         self.ref_counts[block] += 1
+        self.last_used[block] = self.epoch
 
     def release(self, block: int) -> None:
         self.ref_counts[block] -= 1
         assert self.ref_counts[block] >= 0, f"double free of block {block}"
         if self.ref_counts[block] == 0:
             self.free[block] = None
+            self.last_used[block] = self.epoch
             if self.block_hash[block] is None:
                 self.free.move_to_end(block, last=False)
 
@@ -70,6 +85,28 @@ class BlockPool:
                 del self.hash_to_block[h]
                 self.free.move_to_end(block, last=False)
 
+    def trim(self, keep_cached: int) -> list[int]:
+        """Free, resident blocks unused since the previous trim, whose memory may go back to the OS; cached ones
+        among them are forgotten except the keep_cached most recently used. Starts a new epoch."""
+        released, kept = [], 0
+        for block in reversed(self.free):  # most recently used first
+            h = self.block_hash[block]
+            if h is not None and kept < keep_cached:
+                kept += 1
+                continue
+            if not self.resident[block] or self.last_used[block] >= self.epoch:
+                continue
+            if h is not None:
+                del self.hash_to_block[h]
+                self.block_hash[block] = None
+            released.append(block)
+        for block in released:
+            self.resident[block] = 0
+            self.free.move_to_end(block)
+        self.num_resident -= len(released)
+        self.epoch += 1
+        return released
+
     def check_invariants(self, block_tables: list[list[int]]) -> None:
         """Reference counts equal the number of live block-table entries; free list = blocks with no owner."""
         counts = [0] * self.num_blocks
@@ -82,3 +119,5 @@ class BlockPool:
         assert len(self.free) == len(set(self.free))
         for h, b in self.hash_to_block.items():
             assert self.block_hash[b] == h
+            assert self.resident[b], "a cached block's memory was released"
+        assert self.num_resident == sum(self.resident)

@@ -32,6 +32,11 @@ class KVCacheManager:
         return self.pool.num_used_blocks
 
     @property
+    def num_resident_blocks(self) -> int:
+        """Blocks whose memory has been written since they were last trimmed."""
+        return self.pool.num_resident
+
+    @property
     def ref_counts(self) -> list[int]:
         return self.pool.ref_counts
 
@@ -132,6 +137,10 @@ class KVCacheManager:
 
     def reset_prefix_cache(self) -> None:
         self.pool.reset_prefix_cache()
+
+    def trim(self, keep_cached_blocks: int) -> list[int]:
+        """Free blocks unused since the previous trim, for the worker to return their memory (BlockPool.trim)."""
+        return self.pool.trim(keep_cached_blocks)
 
     def check_invariants(self, live_requests: list[Request]) -> None:
         self.pool.check_invariants([req.block_table for req in live_requests])

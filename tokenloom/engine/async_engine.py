@@ -299,6 +299,8 @@ class AsyncEngine:
                         except Exception:  # pragma: no cover
                             log.exception("step listener failed")
                 self._dispatch(outputs)
+            else:  # idle: free KV blocks go back to the OS (steps do this themselves)
+                eng.release_free_memory()
             st = eng.stats()
             with self._cv:
                 self._pending_adds -= n_adds

@@ -64,7 +64,8 @@ class LLMEngine:
         self.last_step_num_seqs = 0
         self._ids = itertools.count()
         self._counters = dict(steps=0, tokens_computed=0, prompt_tokens_computed=0,
-                              slots_used=0, slots_alloc=0, slots_contig=0)
+                              slots_used=0, slots_alloc=0, slots_contig=0, kv_released_bytes=0)
+        self._last_kv_release = time.monotonic()
 
     @property
     def model(self):  # the model of an in-process executor (tests, perplexity, calibration)
@@ -162,7 +163,23 @@ class LLMEngine:
         result = self.executor.execute_model(sched)
         gained = self.scheduler.update_from_output(sched, result)
         self._account_kv_usage()
-        return self.output_processor.process(gained, result.prompt_logprobs)
+        outputs = self.output_processor.process(gained, result.prompt_logprobs)
+        self.release_free_memory()
+        return outputs
+
+    def release_free_memory(self, force: bool = False) -> int:
+        """Give the memory of KV blocks unused since the previous call back to the OS (and, with no request
+        left, the C heap's free pages), at most once per kv_release_interval_s unless forced. Called after each
+        step and by the serving loop while idle. Returns the KV bytes released."""
+        cache_cfg, now = self.config.cache, time.monotonic()
+        interval = cache_cfg.kv_release_interval_s
+        if not force and (not interval or now - self._last_kv_release < interval):
+            return 0
+        self._last_kv_release = now
+        blocks = self.kv_cache_manager.trim(cache_cfg.kv_keep_cached_bytes // self.executor.kv_block_bytes)
+        released = self.executor.release_memory(blocks, idle=not self.has_unfinished())
+        self._counters["kv_released_bytes"] += released
+        return released
 
     def embed(self, prompts: list[list[int]]) -> list[list[float]]:
         """Embedding per prompt: mean of the final-norm hidden states over its tokens, L2-normalised."""
@@ -222,4 +239,7 @@ class LLMEngine:
             grammar_compile_seconds=so.compile_seconds,
             grammar_mask_steps=so.num_mask_steps,
             grammar_mask_seconds=so.mask_seconds,
+            kv_cache_bytes=kv.num_blocks * self.executor.kv_block_bytes,
+            kv_resident_bytes=kv.num_resident_blocks * self.executor.kv_block_bytes,
+            kv_released_bytes=c["kv_released_bytes"],
         )

@@ -74,6 +74,9 @@ class EngineStats:
     grammar_compile_seconds: float = 0.0  # their total compile time
     grammar_mask_steps: int = 0  # steps that filled a grammar bitmask
     grammar_mask_seconds: float = 0.0  # total time filling them (alongside the forward passes)
+    kv_cache_bytes: int = 0  # the KV pool's size (address space reserved)
+    kv_resident_bytes: int = 0  # of which written since last returned to the OS (blocks in use or kept)
+    kv_released_bytes: int = 0  # returned to the OS so far
     extra: dict = field(default_factory=dict)
 
     @property

@@ -22,6 +22,8 @@ class EngineArgs:
     kv_cache_memory: int | None = None
     enable_prefix_caching: bool = True
     kv_cache_dtype: str = "auto"
+    kv_release_interval_s: float = 2.0
+    kv_keep_cached_bytes: int = 32 << 20
     threads: int = 0  # CPU threads for PyTorch (0 = torch's default, one per core)
     speculative_config: str | None = None  # JSON, as vLLM's --speculative-config
 

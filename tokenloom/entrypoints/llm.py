@@ -29,13 +29,17 @@ class LLM:
         enable_prefix_caching: bool = True,
         kv_cache_dtype: str = "auto",
         speculative_config: dict | str | None = None,
+        kv_release_interval_s: float = 2.0,
+        kv_keep_cached_bytes: int = 32 << 20,
     ):
         """speculative_config: speculative decoding under vLLM's names, e.g. {"method": "ngram",
-        "num_speculative_tokens": 4}; see config.SpeculativeConfig."""
+        "num_speculative_tokens": 4}; see config.SpeculativeConfig. kv_release_interval_s: free KV blocks
+        unused this long return their memory to the OS, but for kv_keep_cached_bytes of recent prefix cache."""
         self.engine = LLMEngine(
             EngineConfig(
                 model=model, dtype=dtype, device=device, seed=seed, quantization=quantization,
-                cache=CacheConfig(block_size, kv_cache_memory, num_blocks, enable_prefix_caching, kv_cache_dtype),
+                cache=CacheConfig(block_size, kv_cache_memory, num_blocks, enable_prefix_caching, kv_cache_dtype,
+                                  kv_release_interval_s, kv_keep_cached_bytes),
                 scheduler=SchedulerConfig(max_num_seqs, max_num_batched_tokens, max_model_len),
                 speculative=SpeculativeConfig.parse(speculative_config),
             )

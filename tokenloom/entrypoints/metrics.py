@@ -21,6 +21,9 @@
     tokenloom_grammar_compiles / _compile_seconds    structured output: constraints compiled, their total time
     tokenloom_grammar_mask_steps / _mask_seconds     steps that filled a grammar bitmask, total time filling them
     tokenloom_grammar_mask_seconds_per_step          mean mask time per such step
+    tokenloom_kv_cache_bytes / _resident_bytes       the KV pool's size, and how much of it is in memory now
+    tokenloom_kv_cache_released_bytes                KV memory of blocks that stayed free, given back to the OS
+    process_resident_memory_bytes, process_*         the server process (prometheus_client's process collector)
 """
 from __future__ import annotations
 
@@ -30,6 +33,7 @@ from prometheus_client import (
     Counter,
     Gauge,
     Histogram,
+    ProcessCollector,
     generate_latest,
 )
 
@@ -54,6 +58,10 @@ _STAT_GAUGES = [
     ("tokenloom_grammar_mask_steps", "Engine steps that filled a grammar bitmask", "grammar_mask_steps"),
     ("tokenloom_grammar_mask_seconds", "Total time filling grammar bitmasks (alongside forward passes)",
      "grammar_mask_seconds"),
+    ("tokenloom_kv_cache_bytes", "Size of the KV-cache pool (address space reserved)", "kv_cache_bytes"),
+    ("tokenloom_kv_cache_resident_bytes", "KV-cache memory written since last given back to the OS",
+     "kv_resident_bytes"),
+    ("tokenloom_kv_cache_released_bytes", "KV-cache memory given back to the OS so far", "kv_released_bytes"),
 ]
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 512)
 
@@ -61,6 +69,7 @@ _BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 512)
 class ServerMetrics:
     def __init__(self, async_engine, model_name: str):
         self.registry = reg = CollectorRegistry()
+        ProcessCollector(registry=reg)  # resident memory, CPU seconds, open files of this process
         self.model_name = model_name
         labels = {"model_name": model_name}
         self.http_requests = Counter("tokenloom_http_requests", "HTTP requests by route and status code",

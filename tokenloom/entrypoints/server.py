@@ -7,6 +7,8 @@
     POST /api/generate, /api/chat, /api/embed, /api/show              (NDJSON streaming)
     GET  /api/tags, /api/ps, /api/version
     GET  /openapi.json, /docs
+    GET  /                       the web chat page for browsers (Accept: text/html), else 'tokenloom is running'
+    GET  /ui/...                 the page's script and style sheet (entrypoints/web/; no API key needed)
 
 Errors: OpenAI-style {"error": {"message", "type", "param", "code"}} bodies everywhere but under /api/, where
 they are Ollama's {"error": "..."}; request validation failures are 400 (not FastAPI's 422).
@@ -14,17 +16,19 @@ they are Ollama's {"error": "..."}; request validation failures are 400 (not Fas
 Layout: openai/ and ollama/ hold each API's schemas (protocol.py) and routes; both share the app's ServerState
 and APIError (server_state.py) and the stream plumbing: SSE / NDJSON framing, client disconnects
 (streaming.py). This module builds the app: the routers, the API-key and metrics middleware, error bodies,
-/health, /metrics.
+/health, /metrics, and serves the web chat.
 """
 from __future__ import annotations
 
 import hmac
 import logging
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response
+from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tokenloom.version import __version__
@@ -37,7 +41,15 @@ from tokenloom.entrypoints.server_state import APIError, ServerState, error_for
 log = logging.getLogger("tokenloom.server")
 
 MAX_REQUEST_BYTES = 32 << 20  # request bodies beyond this are refused with 413 (--max-request-bytes)
-_OPEN_PATHS = frozenset({"/health"})
+_OPEN_PATHS = frozenset({"/health", "/"})
+# The web chat: its page and assets load without the API key (the page asks for the key; /v1 still needs it).
+WEB_DIR = Path(__file__).with_name("web")
+_WEB_PREFIX = "/ui/"
+_PAGE_HEADERS = {
+    "Vary": "Accept",  # / answers browsers and API probes differently: caches must keep both apart
+    "Content-Security-Policy": "default-src 'self'; img-src 'self' data:; base-uri 'none'; form-action 'none'; "
+                               "frame-ancestors 'none'",
+}
 
 
 def _is_ollama(path: str) -> bool:
@@ -112,7 +124,8 @@ class _Gate:
             await send(message)
 
         try:
-            if self.api_key and path not in _OPEN_PATHS and not self._authorized(scope):
+            is_open = path in _OPEN_PATHS or path.startswith(_WEB_PREFIX)
+            if self.api_key and not is_open and not self._authorized(scope):
                 err = APIError(401, "missing or invalid API key: send `Authorization: Bearer <key>`",
                                code="invalid_api_key")
                 await error_response(path, err)(scope, receive, send_status)
@@ -121,7 +134,7 @@ class _Gate:
                 err = APIError(413, self._too_large_message(), code="request_too_large")
                 await error_response(path, err)(scope, receive, send_status)
                 return
-            if scope["method"] == "POST":
+            if scope["method"] in ("POST", "DELETE"):
                 scope = self._as_json(scope)
             await self.app(scope, self._counting(receive), send_status)
         finally:
@@ -182,7 +195,8 @@ def build_app(async_engine: AsyncEngine, served_model_name: str | None = None, a
         description="OpenAI- and Ollama-compatible inference server. OpenAI endpoints answer errors as "
                     "`{\"error\": {\"message\", \"type\", \"param\", \"code\"}}`, Ollama endpoints (/api/*) as "
                     "`{\"error\": \"...\"}`; invalid requests are 400." +
-                    (" Every endpoint but /health needs `Authorization: Bearer <key>`." if api_key else ""),
+                    (" Every endpoint but /health and / (and the web chat's /ui/ files) needs `Authorization: Bearer "
+                     "<key>`." if api_key else ""),
     )
     metrics = ServerMetrics(async_engine, name)
     app.state.tokenloom = ServerState(async_engine, name, max_queue, metrics)
@@ -203,10 +217,17 @@ def build_app(async_engine: AsyncEngine, served_model_name: str | None = None, a
         running / waiting sequences, KV-cache usage, prefix-cache hit rate, sequences per engine step."""
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
-    @app.get("/", tags=["Server"], response_class=PlainTextResponse)
-    async def root():
-        """'tokenloom is running' (as Ollama answers on /)."""
-        return PlainTextResponse("tokenloom is running")
+    @app.head("/", include_in_schema=False)  # probes; one documented operation (GET) per path and method
+    @app.get("/", tags=["Server"], response_class=PlainTextResponse, responses={200: {
+        "content": {"text/html": {}}, "description": "The web chat page (to browsers) or 'tokenloom is running' "
+                                                     "(as Ollama answers on /, for probes)"}})
+    async def root(request: Request):
+        """The web chat page when the client accepts text/html (a browser), else 'tokenloom is running'."""
+        if "text/html" in request.headers.get("accept", ""):
+            return FileResponse(WEB_DIR / "index.html", media_type="text/html", headers=_PAGE_HEADERS)
+        return PlainTextResponse("tokenloom is running", headers={"Vary": "Accept"})
+
+    app.mount(_WEB_PREFIX.rstrip("/"), StaticFiles(directory=WEB_DIR), name="ui")  # mounts stay out of OpenAPI
 
     @app.exception_handler(APIError)
     async def on_api_error(request: Request, exc: APIError):

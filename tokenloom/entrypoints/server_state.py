@@ -12,6 +12,8 @@ from pydantic import BaseModel
 from tokenloom.config import TokenloomError
 from tokenloom.engine.outputs import CompletionOutput, RequestOutput
 from tokenloom.engine.async_engine import AsyncEngine, EngineDeadError, QueueFullError, RequestStream
+from tokenloom.loader import created as created_store
+from tokenloom.loader.created import CreatedModel
 from tokenloom.sampling_params import SamplingParams, SamplingParamsError
 
 
@@ -71,20 +73,44 @@ class ServerState:
         self._token_text: dict[int, str] = {}
         self._model_info: dict | None = None
         self._max_prompt_bytes: int | None = None
+        self._served_identity: str | None = None
 
     # models
     def model_names(self) -> set[str]:
         return {self.served_model_name}
 
+    def served_identity(self) -> str:
+        """What the served model is, as created models' `base` records it (a catalogue name or a weights path)."""
+        if self._served_identity is None:
+            self._served_identity = created_store.identity(self.engine.engine.model_source)
+        return self._served_identity
+
+    def servable_created(self) -> list[CreatedModel]:
+        """Created models whose base is the served model: this server serves them too, with their defaults."""
+        return [m for m in created_store.list_created() if m.base == self.served_identity()]
+
     def check_model(self, name: str | None, ollama: bool = False) -> str:
-        """The served model's name, or APIError 404 for any other name (None = the served model)."""
+        """The name to answer with: the served model's, or a servable created model's as asked; APIError 404 for
+        any other name (None = the served model)."""
+        return self.lookup_model(name, ollama)[0]
+
+    def lookup_model(self, name: str | None, ollama: bool = False) -> tuple[str, CreatedModel | None]:
+        """(the name to answer with, the created model whose defaults apply or None) for a request's model name;
+        APIError 404 for names this server does not serve."""
         if name is None or name == "":
             if ollama:
                 raise APIError(400, "model is required", param="model")
-            return self.served_model_name
+            return self.served_model_name, None
         key = name.removesuffix(":latest") if ollama or name.endswith(":latest") else name
         if key in self.model_names():
-            return self.served_model_name
+            return self.served_model_name, None
+        created = created_store.load(name)
+        if created is not None:
+            if created.base == self.served_identity():
+                return name, created
+            raise APIError(404, f"model '{name}' is not loaded by this server: it is created from "
+                                f"'{created.base}', and this server serves '{self.served_model_name}'",
+                           type="not_found_error", param="model", code="model_not_loaded")
         if ollama:
             raise APIError(404, f"model '{name}' not found", type="not_found_error", param="model",
                            code="model_not_found")

@@ -13,7 +13,7 @@ import torch
 
 from tokenloom.config import EngineConfig, ModelConfig, TokenloomError
 from tokenloom.loader.sources import ModelSource
-from tokenloom.worker.kv_cache import kv_bytes_per_block
+from tokenloom.worker.kv_cache import kv_bytes_per_block, trim_heap
 from tokenloom.worker.model_loading import load_worker_model
 from tokenloom.worker.model_runner import ModelRunner
 from tokenloom.worker.outputs import ModelRunnerOutput
@@ -45,6 +45,7 @@ class Executor(abc.ABC):
     tokenizer: object
     num_blocks: int
     max_model_len: int
+    kv_block_bytes: int  # one block's K/V over every layer
 
     @abc.abstractmethod
     def execute_model(self, scheduler_output) -> ModelRunnerOutput:
@@ -53,6 +54,11 @@ class Executor(abc.ABC):
     @abc.abstractmethod
     def hidden_states(self, token_ids: list[int]) -> torch.Tensor:
         """Final-norm hidden states of one sequence, outside the KV cache (embeddings)."""
+
+    def release_memory(self, blocks: list[int], idle: bool = False) -> int:
+        """Return the memory of these free KV blocks to the OS (idle: and the C heap's free pages, where past
+        steps' activations lived); the KV bytes released."""
+        return 0
 
     def shutdown(self) -> None:
         """Release workers (nothing to do in one process)."""
@@ -73,7 +79,9 @@ class UniProcExecutor(Executor):
 
             draft = DraftModel.load(config.speculative, self.model, self.tokenizer, source, dtype, device)
         extra = draft.kv_bytes_per_block(config.cache) if draft else 0
-        self.num_blocks, self.max_model_len = self._size_kv_cache(config, cfg, dtype, device, extra)
+        cache_cfg = config.cache
+        self.kv_block_bytes = kv_bytes_per_block(cfg, cache_cfg.block_size, dtype, cache_cfg.kv_cache_dtype) + extra
+        self.num_blocks, self.max_model_len = self._size_kv_cache(config, cfg, device, self.kv_block_bytes)
         self.runner = ModelRunner(self.model, config.cache, self.num_blocks, device, generator)
         self.num_lookahead_tokens = 0  # slots the scheduler keeps beyond each request for a draft model's K/V
         if config.speculative is not None:
@@ -83,6 +91,10 @@ class UniProcExecutor(Executor):
                                                       config.cache, generator)
             if self.runner.speculator.proposer.needs_lookahead_slots:
                 self.num_lookahead_tokens = config.speculative.num_speculative_tokens
+        # the KV pools indexed by the scheduler's block ids: the target's, and a draft model's own at the same slots
+        runners = [self.runner, getattr(self.runner.speculator and self.runner.speculator.proposer, "runner", None)]
+        self.kv_caches = [r.cache for r in runners if r is not None and r.cache is not None]
+        self._heap_trimmed = False
         if device.type == "cpu":
             from tokenloom.model_executor.layers.linear import pack_linear_layers
 
@@ -92,12 +104,10 @@ class UniProcExecutor(Executor):
                 pack_linear_layers(model)
 
     @staticmethod
-    def _size_kv_cache(config: EngineConfig, cfg: ModelConfig, dtype, device, extra_block_bytes: int = 0
-                       ) -> tuple[int, int]:
-        """(blocks, max_model_len); extra_block_bytes: a draft model's K/V at the same slots."""
+    def _size_kv_cache(config: EngineConfig, cfg: ModelConfig, device, block_bytes: int) -> tuple[int, int]:
+        """(blocks, max_model_len); block_bytes: a block's K/V in every layer (and a draft model's)."""
         cache_cfg, sched_cfg = config.cache, config.scheduler
         max_model_len = min(sched_cfg.max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
-        block_bytes = kv_bytes_per_block(cfg, cache_cfg.block_size, dtype, cache_cfg.kv_cache_dtype) + extra_block_bytes
         if cache_cfg.num_blocks:
             num_blocks = cache_cfg.num_blocks
         else:
@@ -118,6 +128,13 @@ class UniProcExecutor(Executor):
 
     def execute_model(self, scheduler_output) -> ModelRunnerOutput:
         return self.runner.execute(scheduler_output)
+
+    def release_memory(self, blocks: list[int], idle: bool = False) -> int:
+        released = sum(cache.release_blocks(blocks) for cache in self.kv_caches) if blocks else 0
+        if idle and (released or not self._heap_trimmed):
+            trim_heap()
+        self._heap_trimmed = idle
+        return released
 
     def hidden_states(self, token_ids: list[int]) -> torch.Tensor:
         return self.runner.hidden_states(token_ids)

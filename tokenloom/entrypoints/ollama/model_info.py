@@ -1,4 +1,7 @@
-"""Model information: /api/tags, /api/ps, /api/show, /api/version."""
+"""Model information: /api/tags, /api/ps, /api/show, /api/version.
+
+/api/tags lists the served model, the created models (loader/created.py; those based on another model are listed
+but not served here) and the pulled catalogue models; /api/show shows any of them."""
 from __future__ import annotations
 
 import asyncio
@@ -12,13 +15,19 @@ from fastapi import APIRouter, Request
 from tokenloom.entrypoints.ollama.protocol import (
     ERRORS,
     OLLAMA_DEFAULTS,
+    ModelDetails,
     PsResponse,
     ShowRequest,
     ShowResponse,
     TagsResponse,
     VersionResponse,
 )
-from tokenloom.entrypoints.server_state import ServerState, get_state
+from tokenloom.entrypoints.server_state import APIError, ServerState, get_state
+from tokenloom.entrypoints.tool_calls import template_supports_tools
+from tokenloom.loader import created as created_store
+from tokenloom.loader.created import CreatedModel
+from tokenloom.loader.modelfile import format_parameters, write_modelfile
+from tokenloom.loader.sources import catalogue_key, list_models, resolve_model
 from tokenloom.version import __version__
 
 router = APIRouter(tags=["Ollama"])
@@ -70,7 +79,7 @@ def _model_facts(state: ServerState) -> dict:
         f"{arch}.attention.layer_norm_rms_epsilon": cfg.rms_norm_eps, f"{arch}.vocab_size": cfg.vocab_size,
     }
     state._model_info = {
-        "details": details, "size": size, "digest": h.hexdigest(), "path": str(src.path),
+        "details": details, "size": size, "digest": h.hexdigest(), "path": str(src.path), "template": "",
         "modified_at": datetime.fromtimestamp(mtime, UTC).isoformat().replace("+00:00", "Z"),
         "model_info": model_info,
     }
@@ -90,40 +99,157 @@ def _tag(state: ServerState, facts: dict) -> dict:
 
 @router.get("/api/tags", response_model=TagsResponse, responses={401: ERRORS[401]})
 async def tags(request: Request):
-    """Models available (the served model)."""
+    """Models available: the served model, then the created and pulled ones (only the served model and the
+    models created from it answer requests here)."""
     state = get_state(request)
-    return {"models": [_tag(state, await _facts(state))]}
+    facts = await _facts(state)
+    return {"models": [_tag(state, facts)] + await asyncio.to_thread(_other_tags, state, facts)}
 
 
 @router.get("/api/ps", response_model=PsResponse, responses={401: ERRORS[401]})
 async def ps(request: Request):
-    """Models loaded in memory (the served model, for as long as the server runs)."""
+    """Models loaded in memory (the served model, for as long as the server runs). size: the weights plus the
+    KV cache now in memory; kv_cache_bytes: the KV pool reserved, of which kv_cache_resident_bytes is in memory
+    (free blocks go back to the OS)."""
     state = get_state(request)
     facts = await _facts(state)
+    st = state.engine.stats()
     expires = (datetime.now(UTC) + timedelta(days=365)).isoformat().replace("+00:00", "Z")
-    return {"models": [{**_tag(state, facts), "expires_at": expires, "size_vram": 0,
-                        "context_length": state.engine.max_model_len}]}
+    return {"models": [{**_tag(state, facts), "size": facts["size"] + st.kv_resident_bytes, "expires_at": expires,
+                        "size_vram": 0, "context_length": state.engine.max_model_len,
+                        "kv_cache_bytes": st.kv_cache_bytes, "kv_cache_resident_bytes": st.kv_resident_bytes}]}
 
 
 @router.post("/api/show", response_model=ShowResponse, responses=ERRORS)
 async def show(body: ShowRequest, request: Request):
-    """Model details, chat template and architecture facts."""
+    """Model details, Modelfile, chat template, parameters, architecture facts and capabilities: of the served
+    model, a created model or a pulled catalogue model."""
     state = get_state(request)
-    state.check_model(body.model or body.name, ollama=True)
-    facts = await _facts(state)
-    tok = state.tokenizer
+    name = body.model or body.name
+    if not name:
+        raise APIError(400, "model is required", param="model")
+    if name.removesuffix(":latest") == state.served_model_name:
+        return _show_served(state, await _facts(state))
+    created = await asyncio.to_thread(created_store.load, name)
+    if created is not None:
+        served = created.base == state.served_identity()
+        facts = await _facts(state) if served else await asyncio.to_thread(_other_facts, created.base)
+        return _show_created(state, created, facts, served)
+    key = catalogue_key(name)
+    if key is not None and key == state.served_identity():  # served under another name
+        return _show_served(state, await _facts(state))
+    if key is not None and any(k == key for k, *_ in list_models()):
+        facts = await asyncio.to_thread(_other_facts, key)
+        return _show(facts, write_modelfile(facts["path"], name=key), "", facts["template"])
+    raise APIError(404, f"model '{name}' not found", type="not_found_error", param="model", code="model_not_found")
+
+
+def _chat_template(state: ServerState) -> str:
     template = ""
-    if tok is not None:
+    if state.tokenizer is not None:
         try:
-            template = tok.chat_template or ""
+            template = state.tokenizer.chat_template or ""
         except Exception:  # noqa: BLE001
             template = ""
         if isinstance(template, dict):
             template = template.get("default", "")
-    return {"modelfile": f"# tokenloom: {state.served_model_name}\nFROM {facts['path']}\n",
-            "parameters": "\n".join(f"{k} {v}" for k, v in OLLAMA_DEFAULTS.items()), "template": template,
-            "details": facts["details"], "model_info": facts["model_info"],
-            "capabilities": ["completion", "embedding"], "modified_at": facts["modified_at"]}
+    return template
+
+
+def _show(facts: dict, modelfile: str, parameters: str, template: str, **extra) -> dict:
+    caps = ["completion"] + (["tools"] if template_supports_tools(template) else []) + ["embedding"]
+    return {"modelfile": modelfile, "parameters": parameters, "template": template, "details": facts["details"],
+            "model_info": facts["model_info"], "capabilities": caps, "modified_at": facts["modified_at"], **extra}
+
+
+def _show_served(state: ServerState, facts: dict) -> dict:
+    template = _chat_template(state)
+    modelfile = write_modelfile(facts["path"], template=template, parameters=OLLAMA_DEFAULTS,
+                                name=state.served_model_name)
+    return _show(facts, modelfile, format_parameters(OLLAMA_DEFAULTS), template)
+
+
+def _show_created(state: ServerState, model: CreatedModel, facts: dict, served: bool) -> dict:
+    """A created model: its own system prompt, parameters, messages, license (and template, when it has one)
+    over its base's facts."""
+    base_template = _chat_template(state) if served else facts["template"]
+    modelfile = write_modelfile(model.base, template=model.template, system=model.system,
+                                parameters=model.parameters, messages=model.messages, license=model.license,
+                                name=model.name)
+    details = {**facts["details"], "parent_model": model.parent}
+    return _show({**facts, "details": details, "modified_at": _iso(created_store.modified_at(model))}, modelfile,
+                 format_parameters(model.parameters), model.template or base_template, system=model.system or "",
+                 license="\n".join(model.license), messages=model.messages)
+
+
+def _iso(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).isoformat().replace("+00:00", "Z")
+
+
+_OTHER_FACTS: dict[tuple, dict] = {}
+
+
+def _other_facts(base: str) -> dict:
+    """What /api/tags and /api/show say of a model this server does not serve, read from its metadata (best
+    effort: a model that is not on disk, or not readable, gets empty details)."""
+    details = {"parent_model": "", "format": "gguf", "family": "", "families": [], "parameter_size": "",
+               "quantization_level": ""}
+    empty = {"details": details, "size": 0, "digest": hashlib.sha256(base.encode()).hexdigest(), "path": base,
+             "modified_at": _iso(0), "model_info": {}, "template": ""}
+    try:
+        src = resolve_model(base, download=False)
+        path = Path(src.path)
+        files = [path] if path.is_file() else sorted(path.glob("*.safetensors"))
+        size, mtime = sum(f.stat().st_size for f in files), max((f.stat().st_mtime for f in files), default=0.0)
+    except Exception:  # noqa: BLE001 - not pulled, moved, unreadable
+        return empty
+    key = (base, str(path), size, mtime)
+    if key not in _OTHER_FACTS:
+        from tokenloom.loader.inspect import describe_model
+
+        try:
+            info = describe_model(str(path))
+        except Exception:  # noqa: BLE001
+            info = {}
+        arch = info.get("architecture", "")
+        quant = info.get("quantization", "").split(",")[0].split(" x")[0].strip().upper()
+        model_info = {"general.architecture": arch} if arch else {}
+        if arch and info.get("context length", "").isdigit():
+            model_info[f"{arch}.context_length"] = int(info["context length"])
+        _OTHER_FACTS[key] = {
+            "details": {**details, "format": "gguf" if src.kind == "gguf" else "safetensors", "family": arch,
+                        "families": [arch] if arch else [], "parameter_size": _size_label(info.get("parameters", "")),
+                        "quantization_level": quant},
+            "size": size, "digest": hashlib.sha256(f"{path}:{size}:{mtime}".encode()).hexdigest(),
+            "path": str(path), "modified_at": _iso(mtime), "model_info": model_info,
+            "template": info.get("chat template", "") or "",
+        }
+    return _OTHER_FACTS[key]
+
+
+def _size_label(p: str) -> str:
+    """describe_model's "134.5M" as the served model's details write it ("134.50M")."""
+    try:
+        n = float(p[:-1]) * (1e9 if p.endswith("B") else 1e6)
+    except ValueError:
+        return p
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.2f}M"
+
+
+def _other_tags(state: ServerState, facts: dict) -> list[dict]:
+    """/api/tags entries after the served model's: created models, then pulled catalogue models not served."""
+    out = []
+    for m in created_store.list_created():
+        base = facts if m.base == state.served_identity() else _other_facts(m.base)
+        out.append({"name": m.name, "model": m.name, "modified_at": _iso(created_store.modified_at(m)),
+                    "size": base["size"], "digest": m.digest,
+                    "details": ModelDetails(**{**base["details"], "parent_model": m.parent}).model_dump()})
+    for key, _, _ in list_models():
+        if key != state.served_identity():
+            f = _other_facts(key)
+            out.append({"name": key, "model": key, "modified_at": f["modified_at"], "size": f["size"],
+                        "digest": f["digest"], "details": f["details"]})
+    return out
 
 
 @router.get("/api/version", response_model=VersionResponse)

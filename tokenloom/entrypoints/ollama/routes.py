@@ -23,6 +23,7 @@ from tokenloom.entrypoints.ollama.protocol import (
     EmbedResponse,
     GenerateRequest,
     GenerateResponse,
+    Options,
     _Common,
     format_constraint,
     ndjson_doc,
@@ -39,6 +40,7 @@ from tokenloom.entrypoints.tool_calls import (
     tool_constraint,
     validate_tools,
 )
+from tokenloom.entrypoints.created_models import ollama_options, with_messages
 from tokenloom.entrypoints.server_state import APIError, ServerState, chat_logprobs, embed_inputs, get_state
 from tokenloom.entrypoints.streaming import DeltaTracker, merge_streams, ndjson_response, until_disconnected
 
@@ -148,6 +150,15 @@ async def _run(state: ServerState, request: Request, body: _Common, prompt, star
     return JSONResponse(resp)
 
 
+def _model(state: ServerState, body: _Common):
+    """(the name to answer with, the created model the request names or None); a created model's PARAMETERs
+    become the body's default options."""
+    model, created = state.lookup_model(body.model, ollama=True)
+    if created is not None and created.parameters:
+        body.options = Options(**ollama_options(created, body.options))
+    return model, created
+
+
 def _loaded(model: str, kind: str, keep_alive) -> JSONResponse:
     """Ollama's answer to an empty prompt: load (or with keep_alive 0, unload) the model."""
     resp = _reply(model, kind, "")
@@ -160,7 +171,7 @@ async def generate(body: GenerateRequest, request: Request):
     """Complete a prompt (rendered as a user message with the chat template unless raw is true)."""
     start = time.perf_counter()
     state = get_state(request)
-    model = state.check_model(body.model, ollama=True)
+    model, created = _model(state, body)
     if body.images:
         raise APIError(400, "images are not supported by this model", param="images")
     if body.suffix:
@@ -173,7 +184,7 @@ async def generate(body: GenerateRequest, request: Request):
     else:
         msgs = ([{"role": "system", "content": body.system}] if body.system else []) + \
             [{"role": "user", "content": body.prompt}]
-        ids = state.chat_prompt_ids(msgs)
+        ids = state.chat_prompt_ids(with_messages(created, msgs))
     if body.context:
         ids = list(body.context) + ids
     return await _run(state, request, body, ids, start, model, "generate")
@@ -184,7 +195,7 @@ async def chat(body: ChatRequest, request: Request):
     """Chat: the messages are rendered with the model's chat template, then completed."""
     start = time.perf_counter()
     state = get_state(request)
-    model = state.check_model(body.model, ollama=True)
+    model, created = _model(state, body)
     if not body.messages:
         return _loaded(model, "chat", body.keep_alive)
     msgs = []
@@ -198,7 +209,7 @@ async def chat(body: ChatRequest, request: Request):
     try:  # Ollama has no tool_choice: the model may call a tool (checked by the grammar) or answer
         tools = validate_tools(body.tools)
         native = template_supports_tools(state.require_tokenizer().chat_template)
-        msgs, template_tools = prepare_messages(from_ollama_messages(msgs), tools, native)
+        msgs, template_tools = prepare_messages(from_ollama_messages(with_messages(created, msgs)), tools, native)
         constraint = tool_constraint(tools, "auto") if tools and format_constraint(body.format) is None else None
     except ToolError as exc:
         raise APIError(400, str(exc), param=exc.param) from None

@@ -14,6 +14,7 @@ from pydantic import (
     Strict,
     StringConstraints,
     ValidationError,
+    WithJsonSchema,
     WrapValidator,
 )
 from pydantic_core import PydanticCustomError
@@ -58,6 +59,15 @@ def _integral(value: Any) -> Any:
     return int(value) if isinstance(value, float) and value.is_integer() else value
 
 
+def integer(**bounds) -> Any:
+    """An integer field type within bounds (stated in the document); 3.0 is the integer 3, as in JSON Schema, but
+    true is not 1. The bounds come before the validator, so that the schema shows them as minimum / maximum."""
+    return Annotated[int, Field(**bounds), BeforeValidator(_integral)]
+
+
+Integer = integer()
+
+
 def _bad_token_id(ids: list) -> str | None:
     """The first entry of a token-id list that is not an integer >= 0 (booleans are not token ids), as JSON."""
     for t in ids:
@@ -97,8 +107,26 @@ ModelName = Annotated[Text, explained(lambda v: "must not be empty" if v == "" e
 OptionalModelName = Annotated[Text | None, explained(
     lambda v: "must not be empty (omit it for the served model)" if v == "" else None)]
 TokenIdList = Annotated[list[TokenId], explained(_explain_token_ids)]
-ChoiceCount = Annotated[int, Field(ge=1, le=MAX_N), explained(
+ChoiceCount = Annotated[integer(ge=1, le=MAX_N), explained(
     lambda v: f"must be an integer in [1, {MAX_N}], got {json.dumps(v, default=str)}")]
+# sampling values: the ranges SamplingParams enforces, stated in the document (models using them are strict:
+# false is not 0.0, "1" is not 1)
+Temperature = Annotated[float, Field(ge=0)]
+TopP = Annotated[float, Field(gt=0, le=1)]
+Share = Annotated[float, Field(ge=0, le=1)]
+Penalty = Annotated[float, Field(ge=-2, le=2)]
+Positive = Annotated[float, Field(gt=0)]
+TopK = integer(ge=-1)
+TokenCount = integer(ge=1)
+MinTokens = integer(ge=0)
+Seed = integer(ge=-(1 << 53), le=1 << 53)  # exact in every JSON parser, and taken by torch generators
+LogprobCount = integer(ge=0, le=20)
+Bias = Annotated[float, Field(ge=-100, le=100)]
+_TOKEN_ID_KEY = r"^[0-9]{1,10}$"
+LogitBias = Annotated[dict[Annotated[str, StringConstraints(pattern=_TOKEN_ID_KEY)], Bias], WithJsonSchema(
+    {"type": "object", "patternProperties": {_TOKEN_ID_KEY: {"type": "number", "minimum": -100, "maximum": 100}},
+     "additionalProperties": False})]
+STRICT = ConfigDict(extra="ignore", strict=True, allow_inf_nan=False)
 
 
 # ---- requests and responses -------------------------------------------------------------------------------
@@ -134,26 +162,28 @@ class StructuredOutputsBody(BaseModel):
 
 class _SamplingFields(BaseModel):
     """Sampling fields common to completions and chat (OpenAI's, then vLLM-style extras)."""
-    model_config = ConfigDict(extra="ignore")
+    model_config = STRICT
 
     model: OptionalModelName = Field(None, description="The served model's name (GET /v1/models); omitted = that "
                                                        "model")
     n: ChoiceCount = Field(1, description=f"Completions per prompt, 1..{MAX_N}")
-    temperature: float | None = Field(None, description="0 = greedy (default 1)")
-    top_p: float | None = Field(None, description="Nucleus sampling mass in (0, 1] (default 1)")
+    temperature: Temperature | None = Field(None, description="0 = greedy (default 1)")
+    top_p: TopP | None = Field(None, description="Nucleus sampling mass in (0, 1] (default 1)")
     stop: str | list[str] | None = Field(None, description="Stop strings (not included in the output)")
-    seed: int | None = Field(None, description="Per-request sampling seed (reproducible sampling)")
-    presence_penalty: float | None = Field(None, description="In [-2, 2]")
-    frequency_penalty: float | None = Field(None, description="In [-2, 2]")
-    logit_bias: dict[str, float] | None = Field(None, description="Token id (as a string) -> bias in [-100, 100]")
+    seed: Seed | None = Field(None, description="Per-request sampling seed (reproducible sampling)")
+    presence_penalty: Penalty | None = Field(None, description="In [-2, 2]")
+    frequency_penalty: Penalty | None = Field(None, description="In [-2, 2]")
+    logit_bias: LogitBias | None = Field(None, description="Token id (as a string) -> bias in "
+                                                                        "[-100, 100]")
     stream: bool = False
     stream_options: StreamOptions | None = Field(None, description="Only with stream=true")
     user: str | None = None
     # vLLM-style extras
-    top_k: int | None = Field(None, description="Top-k sampling (-1 or 0 = off)")
-    min_p: float | None = Field(None, description="Min-p sampling in [0, 1]")
-    repetition_penalty: float | None = Field(None, description="> 0; 1 = off")
-    min_tokens: int = Field(0, description="Generate at least this many tokens before EOS / stop can end the output")
+    top_k: TopK | None = Field(None, description="Top-k sampling (-1 or 0 = off)")
+    min_p: Share | None = Field(None, description="Min-p sampling in [0, 1]")
+    repetition_penalty: Positive | None = Field(None, description="> 0; 1 = off")
+    min_tokens: MinTokens = Field(0, description="Generate at least this many tokens before EOS / stop can end the "
+                                                 "output")
     ignore_eos: bool = Field(False, description="Keep generating past the end-of-sequence token")
     stop_token_ids: TokenIdList | None = Field(None, description="Token ids that end the output")
     skip_special_tokens: bool = True
@@ -223,10 +253,11 @@ def to_sampling_params(req: _SamplingFields, max_tokens: int | None, logprobs: i
 class CompletionRequest(_SamplingFields):
     prompt: TextOrTokens = Field(
         ..., description="Text, a list of texts, a list of token ids, or a list of token-id lists (none empty)")
-    max_tokens: int | None = Field(16, description="Tokens to generate (null = up to the context window)")
-    logprobs: int | None = Field(None, description="Log probabilities of the top-N tokens per position (0..20)")
+    max_tokens: TokenCount | None = Field(16, description="Tokens to generate (null = up to the context window)")
+    logprobs: LogprobCount | None = Field(None, description="Log probabilities of the top-N tokens per position "
+                                                            "(0..20)")
     echo: bool = Field(False, description="Prepend the prompt to the completion")
-    suffix: str | None = Field(None, description="Not supported (must be empty)")
+    suffix: str | None = Field(None, description="Not supported (must be empty)", json_schema_extra={"maxLength": 0})
     best_of: ChoiceCount | None = Field(None, description=f"Only best_of == n is supported (so 1..{MAX_N})")
 
 
@@ -270,14 +301,15 @@ class CompletionResponse(_Response):
 
 
 class ContentPart(BaseModel):
-    model_config = ConfigDict(extra="allow")
-    type: str
-    text: str | None = None
+    model_config = ConfigDict(extra="allow", json_schema_extra={"required": ["type", "text"]})
+    # other part types (image_url, input_audio) are answered with a 400 naming them
+    type: str = Field(..., description="Only text parts are supported", json_schema_extra={"enum": ["text"]})
+    text: str | None = Field(None, json_schema_extra={"type": "string"})  # other part types carry none
 
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow")
-    role: str
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
 
@@ -286,10 +318,12 @@ class ChatCompletionRequest(_SamplingFields):
     messages: Annotated[list[ChatMessage], Field(min_length=1), explained(
         lambda v: "must not be empty" if v == [] else None)] = Field(
         ..., description="The conversation (at least one message), rendered with the model's chat template")
-    max_tokens: int | None = Field(None, description="Deprecated alias of max_completion_tokens")
-    max_completion_tokens: int | None = Field(None, description="Tokens to generate (null = up to the context window)")
+    max_tokens: TokenCount | None = Field(None, description="Deprecated alias of max_completion_tokens")
+    max_completion_tokens: TokenCount | None = Field(None, description="Tokens to generate (null = up to the "
+                                                                       "context window)")
     logprobs: bool = Field(False, description="Return log probabilities of the output tokens")
-    top_logprobs: int | None = Field(None, description="With logprobs: the top-N alternatives per token (0..20)")
+    top_logprobs: LogprobCount | None = Field(None, description="With logprobs: the top-N alternatives per token "
+                                                                "(0..20)")
     tools: list[dict] | None = Field(None, description="Functions the model may call: [{'type': 'function', "
                                                         "'function': {'name', 'description', 'parameters'}}]")
     tool_choice: Literal["none", "auto", "required"] | dict | None = Field(
@@ -344,12 +378,12 @@ class ChatCompletionResponse(_Response):
 
 
 class EmbeddingRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = STRICT
     model: OptionalModelName = Field(None, description="The served model's name; omitted = that model")
     input: TextOrTokens = Field(
         ..., description="Text, texts, token ids, or token-id lists (none empty, each at most the context window)")
     encoding_format: Literal["float", "base64"] = "float"
-    dimensions: int | None = Field(None, description="Only the model's hidden size is supported")
+    dimensions: Integer | None = Field(None, description="Only the model's hidden size is supported")
     user: str | None = None
 
 
@@ -382,7 +416,13 @@ class ModelList(BaseModel):
 def stream_doc(what: str) -> dict:
     return {200: {"description": f"{what}; with stream=true, server-sent events (`data: {{chunk}}` frames ending "
                                  "in `data: [DONE]`)",
-                  "content": {"text/event-stream": {"schema": {"type": "string"}}}}}
+                  "content": {"text/event-stream": {"schema": _SSE_EVENT}}}}
+
+
+# one server-sent event: its data is a JSON chunk (or an error body), the last one `[DONE]`
+_SSE_EVENT = {"type": "object", "required": ["data"],
+              "properties": {"data": {"type": "string", "description": "A JSON chunk, an error body, or [DONE]"},
+                             "event": {"type": "string"}}}
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict:

@@ -28,7 +28,9 @@ from tokenloom.entrypoints.tool_calls import (
     tool_constraint,
     validate_tools,
 )
+from tokenloom.entrypoints.created_models import apply_openai_defaults, with_messages
 from tokenloom.entrypoints.server_state import APIError, ServerState, chat_logprobs, get_state
+from tokenloom.config import TokenloomError
 from tokenloom.entrypoints.streaming import DeltaTracker, final_outputs, merge_streams, sse_response, until_disconnected
 
 router = APIRouter(tags=["OpenAI"])
@@ -42,11 +44,14 @@ def _messages(msgs: list[ChatMessage]) -> list[dict]:
         if isinstance(content, list):
             texts = []
             for part in content:
-                if part.type != "text" or part.text is None:
+                if part.type != "text":
                     raise APIError(400, f"messages[{k}]: content parts of type '{part.type}' are not supported "
                                         "(text only)", param="messages")
+                if part.text is None:
+                    raise APIError(400, f"messages[{k}]: a text part needs its text", param="messages")
                 texts.append(part.text)
             d["content"] = "\n".join(texts)
+        d.setdefault("content", "")  # null content (an assistant turn with tool calls): templates expect a string
         if d.get("role") == "developer":  # OpenAI's newer name for the system role; templates know "system"
             d["role"] = "system"
         out.append(d)
@@ -58,14 +63,17 @@ def _messages(msgs: list[ChatMessage]) -> list[dict]:
 async def create_chat_completion(body: ChatCompletionRequest, request: Request):
     """Chat: the messages are rendered with the model's chat template, then completed."""
     state = get_state(request)
-    model = state.check_model(body.model)
+    model, created = state.lookup_model(body.model)
+    apply_openai_defaults(created, body, "max_completion_tokens",
+                          body.max_completion_tokens is None and body.max_tokens is None)
     if body.top_logprobs is not None and not body.logprobs:
         raise APIError(400, "top_logprobs requires logprobs to be true", param="top_logprobs")
     if body.top_logprobs is not None and not 0 <= body.top_logprobs <= 20:
         raise APIError(400, f"top_logprobs must be in [0, 20], got {body.top_logprobs}", param="top_logprobs")
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     top_n = body.top_logprobs or 0
-    messages, template_tools, constraint, tool_names = _tools(state, body)
+    messages = with_messages(created, _messages(body.messages))
+    messages, template_tools, constraint, tool_names = _tools(state, body, messages)
     params = to_sampling_params(body, max_tokens, top_n if body.logprobs else None, constraint)
     await state.check_constraint(params, "tools" if constraint else
                                  "response_format" if body.response_format else "structured_outputs")
@@ -102,13 +110,13 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request):
                          "system_fingerprint": None})
 
 
-def _tools(state: ServerState, body: ChatCompletionRequest):
+def _tools(state: ServerState, body: ChatCompletionRequest, messages: list[dict]):
     """(messages, tools for the template, the tool-choice constraint, the tool names to parse calls of; None when
     the reply is not parsed for tool calls)."""
     try:
         tools = validate_tools(body.tools)
         native = template_supports_tools(state.require_tokenizer().chat_template)
-        messages, template_tools = prepare_messages(_messages(body.messages), tools, native)
+        messages, template_tools = prepare_messages(messages, tools, native)
         choice = body.tool_choice
         if not tools and choice not in (None, "none", "auto"):
             raise ToolError("tool_choice 'required' or a named function needs tools", param="tool_choice")
@@ -136,26 +144,31 @@ async def _chat_chunks(state: ServerState, streams, rid, created, model, n, incl
     for j in range(n):
         yield {**base, "choices": [{"index": j, "delta": {"role": "assistant", "content": ""},
                                     "logprobs": None, "finish_reason": None}]}
-    async for _, out in merge_streams(streams):
-        n_prompt = len(out.prompt_token_ids)
-        for o in out.outputs:
-            if o.index in tracker.done:
-                continue
-            text, t0, t1 = tracker.delta(o.index, o)
-            delta, finish = _delta(parsers.get(o.index), text, o.finished), o.finish_reason
-            if not delta and not o.finished and (top_n is None or t0 == t1):
-                continue
-            if o.index in parsers and parsers[o.index].n_calls and finish == "stop":
-                finish = "tool_calls"
-            lp = {"content": chat_logprobs(state, o, t0, t1, top_n)} if top_n is not None else None
-            choice = {"index": o.index, "delta": delta, "logprobs": lp, "finish_reason": finish}
-            if o.finished:
-                tracker.done.add(o.index)
-                n_out += len(o.token_ids)
-                choice["stop_reason"] = o.stop_reason
-            yield {**base, "choices": [choice]}
-        if out.finished:
-            state.observe(out)
+    try:
+        async for _, out in merge_streams(streams):
+            n_prompt = len(out.prompt_token_ids)
+            for o in out.outputs:
+                if o.index in tracker.done:
+                    continue
+                text, t0, t1 = tracker.delta(o.index, o)
+                delta, finish = _delta(parsers.get(o.index), text, o.finished), o.finish_reason
+                if not delta and not o.finished and (top_n is None or t0 == t1):
+                    continue
+                if o.index in parsers and parsers[o.index].n_calls and finish == "stop":
+                    finish = "tool_calls"
+                lp = {"content": chat_logprobs(state, o, t0, t1, top_n)} if top_n is not None else None
+                choice = {"index": o.index, "delta": delta, "logprobs": lp, "finish_reason": finish}
+                if o.finished:
+                    tracker.done.add(o.index)
+                    n_out += len(o.token_ids)
+                    choice["stop_reason"] = o.stop_reason
+                yield {**base, "choices": [choice]}
+            if out.finished:
+                state.observe(out)
+    except TokenloomError:  # ended by the engine (shutdown): each open choice says so, then the error event
+        for j in sorted(set(range(n)) - tracker.done):
+            yield {**base, "choices": [{"index": j, "delta": {}, "logprobs": None, "finish_reason": "abort"}]}
+        raise
     if include_usage:
         yield {**base, "choices": [], "usage": usage(n_prompt, n_out)}
 

@@ -16,7 +16,9 @@ from tokenloom.entrypoints.openai.protocol import (
     to_sampling_params,
     usage,
 )
+from tokenloom.entrypoints.created_models import apply_openai_defaults
 from tokenloom.entrypoints.server_state import APIError, ServerState, get_state
+from tokenloom.config import TokenloomError
 from tokenloom.entrypoints.streaming import DeltaTracker, final_outputs, merge_streams, sse_response, until_disconnected
 
 router = APIRouter(tags=["OpenAI"])
@@ -51,7 +53,8 @@ def _prompts(prompt) -> list[str | list[int]]:
 async def create_completion(body: CompletionRequest, request: Request):
     """Complete text or token-id prompts (OpenAI legacy completions)."""
     state = get_state(request)
-    model = state.check_model(body.model)
+    model, created = state.lookup_model(body.model)
+    apply_openai_defaults(created, body, "max_tokens", "max_tokens" not in body.model_fields_set)
     if body.suffix:
         raise APIError(400, "suffix is not supported", param="suffix")
     if body.best_of is not None and body.best_of != body.n:
@@ -103,24 +106,29 @@ async def _completion_chunks(state: ServerState, streams, rid, created, model, n
             for j in range(n):
                 yield {**base, "choices": [{"index": i * n + j, "text": e, "logprobs": None,
                                             "finish_reason": None}]}
-    async for i, out in merge_streams(streams):
-        n_prompt[i] = len(out.prompt_token_ids)
-        for o in out.outputs:
-            key = i * n + o.index
-            if key in tracker.done:
-                continue
-            text, t0, t1 = tracker.delta(key, o)
-            if not text and not o.finished and (logprobs is None or t0 == t1):
-                continue
-            lp = (_completion_logprobs(state, o, t0, t1, tracker.text[key] - len(text) + len(echo[i]))
-                  if logprobs is not None else None)
-            choice = {"index": key, "text": text, "logprobs": lp, "finish_reason": o.finish_reason}
-            if o.finished:
-                tracker.done.add(key)
-                n_out += len(o.token_ids)
-                choice["stop_reason"] = o.stop_reason
-            yield {**base, "choices": [choice]}
-        if out.finished:
-            state.observe(out)
+    try:
+        async for i, out in merge_streams(streams):
+            n_prompt[i] = len(out.prompt_token_ids)
+            for o in out.outputs:
+                key = i * n + o.index
+                if key in tracker.done:
+                    continue
+                text, t0, t1 = tracker.delta(key, o)
+                if not text and not o.finished and (logprobs is None or t0 == t1):
+                    continue
+                lp = (_completion_logprobs(state, o, t0, t1, tracker.text[key] - len(text) + len(echo[i]))
+                      if logprobs is not None else None)
+                choice = {"index": key, "text": text, "logprobs": lp, "finish_reason": o.finish_reason}
+                if o.finished:
+                    tracker.done.add(key)
+                    n_out += len(o.token_ids)
+                    choice["stop_reason"] = o.stop_reason
+                yield {**base, "choices": [choice]}
+            if out.finished:
+                state.observe(out)
+    except TokenloomError:  # ended by the engine (shutdown): each open choice says so, then the error event
+        for key in sorted(set(range(len(echo) * n)) - tracker.done):
+            yield {**base, "choices": [{"index": key, "text": "", "logprobs": None, "finish_reason": "abort"}]}
+        raise
     if include_usage:
         yield {**base, "choices": [], "usage": usage(sum(n_prompt.values()), n_out)}
