@@ -228,6 +228,10 @@ def _within_model(body, path: str, vocab: int, hidden: int):
         inp = body.get(key)
         if isinstance(inp, list) and inp and not isinstance(inp[0], str):
             body[key] = _ids(inp, vocab)
+    if path == "/v1/completions":  # a text may hold no token of this vocabulary (then "prompt is empty", a 400)
+        prompt = body.get("prompt")
+        body["prompt"] = prompt + " x" if isinstance(prompt, str) else [
+            p + " x" if isinstance(p, str) else p for p in prompt] if isinstance(prompt, list) else prompt
     for key in ("stop_token_ids", "context"):
         if body.get(key):
             body[key] = _ids(body[key], vocab)
