@@ -82,7 +82,10 @@ def test_huge_prompt_is_refused_without_stalling_anyone(served):
     huge = "All work and no play makes Jack a dull boy. " * 20000  # 900 KB
     for path, body in (("/v1/completions", {"prompt": huge, "max_tokens": 1}),
                        ("/v1/chat/completions", {"messages": [{"role": "user", "content": huge}]}),
-                       ("/api/generate", {"model": MODEL, "prompt": huge, "stream": False})):
+                       ("/api/generate", {"model": MODEL, "prompt": huge, "stream": False}),
+                       ("/v1/embeddings", {"input": [huge]}),
+                       ("/api/embed", {"model": MODEL, "input": huge, "truncate": False}),
+                       ("/api/chat", {"model": MODEL, "messages": [{"role": "user", "content": huge}]})):
         t0 = time.perf_counter()
         r = httpx.post(url + path, json=body, timeout=60)
         assert r.status_code == 400 and "context window" in r.text, (path, r.text[:300])

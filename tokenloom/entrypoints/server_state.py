@@ -151,21 +151,28 @@ class ServerState:
         self.check_prompt_bytes(text)
         return await asyncio.to_thread(self.require_tokenizer().encode, text)
 
-    def chat_prompt_ids(self, messages: list[dict], tools=None, add_generation_prompt: bool = True,
-                        continue_final_message: bool = False, template_kwargs: dict | None = None) -> list[int]:
-        """Messages rendered with the model's chat template, then encoded (the template carries any BOS)."""
+    async def chat_prompt_ids(self, messages: list[dict], tools=None, add_generation_prompt: bool = True,
+                              continue_final_message: bool = False, template_kwargs: dict | None = None) -> list[int]:
+        """Messages rendered with the model's chat template, then encoded (the template carries any BOS); both on
+        a worker thread, after a byte check of the message texts that refuses what cannot fit at once."""
         tok = self.require_tokenizer()
         if not messages:
             raise APIError(400, "messages must not be empty", param="messages")
         if tok.chat_template is None:
             raise APIError(400, "this model has no chat template: use /v1/completions", param="messages")
-        try:
-            text = tok.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tools=tools,
-                                           continue_final_message=continue_final_message, **(template_kwargs or {}))
-        except TokenloomError as exc:
-            raise APIError(400, str(exc), param="messages") from None
-        self.check_prompt_bytes(text)
-        return tok.encode(text, add_special_tokens=False)
+        self.check_prompt_bytes("".join(m["content"] for m in messages if isinstance(m.get("content"), str)))
+
+        def render_and_encode() -> list[int]:
+            try:
+                text = tok.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tools=tools,
+                                               continue_final_message=continue_final_message,
+                                               **(template_kwargs or {}))
+            except TokenloomError as exc:
+                raise APIError(400, str(exc), param="messages") from None
+            self.check_prompt_bytes(text)
+            return tok.encode(text, add_special_tokens=False)
+
+        return await asyncio.to_thread(render_and_encode)
 
     # requests
     async def check_constraint(self, params: SamplingParams, param: str) -> None:
@@ -237,7 +244,7 @@ async def embed_inputs(state: ServerState, inputs: list[str | list[int]], param:
         if isinstance(item, str):
             if not item:
                 raise APIError(400, f"{param}[{k}] is empty", param=param)
-            ids.append(state.require_tokenizer().encode(item))
+            ids.append(await state.encode(item))  # never truncated: past the context window is a 400 anyway
         else:
             ids.append([int(t) for t in item])
     try:

@@ -184,7 +184,7 @@ async def generate(body: GenerateRequest, request: Request):
     else:
         msgs = ([{"role": "system", "content": body.system}] if body.system else []) + \
             [{"role": "user", "content": body.prompt}]
-        ids = state.chat_prompt_ids(with_messages(created, msgs))
+        ids = await state.chat_prompt_ids(with_messages(created, msgs))
     if body.context:
         ids = list(body.context) + ids
     return await _run(state, request, body, ids, start, model, "generate")
@@ -213,7 +213,7 @@ async def chat(body: ChatRequest, request: Request):
         constraint = tool_constraint(tools, "auto") if tools and format_constraint(body.format) is None else None
     except ToolError as exc:
         raise APIError(400, str(exc), param=exc.param) from None
-    ids = state.chat_prompt_ids(msgs, tools=template_tools)
+    ids = await state.chat_prompt_ids(msgs, tools=template_tools)
     names = [t["function"]["name"] for t in tools] if constraint is not None else None
     return await _run(state, request, body, ids, start, model, "chat", constraint, names)
 
@@ -235,7 +235,8 @@ async def embed(body: EmbedRequest, request: Request):
     for k, text in enumerate(inputs):
         if not text:
             raise APIError(400, f"input[{k}] is empty", param="input")
-        t = tok.encode(text)
+        # off the event loop; with truncate, a text longer than the context is cut after tokenizing
+        t = await asyncio.to_thread(tok.encode, text) if body.truncate else await state.encode(text)
         if body.truncate:
             t = t[: state.engine.max_model_len]
         ids.append(t)

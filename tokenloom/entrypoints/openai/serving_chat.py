@@ -77,7 +77,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request):
     params = to_sampling_params(body, max_tokens, top_n if body.logprobs else None, constraint)
     await state.check_constraint(params, "tools" if constraint else
                                  "response_format" if body.response_format else "structured_outputs")
-    prompt_ids = state.chat_prompt_ids(messages, tools=template_tools,
+    prompt_ids = await state.chat_prompt_ids(messages, tools=template_tools,
                                        add_generation_prompt=body.add_generation_prompt,
                                        continue_final_message=body.continue_final_message,
                                        template_kwargs=body.chat_template_kwargs)
