@@ -191,10 +191,10 @@ void apply_token_bitmask_(torch::Tensor logits, torch::Tensor bitmask, torch::Te
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("has_avx512", torch::wrap_pybind_function(has_avx512), "has_avx512");
-  m.def("apply_token_bitmask_", torch::wrap_pybind_function(apply_token_bitmask_), "apply_token_bitmask_");
+  m.def("apply_token_bitmask_", torch::wrap_pybind_function_no_gil(apply_token_bitmask_), "apply_token_bitmask_");
 #ifdef __AVX512F__  // without it the module only says so (has_avx512() is false)
-  m.def("paged_decode_attention", torch::wrap_pybind_function(paged_decode_attention), "paged_decode_attention");
-  m.def("rms_norm", torch::wrap_pybind_function(rms_norm), "rms_norm");
-  m.def("rotary_", torch::wrap_pybind_function(rotary_), "rotary_");
+  m.def("paged_decode_attention", torch::wrap_pybind_function_no_gil(paged_decode_attention), "paged_decode_attention");
+  m.def("rms_norm", torch::wrap_pybind_function_no_gil(rms_norm), "rms_norm");
+  m.def("rotary_", torch::wrap_pybind_function_no_gil(rotary_), "rotary_");
 #endif
 }

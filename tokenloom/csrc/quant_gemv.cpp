@@ -201,10 +201,10 @@ torch::Tensor dequant(torch::Tensor q, torch::Tensor scale, torch::Tensor offset
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("gemv_u8", torch::wrap_pybind_function(gemv_u8), "gemv_u8");
-  m.def("gemv_u4", torch::wrap_pybind_function(gemv_u4), "gemv_u4");
-  m.def("gemv_u4_bf16", torch::wrap_pybind_function(gemv_u4_bf16), "gemv_u4_bf16");
-  m.def("dequant", torch::wrap_pybind_function(dequant), "dequant");
+  m.def("gemv_u8", torch::wrap_pybind_function_no_gil(gemv_u8), "gemv_u8");
+  m.def("gemv_u4", torch::wrap_pybind_function_no_gil(gemv_u4), "gemv_u4");
+  m.def("gemv_u4_bf16", torch::wrap_pybind_function_no_gil(gemv_u4_bf16), "gemv_u4_bf16");
+  m.def("dequant", torch::wrap_pybind_function_no_gil(dequant), "dequant");
   m.def("has_bf16", torch::wrap_pybind_function(has_bf16), "has_bf16");
   m.def("has_avx512", torch::wrap_pybind_function(has_avx512), "has_avx512");
 }
