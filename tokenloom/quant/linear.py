@@ -16,6 +16,7 @@ from tokenloom.quant import kernels as K
 
 from tokenloom.quant.nf4 import NF4Quant
 from tokenloom.quant.records import AffineQuant, Int8Quant, Record
+from tokenloom.model_executor.layers.linear import rows_bucketed
 
 # ---------------------------------------------------------------------------------------------------------
 # modules
@@ -68,7 +69,7 @@ class QuantLinear(nn.Module):
         if x2.dtype != self.act_dtype:
             x2 = x2.to(self.act_dtype)
         if x2.shape[0] >= self.dequant_min_tokens:  # prefill: the kernels are tuned for a few rows
-            y = self._prefill_forward(x2)
+            y = rows_bucketed(self._prefill_forward, x2)
         else:
             y = self._kernel_forward(x2.contiguous())
         if self.bias is not None:

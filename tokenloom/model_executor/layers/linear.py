@@ -22,6 +22,19 @@ from torch import nn
 
 log = logging.getLogger("tokenloom")
 
+ROW_BUCKET = 64  # prefill matmuls see row counts rounded up to this
+
+
+def rows_bucketed(fn, x2: torch.Tensor) -> torch.Tensor:
+    """fn(x2) over x2's rows padded with zeros to a multiple of ROW_BUCKET, cut back to x2's rows. oneDNN and
+    torch keep kernels and primitives per matrix shape for good; without buckets each new prompt length adds
+    some (about half a MiB per weight shape), so a server's memory grew with every new length it met."""
+    rows = x2.shape[0]
+    pad = -rows % ROW_BUCKET
+    if not pad:
+        return fn(x2)
+    return fn(torch.cat([x2, x2.new_zeros(pad, x2.shape[1])]))[:rows]
+
 
 class LinearMethod(abc.ABC):
     """How a Linear holds and applies its weight."""
@@ -58,8 +71,10 @@ class OneDNNLinearMethod(LinearMethod):
         layer.register_buffer("packed_weight", packed, persistent=False)
 
     def apply(self, layer: "Linear", x: torch.Tensor) -> torch.Tensor:
-        y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, layer.in_features), layer.packed_weight, layer.bias,
-                                               "none", [], "")
+        x2 = x.reshape(-1, layer.in_features)
+        linear = lambda rows: torch.ops.mkldnn._linear_pointwise(rows, layer.packed_weight, layer.bias,  # noqa: E731
+                                                                 "none", [], "")
+        y = linear(x2) if x2.shape[0] < ROW_BUCKET else rows_bucketed(linear, x2)
         return y.view(*x.shape[:-1], layer.out_features)
 
 
