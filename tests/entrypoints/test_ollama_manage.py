@@ -22,7 +22,7 @@ from types import SimpleNamespace
 import httpx
 import jsonschema
 import pytest
-from test_server import MODEL, RunningServer
+from test_server import MODEL, RunningServer, run_schemathesis
 
 from tokenloom.config import TokenloomError
 from tokenloom.loader import created as store
@@ -525,19 +525,7 @@ FUZZED = [("POST", "/api/show", "positive"), ("POST", "/api/show", "negative"),
 @slow
 @pytest.mark.parametrize("method,path,mode", FUZZED, ids=[" ".join(f) for f in FUZZED])
 def test_schemathesis(served, method, path, mode):
-    schemathesis = pytest.importorskip("schemathesis")
-    from hypothesis import HealthCheck, Phase, given, settings
-
-    schema = schemathesis.openapi.from_dict(served.doc)
-    op = schema[path][method]
-
-    @settings(max_examples=25, deadline=None, derandomize=True, database=None, phases=[Phase.generate],
-              suppress_health_check=list(HealthCheck))
-    @given(case=op.as_strategy(generation_mode=schemathesis.GenerationMode(mode)))
-    def check(case):
-        case.call_and_validate(base_url=served.url, timeout=120)
-
-    check()
+    run_schemathesis(served.doc, served.url, method, path, mode)
     assert sources.catalogue_path(MODEL).exists()
 
 

@@ -574,6 +574,25 @@ def test_bench_serve_smoke(served, capsys):
 
 
 # ---- the `tokenloom serve` process: SIGTERM drains in-flight requests, then exits 0 ------------------------------
+def run_schemathesis(doc: dict, url: str, method: str, path: str, mode: str, adjust=None) -> None:
+    """schemathesis over one operation of the OpenAPI document, every check its default config enables (all);
+    adjust(body) brings a positive case within what the document cannot state."""
+    schemathesis = pytest.importorskip("schemathesis")
+    from hypothesis import HealthCheck, Phase, given, settings
+
+    op = schemathesis.openapi.from_dict(doc)[path][method]
+
+    @settings(max_examples=25, deadline=None, derandomize=True, database=None, phases=[Phase.generate],
+              suppress_health_check=list(HealthCheck))
+    @given(case=op.as_strategy(generation_mode=schemathesis.GenerationMode(mode)))
+    def check(case):
+        if mode == "positive" and adjust is not None:
+            case.body = adjust(case.body)
+        case.call_and_validate(base_url=url, timeout=120)
+
+    check()
+
+
 def start_serve(*args: str, stderr=subprocess.DEVNULL) -> tuple[subprocess.Popen, str]:
     """`tokenloom serve ARGS --port 0` in a subprocess, and its URL once it says it is serving."""
     cmd = [sys.executable, "-m", "tokenloom", "serve", *args, "--port", "0"]

@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import httpx
 import jsonschema
 import pytest
-from test_server import MODEL, RunningServer
+from test_server import MODEL, RunningServer, run_schemathesis
 
 slow = pytest.mark.slow
 CHAT = [{"role": "user", "content": "Hi"}]
@@ -262,18 +262,5 @@ def _within_model(body, path: str, vocab: int, hidden: int):
 @slow
 @pytest.mark.parametrize("method,path,mode", FUZZED, ids=[" ".join(f) for f in FUZZED])
 def test_schemathesis(served, method, path, mode):
-    schemathesis = pytest.importorskip("schemathesis")
-    from hypothesis import HealthCheck, Phase, given, settings
-
-    schema = schemathesis.openapi.from_dict(served.doc)
-    op = schema[path][method]
-
-    @settings(max_examples=25, deadline=None, derandomize=True, database=None, phases=[Phase.generate],
-              suppress_health_check=list(HealthCheck))
-    @given(case=op.as_strategy(generation_mode=schemathesis.GenerationMode(mode)))
-    def check(case):
-        if mode == "positive":
-            case.body = _within_model(case.body, path, served.vocab, served.hidden)
-        case.call_and_validate(base_url=served.url, timeout=120)  # every check the default config enables: all
-
-    check()
+    run_schemathesis(served.doc, served.url, method, path, mode,
+                     lambda body: _within_model(body, path, served.vocab, served.hidden))

@@ -130,6 +130,13 @@ class DeltaTracker:
         return text, t0, len(o.token_ids)
 
 
+def aborted_chunks(base: dict, open_choices, empty: dict) -> list[dict]:
+    """Chunks closing each choice still open when the engine ends a stream (shutdown): finish_reason abort;
+    empty: the choice's content fields with nothing in them ({"delta": {}} or {"text": ""})."""
+    return [{**base, "choices": [{"index": i, **empty, "logprobs": None, "finish_reason": "abort"}]}
+            for i in sorted(open_choices)]
+
+
 # ---- server-sent events (OpenAI) --------------------------------------------------------------------------
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}  # proxies must not buffer the stream
 

@@ -9,6 +9,7 @@ import uuid
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
+from tokenloom.config import TokenloomError
 from tokenloom.entrypoints.openai.protocol import (
     ERROR_RESPONSES,
     ChatCompletionRequest,
@@ -30,8 +31,14 @@ from tokenloom.entrypoints.tool_calls import (
 )
 from tokenloom.entrypoints.created_models import apply_openai_defaults, with_messages
 from tokenloom.entrypoints.server_state import APIError, ServerState, chat_logprobs, get_state
-from tokenloom.config import TokenloomError
-from tokenloom.entrypoints.streaming import DeltaTracker, final_outputs, merge_streams, sse_response, until_disconnected
+from tokenloom.entrypoints.streaming import (
+    DeltaTracker,
+    aborted_chunks,
+    final_outputs,
+    merge_streams,
+    sse_response,
+    until_disconnected,
+)
 
 router = APIRouter(tags=["OpenAI"])
 
@@ -166,8 +173,8 @@ async def _chat_chunks(state: ServerState, streams, rid, created, model, n, incl
             if out.finished:
                 state.observe(out)
     except TokenloomError:  # ended by the engine (shutdown): each open choice says so, then the error event
-        for j in sorted(set(range(n)) - tracker.done):
-            yield {**base, "choices": [{"index": j, "delta": {}, "logprobs": None, "finish_reason": "abort"}]}
+        for chunk in aborted_chunks(base, set(range(n)) - tracker.done, {"delta": {}}):
+            yield chunk
         raise
     if include_usage:
         yield {**base, "choices": [], "usage": usage(n_prompt, n_out)}

@@ -7,6 +7,7 @@ import uuid
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
+from tokenloom.config import TokenloomError
 from tokenloom.engine.outputs import CompletionOutput
 from tokenloom.entrypoints.openai.protocol import (
     ERROR_RESPONSES,
@@ -18,8 +19,14 @@ from tokenloom.entrypoints.openai.protocol import (
 )
 from tokenloom.entrypoints.created_models import apply_openai_defaults
 from tokenloom.entrypoints.server_state import APIError, ServerState, get_state
-from tokenloom.config import TokenloomError
-from tokenloom.entrypoints.streaming import DeltaTracker, final_outputs, merge_streams, sse_response, until_disconnected
+from tokenloom.entrypoints.streaming import (
+    DeltaTracker,
+    aborted_chunks,
+    final_outputs,
+    merge_streams,
+    sse_response,
+    until_disconnected,
+)
 
 router = APIRouter(tags=["OpenAI"])
 
@@ -127,8 +134,8 @@ async def _completion_chunks(state: ServerState, streams, rid, created, model, n
             if out.finished:
                 state.observe(out)
     except TokenloomError:  # ended by the engine (shutdown): each open choice says so, then the error event
-        for key in sorted(set(range(len(echo) * n)) - tracker.done):
-            yield {**base, "choices": [{"index": key, "text": "", "logprobs": None, "finish_reason": "abort"}]}
+        for chunk in aborted_chunks(base, set(range(len(echo) * n)) - tracker.done, {"text": ""}):
+            yield chunk
         raise
     if include_usage:
         yield {**base, "choices": [], "usage": usage(sum(n_prompt.values()), n_out)}
