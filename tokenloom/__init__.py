@@ -3,7 +3,7 @@ from tokenloom.config import TokenloomError
 from tokenloom.sampling_params import SamplingParams, StructuredOutputsParams
 from tokenloom.version import __version__
 
-__all__ = ["LLM", "SamplingParams", "StructuredOutputsParams", "TokenloomError", "__version__"]
+__all__ = ["LLM", "LoRARequest", "SamplingParams", "StructuredOutputsParams", "TokenloomError", "__version__"]
 
 
 def __getattr__(name):  # keep `import tokenloom` light: the engine (and torch) load on first use
@@ -11,4 +11,8 @@ def __getattr__(name):  # keep `import tokenloom` light: the engine (and torch) 
         from tokenloom.entrypoints.llm import LLM
 
         return LLM
+    if name == "LoRARequest":
+        from tokenloom.lora.request import LoRARequest
+
+        return LoRARequest
     raise AttributeError(name)

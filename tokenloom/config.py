@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,8 +42,23 @@ class ModelConfig:
     sliding_window: int | None = None
     num_experts: int = 0  # 0 = dense MLP; Mixtral: 8
     num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0  # each expert's MLP size; 0: intermediate_size (Mixtral)
+    shared_expert_intermediate_size: int = 0  # Qwen2-MoE's gated shared expert; 0: none
+    norm_topk_prob: bool = True  # the chosen experts' weights renormalised to sum to 1 (Mixtral; Qwen MoE: config)
+    # MoE layers: those i with (i + 1) % decoder_sparse_step == 0 that are not in mlp_only_layers (Qwen MoE)
+    decoder_sparse_step: int = 1
+    mlp_only_layers: tuple[int, ...] = ()
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
+    # Gemma 2 / 3: "sliding_attention" or "full_attention" per layer when they mix (else empty: sliding_window, if
+    # any, applies to every layer), the rope base of the sliding layers (Gemma 3; default rope_theta), the
+    # attention scale's denominator (scale = query_pre_attn_scalar ** -0.5; default head_dim) and tanh soft-capping
+    # of the attention scores and of the final logits.
+    layer_types: tuple[str, ...] = ()
+    local_rope_theta: float | None = None
+    query_pre_attn_scalar: float | None = None
+    attn_logit_softcapping: float | None = None
+    final_logit_softcapping: float | None = None
 
     def __post_init__(self):
         if not self.head_dim:
@@ -50,6 +66,26 @@ class ModelConfig:
         if self.num_heads % self.num_kv_heads:
             raise TokenloomError(f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}")
         self.eos_token_ids = tuple(int(t) for t in self.eos_token_ids)
+        self.layer_types = tuple(self.layer_types)
+        if self.layer_types and len(self.layer_types) != self.num_layers:
+            raise TokenloomError(f"{len(self.layer_types)} layer_types for {self.num_layers} layers")
+        self.moe_intermediate_size = self.moe_intermediate_size or self.intermediate_size
+        self.mlp_only_layers = tuple(int(i) for i in self.mlp_only_layers)
+        if self.num_experts and not 1 <= self.num_experts_per_tok <= self.num_experts:
+            raise TokenloomError(f"num_experts_per_tok {self.num_experts_per_tok} not in 1..{self.num_experts}")
+        if self.decoder_sparse_step < 1 or not all(0 <= i < self.num_layers for i in self.mlp_only_layers):
+            raise TokenloomError("decoder_sparse_step must be >= 1 and mlp_only_layers name layers of the model")
+
+    def is_moe_layer(self, layer: int) -> bool:
+        """Layer `layer` has sparse experts (else a dense MLP of intermediate_size)."""
+        return (bool(self.num_experts) and (layer + 1) % self.decoder_sparse_step == 0
+                and layer not in self.mlp_only_layers)
+
+    def layer_window(self, layer: int) -> int | None:
+        """The sliding window layer `layer` attends over (None: the whole context)."""
+        if self.layer_types and self.layer_types[layer] != "sliding_attention":
+            return None
+        return self.sliding_window
 
     @classmethod
     def from_hf(cls, cfg: dict, defaults: dict | None = None) -> "ModelConfig":
@@ -64,12 +100,18 @@ class ModelConfig:
         rope_scaling = cfg.get("rope_scaling") or None
         rope_theta = cfg.get("rope_theta")
         rope_params = cfg.get("rope_parameters")  # transformers >= 5 nests rope settings here
+        local_theta = cfg.get("rope_local_base_freq")
+        if isinstance(rope_params, dict) and "full_attention" in rope_params:  # per layer type (Gemma 3)
+            local_theta = (rope_params.get("sliding_attention") or {}).get("rope_theta", local_theta)
+            rope_params = rope_params["full_attention"]
         if isinstance(rope_params, dict):
             rope_theta = rope_theta or rope_params.get("rope_theta")
             if rope_params.get("rope_type", "default") != "default":
                 rope_scaling = rope_params
         sliding = cfg.get("sliding_window") if cfg.get("use_sliding_window", True) else None
+        rope_scaling = _checked_rope_scaling(cfg, rope_scaling, rope_params)
         return cls(
+            **_layer_kinds(cfg, sliding, local_theta),
             architecture=cfg.get("model_type", ""),
             vocab_size=cfg["vocab_size"],
             hidden_size=cfg["hidden_size"],
@@ -83,10 +125,15 @@ class ModelConfig:
             rope_scaling=rope_scaling,
             max_position_embeddings=cfg.get("max_position_embeddings", 2048),
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-            attention_bias=bool(cfg.get("attention_bias", False)),
+            attention_bias=bool(cfg.get("attention_bias", cfg.get("qkv_bias", False))),  # qkv_bias: Qwen2-MoE
             sliding_window=sliding,
-            num_experts=cfg.get("num_local_experts", 0) or 0,
+            num_experts=cfg.get("num_local_experts") or cfg.get("num_experts") or 0,
             num_experts_per_tok=cfg.get("num_experts_per_tok", 0) or 0,
+            moe_intermediate_size=cfg.get("moe_intermediate_size") or 0,
+            shared_expert_intermediate_size=cfg.get("shared_expert_intermediate_size") or 0,
+            norm_topk_prob=bool(cfg.get("norm_topk_prob", True)),
+            decoder_sparse_step=cfg.get("decoder_sparse_step") or 1,
+            mlp_only_layers=tuple(cfg.get("mlp_only_layers") or ()),
             bos_token_id=cfg.get("bos_token_id"),
             eos_token_ids=tuple(eos),
         )
@@ -95,12 +142,50 @@ class ModelConfig:
         return dataclasses.asdict(self)
 
     @property
+    def attention_scale(self) -> float:
+        return (self.query_pre_attn_scalar or self.head_dim) ** -0.5
+
+    @property
     def num_params(self) -> int:
         h, i, v = self.hidden_size, self.intermediate_size, self.vocab_size
         attn = h * self.num_heads * self.head_dim * 2 + h * self.num_kv_heads * self.head_dim * 2
-        mlp = 3 * h * i * max(1, self.num_experts) + (h * self.num_experts if self.num_experts else 0)
+        mlp = 3 * h * i
+        if self.num_experts:
+            mlp = (3 * self.moe_intermediate_size + 1) * h * self.num_experts
+            mlp += (3 * self.shared_expert_intermediate_size + 1) * h if self.shared_expert_intermediate_size else 0
         emb = v * h * (1 if self.tie_word_embeddings else 2)
         return self.num_layers * (attn + mlp + 2 * h) + emb + h
+
+
+def _checked_rope_scaling(cfg: dict, rope_scaling: dict | None, rope_params: dict | None) -> dict | None:
+    """The rope scaling of a config.json; partial rotary embeddings refused. LongRoPE (Phi-3) gets its
+    original_max_position_embeddings as transformers takes it: config.json's top-level one first (Phi-3 keeps it
+    there), then the rope dict's, then max_position_embeddings."""
+    partial = cfg.get("partial_rotary_factor") or (rope_params or {}).get("partial_rotary_factor") or 1.0
+    if partial != 1.0:
+        raise TokenloomError(f"partial rotary embeddings are not supported (partial_rotary_factor={partial})")
+    kind = (rope_scaling or {}).get("rope_type", (rope_scaling or {}).get("type"))
+    if kind not in ("longrope", "su"):  # su: early Phi-3 configs' name for it
+        return rope_scaling
+    original = (cfg.get("original_max_position_embeddings") or rope_scaling.get("original_max_position_embeddings")
+                or cfg.get("max_position_embeddings", 2048))
+    return {**rope_scaling, "rope_type": "longrope", "original_max_position_embeddings": int(original)}
+
+
+def _layer_kinds(cfg: dict, sliding: int | None, local_theta: float | None) -> dict:
+    """ModelConfig's per-layer attention fields of a config.json: layer_types only where sliding and global layers
+    mix (older Gemma configs give a sliding_window_pattern: every n-th layer global), soft-capping, the scale."""
+    n = cfg["num_hidden_layers"]
+    kinds = tuple(cfg.get("layer_types") or ())
+    if not kinds and cfg.get("sliding_window_pattern"):
+        every = int(cfg["sliding_window_pattern"])
+        kinds = tuple("sliding_attention" if (i + 1) % every else "full_attention" for i in range(n))
+    if sliding is None or len(set(kinds)) < 2:
+        kinds = ()
+    return dict(layer_types=kinds, local_rope_theta=None if local_theta is None else float(local_theta),
+                query_pre_attn_scalar=cfg.get("query_pre_attn_scalar"),
+                attn_logit_softcapping=cfg.get("attn_logit_softcapping"),
+                final_logit_softcapping=cfg.get("final_logit_softcapping"))
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -247,6 +332,30 @@ class StructuredOutputConfig:
 
 
 @dataclass
+class LoRAConfig:
+    """Multi-LoRA serving, under vLLM's names: up to max_loras adapters run in one step (each in a slot of
+    stacked weights beside the base layers), each of rank <= max_lora_rank; the weights of up to max_cpu_loras
+    adapters (default: max_loras) stay in host memory, least recently used first out, the others are read again
+    from their files when next used."""
+    max_loras: int = 1
+    max_lora_rank: int = 16
+    max_cpu_loras: int | None = None
+
+    def __post_init__(self):
+        for name in ("max_loras", "max_lora_rank", "max_cpu_loras"):
+            value = getattr(self, name)
+            if value is None and name == "max_cpu_loras":
+                continue
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise TokenloomError(f"LoRA config: {name} must be an integer >= 1, got {value!r}")
+        if self.max_cpu_loras is None:
+            self.max_cpu_loras = self.max_loras
+        if self.max_cpu_loras < self.max_loras:
+            raise TokenloomError(f"LoRA config: max_cpu_loras ({self.max_cpu_loras}) must be >= max_loras "
+                                 f"({self.max_loras})")
+
+
+@dataclass
 class EngineConfig:
     model: str = "smollm2-135m"
     dtype: str = "auto"
@@ -257,3 +366,24 @@ class EngineConfig:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     speculative: SpeculativeConfig | None = None
     structured_output: StructuredOutputConfig = field(default_factory=StructuredOutputConfig)
+    lora: LoRAConfig | None = None  # None: no adapters (LLM(..., enable_lora=True) sets one)
+
+
+_DURATION_PART = re.compile(r"(-?\d+(?:\.\d+)?)(ms|s|m|h)?")
+DURATION_PATTERN = r"^(?:-?\d+(?:\.\d+)?(?:ms|s|m|h)?)*$"  # what parse_duration takes as a string ("" = not given)
+_DURATION_UNITS = {"ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+
+
+def parse_duration(value) -> float | None:
+    """Seconds from a number or an Ollama/Go duration ("300", "5m", "1h30m", "-1"); None for None or ""."""
+    if value is None or value == "":
+        return None
+    if isinstance(value, bool):
+        raise TokenloomError("a duration is a number of seconds or a string such as \"5m\"")
+    if isinstance(value, (int, float)):
+        return float(value)
+    text = str(value).strip()
+    parts = list(_DURATION_PART.finditer(text))
+    if not parts or "".join(m.group(0) for m in parts) != text:
+        raise TokenloomError(f"{value!r} is not a duration (use seconds, or e.g. \"5m\", \"1h\", \"-1\")")
+    return sum(float(m.group(1)) * _DURATION_UNITS[m.group(2)] for m in parts)

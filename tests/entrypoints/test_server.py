@@ -88,8 +88,10 @@ def _metrics(url: str, headers=None) -> dict:
             key = s.name + ("{le=" + s.labels["le"] + "}" if "le" in s.labels else "")
             if "finished_reason" in s.labels:
                 key += "{" + s.labels["finished_reason"] + "}"
-            if "status" in s.labels:
+            if "path" in s.labels:
                 key += "{" + s.labels["path"] + "," + s.labels["status"] + "}"
+            elif "status" in s.labels:  # errors of one model
+                key += "{" + s.labels["model_name"] + "," + s.labels["status"] + "}"
             out[key] = s.value
     return out
 

@@ -51,9 +51,17 @@ async def _discover(client, base_url: str, model: str | None) -> tuple[str, int]
 
 
 async def _one(client, url: str, model: str, prompt: list[int], max_tokens: int) -> RequestResult:
-    res = RequestResult(prompt_len=len(prompt))
     body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0, "stream": True,
             "ignore_eos": True, "stream_options": {"include_usage": True}}
+    res = await stream_request(client, url, body)
+    res.prompt_len = len(prompt)
+    return res
+
+
+async def stream_request(client, url: str, body: dict, on_chunk=None) -> RequestResult:
+    """One streamed OpenAI request (completions or chat), timed: TTFT, TPOT, ITL, latency; on_chunk(obj) sees
+    each chunk that has choices."""
+    res = RequestResult()
     start = time.perf_counter()
     first = last = None
     chunks = 0
@@ -77,6 +85,8 @@ async def _one(client, url: str, model: str, prompt: list[int], max_tokens: int)
                     usage_tokens = obj["usage"]["completion_tokens"]
                 if not obj.get("choices"):
                     continue
+                if on_chunk is not None:
+                    on_chunk(obj)
                 now = time.perf_counter()
                 if first is None:
                     first = now

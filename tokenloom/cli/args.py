@@ -27,6 +27,11 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--speculative-config", type=speculative_config, default=None, metavar="JSON",
                    help='speculative decoding, e.g. \'{"method": "ngram", "num_speculative_tokens": 4}\', '
                         '\'{"model": "DRAFT"}\', \'{"method": "self"}\', \'{"method": "layer_skip", "draft_layers": 8}\'')
+    g.add_argument("--enable-lora", action="store_true", help="serve LoRA adapters (PEFT directories, GGUF files)")
+    g.add_argument("--max-loras", type=int, default=1, help="LoRA adapters that run in one step (default 1)")
+    g.add_argument("--max-lora-rank", type=int, default=16, help="the largest adapter rank accepted (default 16)")
+    g.add_argument("--max-cpu-loras", type=int, default=None,
+                   help="adapters whose weights stay in memory (default: --max-loras)")
 
 
 def add_sampling_args(p: argparse.ArgumentParser, max_tokens: int | None = 256) -> None:
@@ -67,6 +72,16 @@ def parse_size(text: str) -> int:
         return int(float(t))
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 512MiB, 2GiB)") from None
+
+
+def keep_alive(text: str) -> float:
+    """A duration in seconds (300, 5m, 1h30m; negative = forever)."""
+    from tokenloom.config import TokenloomError, parse_duration
+
+    try:
+        return parse_duration(text)
+    except TokenloomError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _text_or_file(value: str) -> str:

@@ -10,7 +10,8 @@ from tokenloom.cli.args import add_engine_args
 
 
 def add_bench_parser(sub) -> None:
-    p = sub.add_parser("bench", help="benchmarks: latency, throughput, sampling, spec, structured, serve, quant")
+    p = sub.add_parser("bench", help="benchmarks: latency, throughput, sampling, spec, structured, lora, serve, ab, "
+                                     "quant")
     p.set_defaults(func=run_bench)
     bsub = p.add_subparsers(dest="bench", required=True)
     common = argparse.ArgumentParser(add_help=False)
@@ -69,6 +70,18 @@ def add_bench_parser(sub) -> None:
                                                        "same-round ratios)")
     add_engine_args(b)
 
+    b = bsub.add_parser("lora", parents=[common],
+                        help="decode tok/s of a batch spread over LoRA adapters vs the base model alone")
+    b.add_argument("model", nargs="?", default="smollm2-135m")
+    b.add_argument("--batch", type=int, default=32, help="sequences decoded together")
+    b.add_argument("--num-adapters", type=int, default=4, help="adapters the batch is spread over (round robin)")
+    b.add_argument("--rank", type=int, default=16, help="rank of the (random) adapters, on every linear layer")
+    b.add_argument("--input-len", type=int, default=64)
+    b.add_argument("--output-len", type=int, default=64)
+    b.add_argument("--rounds", type=int, default=3, help="rounds (tok/s: the best round; ratio: the median of "
+                                                       "same-round ratios)")
+    add_engine_args(b)
+
     b = bsub.add_parser("serve", parents=[common], help="load test a running server (OpenAI API)")
     b.add_argument("--base-url", default="http://127.0.0.1:8000")
     b.add_argument("--model", default=None)
@@ -89,6 +102,20 @@ def add_bench_parser(sub) -> None:
     b.add_argument("--hang-timeout", type=float, default=120.0, help="--chaos: seconds without an answer = a hang")
     b.add_argument("--rest-timeout", type=float, default=60.0,
                    help="--chaos: seconds to wait for the server to come to rest before and after the load")
+
+    b = bsub.add_parser("ab", parents=[common], help="a chat load on an A/B route: the variants side by side")
+    b.add_argument("--variants", default=None, metavar="A,B",
+                   help="start a server here with route 'ab' over these (e.g. smollm2-135m:bf16,smollm2-135m:int4)")
+    b.add_argument("--weights", default=None, metavar="WA,WB", help="--variants: their weights (default: even)")
+    b.add_argument("--base-url", default="http://127.0.0.1:8000", help="a running server (without --variants)")
+    b.add_argument("--route", default="ab", help="the route to load (without --variants)")
+    b.add_argument("--num-prompts", type=int, default=64)
+    b.add_argument("--concurrency", type=int, default=8)
+    b.add_argument("--output-len", type=int, default=32)
+    b.add_argument("--temperature", type=float, default=0.0)
+    b.add_argument("--sticky-users", type=int, default=0, help="send `user` from this many users (0: none)")
+    b.add_argument("--api-key", default=None)
+    add_engine_args(b)
 
     b = bsub.add_parser("quant", parents=[common], help="weight bytes, RSS, perplexity and speed for every quantization method")
     b.add_argument("model", nargs="?", default="smollm2-135m")
@@ -127,8 +154,12 @@ def run_bench(args: argparse.Namespace) -> None:
         from tokenloom.bench.spec import bench_spec as fn
     elif args.bench == "structured":
         from tokenloom.bench.structured import bench_structured as fn
+    elif args.bench == "lora":
+        from tokenloom.bench.lora import bench_lora as fn
     elif args.bench == "serve":
         from tokenloom.bench.serve import bench_serve as fn
+    elif args.bench == "ab":
+        from tokenloom.bench.ab import bench_ab as fn
     else:
         from tokenloom.bench.quant import bench_quant as fn
     if not args.json:

@@ -9,7 +9,7 @@ import os
 import sys
 
 from tokenloom.cli import models
-from tokenloom.cli.args import add_engine_args, add_sampling_args, parse_size
+from tokenloom.cli.args import add_engine_args, add_sampling_args, keep_alive, parse_size
 from tokenloom.cli.bench import add_bench_parser
 from tokenloom.cli.eval import add_eval_parser
 from tokenloom.cli.quantize import add_quantize_parser
@@ -83,7 +83,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_run, temperature=0.8, top_k=40, top_p=0.9)  # Ollama's defaults
 
     p = sub.add_parser("serve", help="OpenAI- and Ollama-compatible HTTP server")
-    p.add_argument("model", nargs="?", default=DEFAULT_MODEL)
+    p.add_argument("model", nargs="?", default=None,
+                   help="serve this one model; without it, every model the server can load, on demand (Ollama's way)")
+    g = p.add_argument_group("many models (serve without MODEL)")
+    g.add_argument("--model", dest="models", action="append", default=[], metavar="NAME",
+                   help="a model the server may load (a catalogue name, a .gguf file or a HF folder; repeatable); "
+                        "pulled catalogue models always may")
+    g.add_argument("--models-dir", dest="models_dirs", action="append", default=[], metavar="DIR",
+                   help="a folder whose .gguf files and HF folders the server may load, by their names (repeatable)")
+    g.add_argument("--keep-alive", type=keep_alive, default=300.0, metavar="DURATION",
+                   help="how long a model stays loaded after its last request: seconds or 5m, 1h; 0 = unload at "
+                        "once, -1 = keep (default 5m; requests may set keep_alive)")
+    g.add_argument("--max-loaded-models", type=int, default=3,
+                   help="models loaded at once; the least recently used idle one is unloaded first (default 3)")
+    g.add_argument("--memory-budget", type=parse_size, default=0, metavar="SIZE",
+                   help="memory the loaded models may hold (weights + KV in memory), e.g. 8GiB (default: none)")
+    p.add_argument("--lora-modules", nargs="+", default=[], metavar="NAME=PATH",
+                   help="LoRA adapters served under their own names (PEFT folders or GGUF adapters; needs "
+                        "--enable-lora; more at run time with POST /v1/load_lora_adapter)")
+    p.add_argument("--routes", default=None, metavar="FILE",
+                   help='A/B routes, JSON: {"chat": {"smollm2-135m:bf16": 0.9, "smollm2-135m:int4": 0.1}}; '
+                        "read again on SIGHUP or POST /admin/routes")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", default=os.environ.get("TOKENLOOM_API_KEY"))

@@ -22,6 +22,10 @@ def cmd_list(args):
     for m in list_created():
         print(f"{m.name:<20} {'-':>10}  {'created':<12} from {m.parent}" + (f" ({m.base})" if m.base != m.parent
                                                                             else ""))
+    from tokenloom.loader.variants import TAGS
+
+    print(f"\nvariants: NAME:TAG loads a model another way ({', '.join(':' + t for t in TAGS if t != 'latest')}); "
+          "`tokenloom serve` without a model serves them all on demand")
 
 
 def cmd_create(args):

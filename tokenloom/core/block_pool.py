@@ -1,7 +1,8 @@
 """The pool of physical KV-cache blocks: reference counts, an LRU free list, and the prefix-cache index.
 
-A full block is named by a hash chained over its tokens and every token before it (see kv_cache_manager), so two
-requests with the same prefix map to the same physical blocks. When a block's last reference goes it keeps its
+A full block is named by a hash chained over its tokens and every token before it (see kv_cache_manager), and
+over the LoRA adapter it was computed with, so two requests with the same prefix and adapter map to the same
+physical blocks (and requests of different adapters never do). When a block's last reference goes it keeps its
 contents and its hash and joins the free list; the free list is LRU-ordered, so cached blocks are evicted oldest
 first, and only when a fresh block is needed. Blocks holding nothing cached go to the front: they are reused first.
 

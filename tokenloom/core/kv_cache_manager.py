@@ -48,7 +48,8 @@ class KVCacheManager:
         hashes, bs = req.block_hashes, self.block_size
         if len(hashes) < num_full_blocks:
             tokens = req.all_token_ids
-            parent = hashes[-1] if hashes else None
+            # the first block's parent is the request's adapter (None: base), which so names every block after it
+            parent = hashes[-1] if hashes else req.lora_hash_seed
             for i in range(len(hashes), num_full_blocks):
                 parent = chain_hash(parent, tuple(tokens[i * bs : (i + 1) * bs]))
                 hashes.append(parent)

@@ -46,6 +46,9 @@ class Request:
     detokenizer: object = None
     text: str = ""
     index: int = 0  # completion index within its prompt's n
+    lora_request: object = None  # lora.LoRARequest of the adapter it runs with (None: the base model)
+    # Seeds the chain of its prefix-cache block hashes: one per adapter, so adapters never share blocks
+    lora_hash_seed: object = None
 
     @property
     def num_tokens(self) -> int:
@@ -54,6 +57,11 @@ class Request:
     @property
     def all_token_ids(self) -> list[int]:
         return self.prompt_token_ids + self.output_token_ids
+
+    @property
+    def lora_int_id(self) -> int:
+        """The adapter's id, 0 for the base model."""
+        return self.lora_request.lora_int_id if self.lora_request is not None else 0
 
     @property
     def num_prompt_tokens(self) -> int:

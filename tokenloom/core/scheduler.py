@@ -26,8 +26,12 @@ log = logging.getLogger("tokenloom")
 
 class Scheduler:
     def __init__(self, config: SchedulerConfig, kv_cache_manager: KVCacheManager, max_model_len: int,
-                 eos_token_ids: tuple[int, ...] = (), num_lookahead_tokens: int = 0, structured_output=None):
+                 eos_token_ids: tuple[int, ...] = (), num_lookahead_tokens: int = 0, structured_output=None,
+                 max_loras: int = 0):
         self.config = config
+        # LoRA: the running requests use at most this many adapters (the worker's slots); a waiting request of
+        # another adapter waits, and requests behind it may go first
+        self.max_loras = max_loras
         self.structured_output = structured_output  # structured_output.StructuredOutputManager, or None
         # A draft model writes the K/V of its drafts after a step, ahead of the request's tokens: every request
         # that catches up in a step keeps this many slots beyond it.
@@ -120,10 +124,16 @@ class Scheduler:
         return budget
 
     def _schedule_waiting(self, out: SchedulerOutput, budget: int) -> None:
-        """Waiting requests, in arrival order, while there is room; prefix-cache hits are adopted first."""
+        """Waiting requests, in arrival order, while there is room; prefix-cache hits are adopted first. A request
+        whose adapter would be one too many for the LoRA slots is passed over (it keeps its place)."""
         kv = self.kv_cache_manager
+        loras = {r.lora_int_id for r in self.running} - {0}
+        passed: list[Request] = []
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             req = self.waiting[0]
+            if req.lora_int_id and req.lora_int_id not in loras and len(loras) >= self.max_loras:
+                passed.append(self.waiting.popleft())
+                continue
             # Prompt logprobs need every prompt position computed, so such requests skip the prefix cache.
             wants_all = req.params.prompt_logprobs is not None
             cached = kv.find_cached_prefix(req) if req.num_computed_tokens == 0 and not wants_all else []
@@ -133,6 +143,8 @@ class Scheduler:
             if kv.allocate(req, num_cached + n + self._lookahead(req, num_cached + n, 0), cached) is None:
                 req.num_computed_tokens = 0
                 break
+            if req.lora_int_id:
+                loras.add(req.lora_int_id)
             req.num_cached_tokens = num_cached
             self.num_reused_tokens += num_cached
             self.waiting.popleft()
@@ -140,6 +152,7 @@ class Scheduler:
             self.running.append(req)
             out.scheduled.append(ScheduledRequest(req, n))
             budget -= n
+        self.waiting.extendleft(reversed(passed))
 
     def _preempt(self, req: Request) -> None:
         self.kv_cache_manager.free_request(req)

@@ -153,9 +153,11 @@ class AsyncEngine:
 
     # ---- the public, thread-safe API -------------------------------------------------------------------
     async def add_request(self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None,
-                          max_waiting: int | None = None) -> RequestStream:
+                          max_waiting: int | None = None, lora_request=None) -> RequestStream:
         """Queue a request; returns its output stream. TokenloomError (context window, bad prompt, invalid
-        sampling values, full queue) is raised here, before anything streams."""
+        sampling values, full queue; lora.LoRAError for an adapter that does not fit) is raised here, before
+        anything streams. lora_request: a lora.LoRARequest (an adapter not yet added is read on the engine
+        thread: add it first, LLMEngine.add_lora through run_on_engine, to keep steps from waiting on that)."""
         loop = asyncio.get_running_loop()
         request_id = request_id or f"req-{next(self._ids)}"
         if params.structured_outputs is not None:
@@ -169,7 +171,7 @@ class AsyncEngine:
                 raise QueueFullError(f"the server is busy: {max_waiting} requests are already waiting for a free "
                                      "sequence slot; retry later")
             self._pending_adds += 1
-            self._cmds.append(("add", (prompt, params, request_id, loop, queue, done)))
+            self._cmds.append(("add", (prompt, params, request_id, lora_request, loop, queue, done)))
             self._cv.notify()
         try:
             await done  # raises the engine's TokenloomError, if any
@@ -307,11 +309,11 @@ class AsyncEngine:
                 self._engine_waiting = st.num_waiting
                 self._stats = st
 
-    def _do_add(self, prompt, params, request_id, loop, queue, done) -> None:
+    def _do_add(self, prompt, params, request_id, lora_request, loop, queue, done) -> None:
         try:
             if request_id in self._streams:
                 raise TokenloomError(f"request id '{request_id}' is already in use")
-            self.engine.add_request(prompt, params, request_id)
+            self.engine.add_request(prompt, params, request_id, lora_request=lora_request)
         except Exception as exc:
             _resolve(loop, done, exc=exc if isinstance(exc, TokenloomError) else TokenloomError(str(exc)))
             return

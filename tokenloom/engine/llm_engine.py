@@ -19,6 +19,7 @@ from tokenloom.core.scheduler import Scheduler
 from tokenloom.engine.output_processor import OutputProcessor, RequestGroup
 from tokenloom.engine.outputs import EngineStats, RequestMetrics, RequestOutput
 from tokenloom.loader.sources import resolve_model
+from tokenloom.lora import LoRAError, LoRAInfo, LoRAManager, LoRARequest
 from tokenloom.sampling_params import SamplingParams
 from tokenloom.structured_output import StructuredOutputManager
 from tokenloom.worker.executor import Executor, UniProcExecutor
@@ -58,8 +59,13 @@ class LLMEngine:
                                                cache_cfg.enable_prefix_caching)
         self.structured_output = StructuredOutputManager(self.tokenizer, cfg.vocab_size, list(cfg.eos_token_ids),
                                                          config.structured_output)
+        # LoRA adapters by name (lora.LoRAManager: add / remove / list), None unless LoRA is enabled
+        self.lora_manager = getattr(self.executor, "lora_manager", None)
+        if self.lora_manager is not None:
+            self.lora_manager.in_use = self._adapters_in_use
         self.scheduler = Scheduler(config.scheduler, self.kv_cache_manager, self.max_model_len, cfg.eos_token_ids,
-                                   getattr(self.executor, "num_lookahead_tokens", 0), self.structured_output)
+                                   getattr(self.executor, "num_lookahead_tokens", 0), self.structured_output,
+                                   config.lora.max_loras if config.lora is not None else 0)
         self.output_processor = OutputProcessor(self.scheduler.finish)
         self.last_step_num_seqs = 0
         self._ids = itertools.count()
@@ -81,7 +87,9 @@ class LLMEngine:
 
     # ---- requests ------------------------------------------------------------------------------------
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
-                    request_id: str | None = None) -> str:
+                    request_id: str | None = None, lora_request: LoRARequest | None = None) -> str:
+        """Queue a prompt; lora_request: run it with that adapter (added first if the engine does not know it;
+        a LoRAError, before anything is queued, if it does not fit the model)."""
         params = params or SamplingParams()
         params.check_vocab(self.model_config.vocab_size)
         prompt_text, token_ids = self._tokenize(prompt)
@@ -102,7 +110,10 @@ class LLMEngine:
             raise TokenloomError(f"request id '{request_id}' is already in use")
         # compiled off the engine loop when the caller awaited grammar_async first (the server does)
         grammar = self.structured_output.grammar(params.structured_outputs) if params.structured_outputs else None
+        lora_seed = self._prepare_lora(lora_request)
         reqs = [self._new_request(request_id, i, token_ids, params, max_tokens) for i in range(params.n)]
+        for req in reqs if lora_request is not None else ():
+            req.lora_request, req.lora_hash_seed = lora_request, lora_seed
         for req in reqs if grammar is not None else ():
             req.grammar = grammar.matcher()
         parent = reqs[0]
@@ -138,6 +149,35 @@ class LLMEngine:
 
             req.detokenizer = IncrementalDetokenizer(self.tokenizer, token_ids, params.skip_special_tokens)
         return req
+
+    # ---- LoRA adapters -------------------------------------------------------------------------------
+    def _lora(self) -> LoRAManager:
+        if self.lora_manager is None:
+            raise LoRAError("LoRA is not enabled: start the engine with enable_lora=True")
+        return self.lora_manager
+
+    def _prepare_lora(self, lora_request: LoRARequest | None):
+        if lora_request is None:
+            return None
+        if not isinstance(lora_request, LoRARequest):
+            raise LoRAError(f"lora_request must be a LoRARequest, not {type(lora_request).__name__}")
+        return self._lora().prepare(lora_request)
+
+    def add_lora(self, lora_request: LoRARequest) -> LoRAInfo:
+        """Read, check and register an adapter (LoRAError if it does not fit: rank, target modules, base model,
+        a name or id taken by another adapter)."""
+        return self._lora().add(lora_request)
+
+    def remove_lora(self, name_or_id: str | int) -> bool:
+        """Forget an adapter; False if unknown; LoRAError while queued or running requests use it."""
+        return self._lora().remove(name_or_id)
+
+    def list_loras(self) -> list[LoRAInfo]:
+        return self._lora().list() if self.lora_manager is not None else []
+
+    def _adapters_in_use(self) -> set[int]:
+        sched = self.scheduler
+        return {r.lora_int_id for r in [*sched.running, *sched.waiting]} - {0}
 
     def abort_request(self, request_id: str) -> None:
         group = self.output_processor.abort(request_id)

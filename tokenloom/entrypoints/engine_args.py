@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from pathlib import Path
 
 from tokenloom.loader.sources import DEFAULT_MODEL
+from tokenloom.loader.variants import TAGS, split_tag
 
 
 @dataclass
@@ -26,6 +28,10 @@ class EngineArgs:
     kv_keep_cached_bytes: int = 32 << 20
     threads: int = 0  # CPU threads for PyTorch (0 = torch's default, one per core)
     speculative_config: str | None = None  # JSON, as vLLM's --speculative-config
+    enable_lora: bool = False  # serve LoRA adapters (vLLM's --enable-lora, --max-loras, --max-lora-rank, ...)
+    max_loras: int = 1
+    max_lora_rank: int = 16
+    max_cpu_loras: int | None = None
 
     @classmethod
     def from_namespace(cls, ns) -> "EngineArgs":
@@ -44,6 +50,9 @@ class EngineArgs:
             torch.set_num_threads(self.threads)
         kwargs = dataclasses.asdict(self)
         kwargs.pop("threads")
+        base, tag = split_tag(self.model)
+        if tag is not None and not Path(self.model).expanduser().exists():  # NAME:TAG, a variant (Ollama's tags)
+            kwargs.update(model=base, **TAGS[tag])
         return LLM(**kwargs)
 
 

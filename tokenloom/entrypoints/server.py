@@ -34,9 +34,12 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from tokenloom.version import __version__
 from tokenloom.config import TokenloomError
 from tokenloom.engine.async_engine import AsyncEngine
-from tokenloom.entrypoints import ollama, openai
+from tokenloom.entrypoints import admin, ollama, openai
+from tokenloom.entrypoints.app_state import LEASES, SERVED_MODEL, ServerState
 from tokenloom.entrypoints.metrics import CONTENT_TYPE_LATEST, ServerMetrics
-from tokenloom.entrypoints.server_state import APIError, ServerState, error_for
+from tokenloom.entrypoints.model_pool import ModelPool, PoolConfig
+from tokenloom.entrypoints.routing import Router
+from tokenloom.entrypoints.server_state import APIError, error_for
 
 log = logging.getLogger("tokenloom.server")
 
@@ -92,7 +95,7 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
 class _Gate:
     """Pure ASGI middleware (streaming- and disconnect-safe): API key check, the request-body limit (413), JSON
     bodies taken whatever their Content-Type (as Ollama and vLLM do: `curl -d` sends form encoding), then HTTP
-    request metrics."""
+    request metrics; the leases a request took on its model end here, once its response is sent."""
 
     def __init__(self, app, api_key: str | None, metrics: ServerMetrics, max_request_bytes: int = MAX_REQUEST_BYTES):
         self.app, self.api_key, self.metrics = app, api_key, metrics
@@ -117,6 +120,8 @@ class _Gate:
             return await self.app(scope, receive, send)
         path = scope["path"]
         status = [500]
+        leases: list = []
+        scope = {**scope, LEASES: leases}
 
         async def send_status(message):
             if message["type"] == "http.response.start":
@@ -139,6 +144,10 @@ class _Gate:
             await self.app(scope, self._counting(receive), send_status)
         finally:
             self.metrics.observe_http(self._route(scope), status[0])
+            if status[0] >= 400 and scope.get(SERVED_MODEL):
+                self.metrics.observe_error(scope[SERVED_MODEL], status[0])
+            for model in leases:
+                model.release()
 
     @staticmethod
     def _content_length(scope) -> int:
@@ -178,17 +187,30 @@ class _Gate:
         return wrapped
 
 
-def build_app(async_engine: AsyncEngine, served_model_name: str | None = None, api_key: str | None = None,
-              max_queue: int | None = None, max_request_bytes: int = MAX_REQUEST_BYTES) -> FastAPI:
-    """The HTTP app over a (started or not yet started) AsyncEngine. The engine's lifecycle belongs to the
-    caller; the app only starts it if needed. max_queue bounds the requests waiting beyond the free sequence
-    slots (503 past it); bodies over max_request_bytes get 413."""
-    name = served_model_name or async_engine.model_name
+def build_app(async_engine: AsyncEngine | None = None, served_model_name: str | None = None,
+              api_key: str | None = None, max_queue: int | None = None, max_request_bytes: int = MAX_REQUEST_BYTES,
+              pool: ModelPool | None = None, router: Router | None = None) -> FastAPI:
+    """The HTTP app over one (started or not yet started) AsyncEngine, or over a ModelPool that loads models on
+    demand (async_engine None). A given engine's lifecycle belongs to the caller; the app only starts it if
+    needed. max_queue bounds the requests waiting beyond a model's free sequence slots (503 past it); bodies over
+    max_request_bytes get 413; router: the A/B routes."""
+    metrics = (pool.metrics if pool is not None else None) or ServerMetrics()
+    if pool is None:
+        pool = ModelPool(PoolConfig(), metrics=metrics, max_queue=max_queue)
+    pool.metrics, pool.max_queue = metrics, max_queue
+    name = None
+    if async_engine is not None:
+        name = served_model_name or async_engine.model_name
+        pool.add_loaded(async_engine, name, pinned=True)
+    state = ServerState(pool, metrics, router, primary=name)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        async_engine.start()
+        if async_engine is not None:
+            async_engine.start()
+        pool.start()
         yield
+        await pool.close()
 
     app = FastAPI(
         title="tokenloom", version=__version__, lifespan=lifespan,
@@ -198,15 +220,15 @@ def build_app(async_engine: AsyncEngine, served_model_name: str | None = None, a
                     (" Every endpoint but /health and / (and the web chat's /ui/ files) needs `Authorization: Bearer "
                      "<key>`." if api_key else ""),
     )
-    metrics = ServerMetrics(async_engine, name)
-    app.state.tokenloom = ServerState(async_engine, name, max_queue, metrics)
+    app.state.tokenloom = state
     app.include_router(openai.router)
     app.include_router(ollama.router)
+    app.include_router(admin.router)
 
     @app.get("/health", tags=["Server"], responses={503: {"description": "The engine is not running"}})
     async def health():
-        """Liveness: 200 while the engine thread runs. Never needs the API key."""
-        if async_engine.is_running:
+        """Liveness: 200 while the engine threads of the loaded models run. Never needs the API key."""
+        if all(m.engine.is_running for m in pool.loaded.values()):
             return {"status": "ok"}
         return JSONResponse({"status": "unavailable"}, status_code=503)
 

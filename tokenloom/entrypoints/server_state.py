@@ -1,12 +1,13 @@
-"""What the OpenAI and Ollama routers share: the per-app ServerState (engine, model name, queue bound, metrics,
-tokenizer), APIError (answered OpenAI-style under /v1 and elsewhere, Ollama-style under /api/) and the mapping
-of engine errors onto it, per-token logprob entries, and embedding of inputs."""
+"""What the OpenAI and Ollama routers share: ServedModel (one loaded model: engine, name, tokenizer, queue bound,
+metrics, keep-alive leases, LoRA adapters) and AdapterView (it, with an adapter), APIError (answered OpenAI-style
+under /v1 and elsewhere, Ollama-style under /api/) and the mapping of engine errors onto it, per-token logprob
+entries, and embedding of inputs."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 
-from fastapi import Request
 from pydantic import BaseModel
 
 from tokenloom.config import TokenloomError
@@ -14,6 +15,7 @@ from tokenloom.engine.outputs import CompletionOutput, RequestOutput
 from tokenloom.engine.async_engine import AsyncEngine, EngineDeadError, QueueFullError, RequestStream
 from tokenloom.loader import created as created_store
 from tokenloom.loader.created import CreatedModel
+from tokenloom.lora import LoRARequest
 from tokenloom.sampling_params import SamplingParams, SamplingParamsError
 
 
@@ -59,63 +61,90 @@ def error_for(exc: Exception) -> APIError:
     return APIError(500, f"internal error: {exc}", type="server_error")
 
 
-# ---- per-app state -----------------------------------------------------------------------------------------
-class ServerState:
-    """One per app, shared by the OpenAI and Ollama routers (`get_state(request)`)."""
+# ---- one loaded model -----------------------------------------------------------------------------------------
+class ServedModel:
+    """One loaded model and what requests to it share: its engine, tokenizer, name, the queue bound, metrics and
+    keep-alive bookkeeping (leases held by requests in flight; the model pool unloads it once none is held and
+    its keep-alive has passed)."""
 
-    def __init__(self, engine: AsyncEngine, served_model_name: str, max_queue: int | None = None, metrics=None):
+    def __init__(self, engine: AsyncEngine, name: str, max_queue: int | None = None, metrics=None,
+                 keep_alive_s: float = -1.0, load_duration_s: float = 0.0, quality_signal: bool = False):
         self.engine = engine
-        self.served_model_name = served_model_name
+        self.name = name
         self.max_queue = max_queue
         self.metrics = metrics
         self.tokenizer = engine.tokenizer
         self.created = int(time.time())
+        self.keep_alive_s = keep_alive_s  # < 0: never expires
+        self.load_duration_s = load_duration_s
+        self.quality_signal = quality_signal  # record each answer's mean token logprob (A/B variants)
+        self.leases = 0
+        self.last_used = time.monotonic()
+        self.expires_at: float | None = None  # wall-clock time, set when the last lease is released
         self._token_text: dict[int, str] = {}
         self._model_info: dict | None = None
         self._max_prompt_bytes: int | None = None
-        self._served_identity: str | None = None
+        self._identity: str | None = None
+        self.weight_bytes = 0  # measured once loaded (model_pool.weight_bytes)
+        self.adapters: dict[str, LoRARequest] = {}  # LoRA adapters by the name requests give
 
-    # models
-    def model_names(self) -> set[str]:
-        return {self.served_model_name}
+    def size_bytes(self) -> int:
+        """Memory the model holds now: its weights plus the KV cache in memory."""
+        return self.weight_bytes + self.engine.stats().kv_resident_bytes
 
-    def served_identity(self) -> str:
-        """What the served model is, as created models' `base` records it (a catalogue name or a weights path)."""
-        if self._served_identity is None:
-            self._served_identity = created_store.identity(self.engine.engine.model_source)
-        return self._served_identity
+    @property
+    def served_model_name(self) -> str:
+        return self.name
 
-    def servable_created(self) -> list[CreatedModel]:
-        """Created models whose base is the served model: this server serves them too, with their defaults."""
-        return [m for m in created_store.list_created() if m.base == self.served_identity()]
+    def identity(self) -> str:
+        """What the model is, as created models' `base` records it (a catalogue name or a weights path)."""
+        if self._identity is None:
+            self._identity = created_store.identity(self.engine.engine.model_source)
+        return self._identity
 
-    def check_model(self, name: str | None, ollama: bool = False) -> str:
-        """The name to answer with: the served model's, or a servable created model's as asked; APIError 404 for
-        any other name (None = the served model)."""
-        return self.lookup_model(name, ollama)[0]
+    # LoRA adapters (served under their own names, on this model's engine)
+    async def load_adapter(self, name: str, path: str) -> LoRARequest:
+        """Read, check and add an adapter (APIError 400 naming the problem: LoRA off, name taken, rank too large,
+        modules the model lacks, another base model)."""
+        manager = self.engine.engine.lora_manager
+        if manager is None:
+            raise APIError(400, f"LoRA is not enabled on '{self.name}': start the server with --enable-lora")
+        if name in self.adapters or name == self.name:
+            raise APIError(400, f"the name '{name}' is taken: unload that adapter first", param="lora_name")
+        request = LoRARequest(name, max((r.lora_int_id for r in self.adapters.values()), default=0) + 1, path)
+        try:
+            adapter = await asyncio.to_thread(manager.read, request)  # the file read off both threads
+            await self.engine.run_on_engine(lambda engine: manager.add(request, adapter))
+        except TokenloomError as exc:
+            raise APIError(400, f"LoRA adapter '{name}': {exc}", param="lora_path") from None
+        self.adapters[name] = request
+        return request
 
-    def lookup_model(self, name: str | None, ollama: bool = False) -> tuple[str, CreatedModel | None]:
-        """(the name to answer with, the created model whose defaults apply or None) for a request's model name;
-        APIError 404 for names this server does not serve."""
-        if name is None or name == "":
-            if ollama:
-                raise APIError(400, "model is required", param="model")
-            return self.served_model_name, None
-        key = name.removesuffix(":latest") if ollama or name.endswith(":latest") else name
-        if key in self.model_names():
-            return self.served_model_name, None
-        created = created_store.load(name)
-        if created is not None:
-            if created.base == self.served_identity():
-                return name, created
-            raise APIError(404, f"model '{name}' is not loaded by this server: it is created from "
-                                f"'{created.base}', and this server serves '{self.served_model_name}'",
-                           type="not_found_error", param="model", code="model_not_loaded")
-        if ollama:
-            raise APIError(404, f"model '{name}' not found", type="not_found_error", param="model",
-                           code="model_not_found")
-        raise APIError(404, f"The model `{name}` does not exist (this server serves `{self.served_model_name}`)",
-                       type="not_found_error", param="model", code="model_not_found")
+    async def unload_adapter(self, name: str) -> None:
+        if name not in self.adapters:
+            raise APIError(404, f"no LoRA adapter named '{name}' is loaded", type="not_found_error",
+                           param="lora_name", code="lora_not_found")
+        try:
+            await self.engine.run_on_engine(lambda engine: engine.remove_lora(name))
+        except TokenloomError as exc:
+            raise APIError(400, f"LoRA adapter '{name}': {exc}", param="lora_name") from None
+        del self.adapters[name]
+
+    # keep-alive
+    def acquire(self) -> None:
+        self.leases += 1
+        self.last_used = time.monotonic()
+        self.expires_at = None
+
+    def release(self) -> None:
+        self.leases = max(0, self.leases - 1)
+        self.last_used = time.monotonic()
+        if self.leases == 0 and self.keep_alive_s >= 0:
+            self.expires_at = time.time() + self.keep_alive_s
+
+    @property
+    def idle(self) -> bool:
+        return self.leases == 0 and not self.engine.has_unfinished()
 
     # tokenizer
     def require_tokenizer(self):
@@ -184,22 +213,26 @@ class ServerState:
         except SamplingParamsError as exc:
             raise APIError(400, str(exc), param=param if exc.param == "structured_outputs" else exc.param) from None
 
-    async def submit(self, prompt: str | list[int], params: SamplingParams, request_id: str) -> RequestStream:
+    async def submit(self, prompt: str | list[int], params: SamplingParams, request_id: str,
+                     lora_request: LoRARequest | None = None) -> RequestStream:
         if isinstance(prompt, str):
             prompt = await self.encode(prompt)
+        if self.quality_signal and params.logprobs is None:  # the chosen tokens' logprobs, for the metrics only
+            params = dataclasses.replace(params, logprobs=0)
         try:
-            return await self.engine.add_request(prompt, params, request_id, max_waiting=self.max_queue)
+            return await self.engine.add_request(prompt, params, request_id, max_waiting=self.max_queue,
+                                                 lora_request=lora_request)
         except Exception as exc:  # noqa: BLE001 - mapped onto an HTTP status
             raise error_for(exc) from None
 
-    async def submit_all(self, prompts: list[str | list[int]], params: SamplingParams, base_id: str
-                         ) -> list[RequestStream]:
+    async def submit_all(self, prompts: list[str | list[int]], params: SamplingParams, base_id: str,
+                         lora_request: LoRARequest | None = None) -> list[RequestStream]:
         """All prompts or none: a bad one aborts those already queued."""
         streams: list[RequestStream] = []
         try:
             for i, p in enumerate(prompts):
                 rid = base_id if len(prompts) == 1 else f"{base_id}-{i}"
-                streams.append(await self.submit(p, params, rid))
+                streams.append(await self.submit(p, params, rid, lora_request))
         except BaseException:
             for s in streams:
                 s.close()
@@ -208,19 +241,16 @@ class ServerState:
 
     def observe(self, out: RequestOutput) -> None:
         if self.metrics is not None and out.finished:
-            self.metrics.observe_finished(out)
+            self.metrics.observe_finished(out, self.name, self.quality_signal)
 
     def observe_aborted(self) -> None:
         if self.metrics is not None:
-            self.metrics.observe_aborted()
+            self.metrics.observe_aborted(self.name)
 
-
-def get_state(request: Request) -> ServerState:
-    return request.app.state.tokenloom
 
 
 # ---- shared output formatting ------------------------------------------------------------------------------
-def chat_logprobs(state: ServerState, o: CompletionOutput, t0: int, t1: int, top_n: int) -> list[dict]:
+def chat_logprobs(state: ServedModel, o: CompletionOutput, t0: int, t1: int, top_n: int) -> list[dict]:
     """OpenAI chat logprob entries of tokens t0..t1 of `o` (the Ollama API answers the same ones)."""
     content = []
     for k in range(t0, t1):
@@ -236,7 +266,7 @@ def chat_logprobs(state: ServerState, o: CompletionOutput, t0: int, t1: int, top
     return content
 
 
-async def embed_inputs(state: ServerState, inputs: list[str | list[int]], param: str = "input"
+async def embed_inputs(state: ServedModel, inputs: list[str | list[int]], param: str = "input"
                        ) -> tuple[list[list[float]], int]:
     """Embeddings of texts or token-id lists (both APIs), and the number of tokens embedded."""
     ids: list[list[int]] = []
@@ -254,3 +284,21 @@ async def embed_inputs(state: ServerState, inputs: list[str | list[int]], param:
         err.param = err.param or param
         raise err from None
     return vectors, sum(len(x) for x in ids)
+
+
+class AdapterView:
+    """A served model as requests naming one of its LoRA adapters see it: the same engine, tokenizer and
+    bookkeeping, every prompt run with the adapter."""
+
+    def __init__(self, model: ServedModel, lora: LoRARequest):
+        self.model, self.lora = model, lora
+
+    def __getattr__(self, name: str):
+        return getattr(self.model, name)
+
+    async def submit(self, prompt, params: SamplingParams, request_id: str, lora_request=None) -> RequestStream:
+        return await self.model.submit(prompt, params, request_id, self.lora)
+
+    async def submit_all(self, prompts, params: SamplingParams, base_id: str, lora_request=None
+                         ) -> list[RequestStream]:
+        return await self.model.submit_all(prompts, params, base_id, self.lora)

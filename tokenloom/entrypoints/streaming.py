@@ -14,7 +14,7 @@ from starlette.background import BackgroundTask
 
 from tokenloom.engine.outputs import CompletionOutput, RequestOutput
 from tokenloom.engine.async_engine import RequestStream
-from tokenloom.entrypoints.server_state import APIError, ServerState, error_for
+from tokenloom.entrypoints.server_state import APIError, ServedModel, error_for
 
 _DONE = object()
 
@@ -59,7 +59,7 @@ async def merge_streams(streams: list[RequestStream]) -> AsyncIterator[tuple[int
             s.close()
 
 
-async def final_outputs(state: ServerState, streams: list[RequestStream]) -> AsyncIterator[RequestOutput]:
+async def final_outputs(state: ServedModel, streams: list[RequestStream]) -> AsyncIterator[RequestOutput]:
     """Final outputs in prompt order (all run concurrently in the engine)."""
     try:
         outs = {}
@@ -145,7 +145,7 @@ def sse_frame(obj) -> str:
     return f"data: {dumps(obj)}\n\n"
 
 
-async def sse_events(state: ServerState, streams, chunks: AsyncIterator[dict]) -> AsyncIterator[str]:
+async def sse_events(state: ServedModel, streams, chunks: AsyncIterator[dict]) -> AsyncIterator[str]:
     """Server-sent events of a streaming endpoint: its chunks, then [DONE]. An engine error mid-stream becomes an
     error event (then [DONE]); a client that leaves early counts as aborted. The streams are closed either way."""
     finished = False
@@ -167,13 +167,13 @@ async def sse_events(state: ServerState, streams, chunks: AsyncIterator[dict]) -
             s.close()
 
 
-def sse_response(state: ServerState, streams: list[RequestStream], chunks: AsyncIterator[dict]) -> StreamingResponse:
+def sse_response(state: ServedModel, streams: list[RequestStream], chunks: AsyncIterator[dict]) -> StreamingResponse:
     return StreamingResponse(sse_events(state, streams, chunks), media_type="text/event-stream", headers=SSE_HEADERS,
                              background=close_all(streams))
 
 
 # ---- newline-delimited JSON (Ollama) -----------------------------------------------------------------------
-async def ndjson_lines(state: ServerState, streams, chunks: AsyncIterator[dict]) -> AsyncIterator[str]:
+async def ndjson_lines(state: ServedModel, streams, chunks: AsyncIterator[dict]) -> AsyncIterator[str]:
     """One JSON object per line: the chunks, the last with done=true. An engine error mid-stream becomes an
     {"error": message} line; a client that leaves before the done=true object counts as aborted. The streams are
     closed either way."""
@@ -195,7 +195,7 @@ async def ndjson_lines(state: ServerState, streams, chunks: AsyncIterator[dict])
             s.close()
 
 
-def ndjson_response(state: ServerState, streams: list[RequestStream], chunks: AsyncIterator[dict]
+def ndjson_response(state: ServedModel, streams: list[RequestStream], chunks: AsyncIterator[dict]
                     ) -> StreamingResponse:
     return StreamingResponse(ndjson_lines(state, streams, chunks), media_type="application/x-ndjson",
                              background=close_all(streams))

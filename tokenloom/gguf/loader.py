@@ -27,7 +27,7 @@ _CHUNK_ELEMENTS = 1 << 22
 _BLK_RE = re.compile(r"^blk\.(\d+)\.([a-z_]+?)(?:_exps|\.(\d+))?\.(weight|bias)$")
 _BLK_EXPS_RE = re.compile(r"^blk\.(\d+)\.([a-z_]+)_exps\.(weight)$")
 # tensors llama.cpp writes that have no checkpoint parameter (recomputed by the model)
-_IGNORED = {"rope_freqs.weight"}
+_IGNORED = {"rope_freqs.weight", "rope_factors_long.weight", "rope_factors_short.weight"}
 # convert_hf_to_gguf.py's LlamaModel.permute reorders these rows, per head (q) or per KV head (k)
 _PERMUTED = {"attn_q": "num_heads", "attn_k": "num_kv_heads"}
 
@@ -43,6 +43,8 @@ class GGUFTensorNames:
     experts: dict[str, str] = field(default_factory=dict)
     permuted_qk: bool = True  # llama.cpp permuted the attn_q / attn_k rows (llama, mistral, mixtral)
     layer_prefix: str = "model.layers."
+    # added by llama.cpp to every *norm.weight it writes (Gemma: 1, its norms scale by 1 + weight); taken off again
+    norm_offset: float = 0.0
 
     def extended(self, layers: dict[str, str] | None = None, **changes) -> "GGUFTensorNames":
         """These names with more layer tensors (and other fields changed): a subclass's declaration."""
@@ -181,11 +183,45 @@ def config_from_metadata(meta: dict[str, Any], tensor_names: set[str] | None = N
         max_position_embeddings=int(get("context_length", 2048)),
         tie_word_embeddings="output.weight" not in tensor_names,
         attention_bias="blk.0.attn_q.bias" in tensor_names,
-        sliding_window=None,
         num_experts=n_expert,
         num_experts_per_tok=int(get("expert_used_count", 0) or 0),
+        moe_intermediate_size=int(get("expert_feed_forward_length") or 0),
+        shared_expert_intermediate_size=int(get("expert_shared_feed_forward_length") or 0),
+        # llama.cpp renormalises the chosen experts' weights for every MoE but Qwen2-MoE, unless the file says
+        norm_topk_prob=bool(get("expert_weights_norm", arch != "qwen2moe")),
         bos_token_id=None if bos is None else int(bos),
         eos_token_ids=tuple(eos),
+        **_gemma_fields(str(arch), get, hidden // n_head, head_dim),
+    )
+
+
+# llama.cpp's fixed Gemma layouts (llama-model.cpp): every n-th layer global, the others in a sliding window; the
+# 27B models (46 / 62 layers) scale the attention by (hidden / heads) ** -0.5 instead of head_dim ** -0.5
+_GEMMA_SWA_PATTERN = {"gemma2": 2, "gemma3": 6}
+_GEMMA_27B_LAYERS = {"gemma2": 46, "gemma3": 62}
+
+
+def _gemma_fields(arch: str, get, hidden_per_head: int, head_dim: int) -> dict:
+    """ModelConfig's sliding window, per-layer attention kinds, local rope base, attention scale and soft-capping
+    of a Gemma 2 / 3 file, as llama.cpp runs it (the metadata holds the window and the soft-capping only)."""
+    if arch not in _GEMMA_SWA_PATTERN:
+        return dict(sliding_window=None)
+    n = int(get("block_count"))
+    pattern = get("attention.sliding_window_pattern")  # per layer (newer files), else the fixed one
+    if isinstance(pattern, list) and len(pattern) == n:
+        swa = [bool(p) for p in pattern]
+    else:
+        swa = [bool((i + 1) % _GEMMA_SWA_PATTERN[arch]) for i in range(n)]
+    caps = {k: _f32(get(k)) if get(k) is not None else None
+            for k in ("attn_logit_softcapping", "final_logit_softcapping")}
+    return dict(
+        sliding_window=int(get("attention.sliding_window") or 4096),
+        layer_types=tuple("sliding_attention" if s else "full_attention" for s in swa) if len(set(swa)) > 1 else (),
+        local_rope_theta=10000.0 if arch == "gemma3" else None,  # llama.cpp's rope_freq_base_train_swa
+        query_pre_attn_scalar=float(hidden_per_head if n == _GEMMA_27B_LAYERS[arch] else head_dim),
+        # Gemma 3 never soft-caps the attention scores (neither llama.cpp nor transformers)
+        attn_logit_softcapping=caps["attn_logit_softcapping"] if arch == "gemma2" else None,
+        final_logit_softcapping=caps["final_logit_softcapping"],
     )
 
 
@@ -227,6 +263,14 @@ def _dequantize_rows(raw: torch.Tensor, qtype, row_len: int, dtype: torch.dtype)
     return out
 
 
+def read_tensor(reader: GGUFFile, t, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """One tensor of an open GGUF file, dequantized into `dtype`, in torch's dimension order (as stored: no
+    un-permuting). Adapter files (lora/adapter.py) are read this way."""
+    shape = tuple(int(d) for d in reversed(t.shape.tolist()))
+    qtype = check_supported(t.tensor_type)
+    return _dequantize_rows(_raw_bytes(reader, t), qtype, shape[-1] if shape else 1, dtype).reshape(shape)
+
+
 class GGUFCheckpoint:
     """An open GGUF model file: its metadata now, its tensors (dequantised, checkpoint-named) on state_dict()."""
 
@@ -242,7 +286,21 @@ class GGUFCheckpoint:
         self.deferred: set[str] = set()  # checkpoint names left quantized by state_dict(keep_blocks=True)
 
     def config(self) -> ModelConfig:
-        return config_from_metadata(self.metadata, set(self.tensors))
+        """The model's configuration; Phi-3's LongRoPE factor sets (rope_factors_* tensors) in its rope scaling."""
+        cfg = config_from_metadata(self.metadata, set(self.tensors))
+        arch = self.metadata.get("general.architecture")
+        window = int(self.metadata.get(f"{arch}.attention.sliding_window") or 0)
+        if cfg.sliding_window is None and window > 0:  # Phi-3: as transformers runs it (llama.cpp leaves it off)
+            cfg.sliding_window = window
+        if "rope_factors_long.weight" in self.tensors:
+            factors = {k: read_tensor(self.reader, self.tensors[f"rope_factors_{k}.weight"]).reshape(-1).tolist()
+                       for k in ("long", "short")}
+            original = self.metadata.get(f"{arch}.rope.scaling.original_context_length") or cfg.max_position_embeddings
+            cfg.rope_scaling = {"rope_type": "longrope", "long_factor": factors["long"],
+                                "short_factor": factors["short"], "original_max_position_embeddings": int(original)}
+            if (attn := self.metadata.get(f"{arch}.rope.scaling.attn_factor")) is not None:
+                cfg.rope_scaling["attention_factor"] = _f32(attn)
+        return cfg
 
     def state_dict(self, cfg: ModelConfig, names: GGUFTensorNames, expected: set[str],
                    dtype: torch.dtype = torch.float32, keep_blocks: bool = False) -> dict[str, torch.Tensor]:
@@ -274,7 +332,11 @@ class GGUFCheckpoint:
             raw = _raw_bytes(self.reader, t)
             if heads and len(shape) > 1:
                 raw = unpermute_rows(raw, heads)  # rows of blocks: copies only the (small) quantised bytes
-            w = _dequantize_rows(raw, qtype, shape[-1], dtype).reshape(shape)
+            if names.norm_offset and name.endswith("norm.weight"):  # in float32, as transformers' GGUF loading
+                w = (_dequantize_rows(raw, qtype, shape[-1], torch.float32) - names.norm_offset).to(dtype)
+            else:
+                w = _dequantize_rows(raw, qtype, shape[-1], dtype)
+            w = w.reshape(shape)
             if heads and len(shape) == 1:  # a permuted bias
                 w = unpermute_rows(w, heads).contiguous()
             if exps:
@@ -305,7 +367,8 @@ def is_block_weight(checkpoint_name: str, qtype) -> bool:
     float_types = (Q.F32, Q.F16, Q.BF16)
     linear = checkpoint_name.endswith("_proj.weight") or checkpoint_name.endswith(("embed_tokens.weight",
                                                                                    "lm_head.weight"))
-    return linear and "experts" not in checkpoint_name and qtype not in float_types
+    # MoE experts (and Qwen2-MoE's shared expert) stay float: no quantized module is swapped in for them
+    return linear and "expert" not in checkpoint_name and qtype not in float_types
 
 
 def _natural(name: str) -> list:

@@ -14,7 +14,9 @@ batches, prompt logprobs) and this one interleave freely. In a bfloat16 model, a
 bfloat16 wherever the layer-by-layer path materialises a bfloat16 tensor, so the two compute the same function up
 to float32 summation order (tests/model_executor/test_fused_decode.py holds them to that).
 
-What it covers: the Llama decoder and its Qwen2 (q/k/v bias) and Qwen3 (q/k norms) variants, sliding windows;
+What it covers: the Llama decoder and its Qwen2 (q/k/v bias), Qwen3 (q/k norms) and Phi-3 variants, sliding
+windows; LongRoPE through the rotary tables by position, which give every token from the prompt's last on its
+rotation (layers/rotary.py: only the earlier tokens of a long prompt differ, and those run layer by layer);
 float32 / bfloat16 weights, the int8 (per channel), int4 / GGUF-block (affine, groups of 32 or more) and 5- to
 8-bit affine records that the gemv kernels run.
 
@@ -23,9 +25,10 @@ on integer dot products, as llama.cpp does, against the activations quantized pe
 default (vpdpwssd; their rounding is below bfloat16's, perplexity unchanged), or to int8 with
 TOKENLOOM_DECODE_ACT_BITS=8 (vpdpbusd, llama.cpp's choice: ~5-10 % faster here, ~1 % higher perplexity on
 SmolLM2). Block scales that are exact in float16 (all of the ggml formats') are read as float16: fewer bytes a
-token. `FusedDecoder.kernels` counts which kernel each weight block takes. float32 models keep float activations. Anything else (MoE, NF4, act-order GPTQ, raw Q2_K/Q3_K blocks,
-an int8 KV cache, a CPU without AVX-512) keeps the layer-by-layer path: `FusedDecoder.build` returns None and
-says why in `FusedDecoder.reason`. TOKENLOOM_FUSED_DECODE=0 turns it off.
+token. `FusedDecoder.kernels` counts which kernel each weight block takes. float32 models keep float activations.
+Anything else (MoE, NF4, act-order GPTQ, raw Q2_K/Q3_K blocks, an int8 KV cache, a CPU without AVX-512) keeps
+the layer-by-layer path: `FusedDecoder.build` returns None and says why in `FusedDecoder.reason`.
+TOKENLOOM_FUSED_DECODE=0 turns it off.
 """
 from __future__ import annotations
 
@@ -127,8 +130,11 @@ class FusedDecoder:
             raise Unsupported("head, hidden or MLP size not a multiple of 16")
         if any(c is None or c.k_scale is not None for c in layer_caches):
             raise Unsupported("int8 KV cache")
-        known = {"CausalLM", "LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM"}
-        if not any(c.__name__ in known for c in type(model).__mro__[:2]):
+        # The stack computes these models' layers; subclasses of theirs that are models of their own (Gemma's extra
+        # norms, GeGLU, soft-capping, per-layer windows) run layer by layer.
+        known = {"CausalLM", "LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
+                 "Phi3ForCausalLM"}
+        if type(model).__name__ not in known:
             raise Unsupported(f"architecture {type(model).__name__}")
         mod = EXTENSION.load()
         if mod is None:

@@ -26,7 +26,7 @@ class SequenceForward:
         n_blocks = math.ceil(length / self.BLOCK)
         self.context = ForwardContext(build_attention_metadata(
             [length], [length], [list(range(n_blocks))], self.BLOCK, cfg.num_heads // cfg.num_kv_heads,
-            cfg.sliding_window, device))
+            cfg.sliding_window, device), prompt_lens=torch.full((length,), length, device=device))
         self.positions = torch.arange(length, device=device)
         self.cache = torch.zeros(2, n_blocks * self.BLOCK, cfg.num_kv_heads, cfg.head_dim, dtype=self.dtype,
                                  device=device)

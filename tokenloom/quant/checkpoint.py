@@ -252,6 +252,11 @@ def hf_config(cfg: ModelConfig, dtype: str = "float16") -> dict:
     if cfg.num_experts:
         d["num_local_experts"] = cfg.num_experts
         d["num_experts_per_tok"] = cfg.num_experts_per_tok
+        d.update(moe_intermediate_size=cfg.moe_intermediate_size, norm_topk_prob=cfg.norm_topk_prob,
+                 shared_expert_intermediate_size=cfg.shared_expert_intermediate_size,
+                 decoder_sparse_step=cfg.decoder_sparse_step, mlp_only_layers=list(cfg.mlp_only_layers))
+    if (cfg.rope_scaling or {}).get("original_max_position_embeddings"):  # where Phi-3's config keeps it
+        d["original_max_position_embeddings"] = cfg.rope_scaling["original_max_position_embeddings"]
     return d
 
 
@@ -476,9 +481,10 @@ def load_quantized(model, path, quant_config: dict, dtype: torch.dtype) -> None:
         moe = layer.mlp
         if hasattr(moe, "experts_w13"):
             w13 = [build(f"layers.{i}.mlp.experts.{e}.w13", cfg.hidden_size, False) for e in range(moe.num_experts)]
-            w2 = [build(f"layers.{i}.mlp.experts.{e}.w2", cfg.intermediate_size, False) for e in range(moe.num_experts)]
+            w2 = [build(f"layers.{i}.mlp.experts.{e}.w2", cfg.moe_intermediate_size, False)
+                  for e in range(moe.num_experts)]
             if all(m is not None for m in w13 + w2):
-                layer.mlp = QuantSparseMoE(moe.gate, w13, w2, moe.top_k)
+                layer.mlp = QuantSparseMoE(moe, w13, w2)
 
     def floats():
         for key in ts:

@@ -104,7 +104,7 @@ def quantize_moe(model, i: int, opts, act, result, keep) -> None:
             dst.append(build_linear(rec, None, act, opts.use_kernel))
             if keep:
                 result.records[f"layers.{i}.mlp.experts.{e}.{tag}"] = rec
-    model.layers[i].mlp = QuantSparseMoE(moe.gate, w13, w2, moe.top_k)
+    model.layers[i].mlp = QuantSparseMoE(moe, w13, w2)
 
 
 def quantize_lm_head(model, opts: QuantOptions, act, result: QuantizeResult, keep=False) -> None:

@@ -117,6 +117,20 @@ _EOG_TEXTS = frozenset([
 ])
 
 
+_GEMMA_ARCHS = frozenset({"gemma", "gemma2", "gemma3"})
+
+
+def _gemma_vocab(tokens: list[str], types: list[int]) -> tuple[list[str], list[int], list[float], list[bool]]:
+    """A Gemma file's vocabulary as transformers reads it (integrations/gguf, gemma_tokenizer): a token of spaces
+    is stored as real spaces, user-defined, but is the vocabulary's run of '▁', reached by merging, not matched
+    whole; and the merges follow the tokens' order in the file, which their scores do not (the user-defined ones
+    all score -1000), over the whole vocabulary. Returns (tokens, types, scores, usable) for sentencepiece_bpe."""
+    spaces = [" " in t and not t.strip() for t in tokens]
+    tokens = ["▁" * len(t) if s else t for t, s in zip(tokens, spaces)]
+    types = [TOKEN_TYPE_NORMAL if s else ty for ty, s in zip(types, spaces)]
+    return tokens, types, [-float(i) for i in range(len(tokens))], [True] * len(tokens)
+
+
 @functools.lru_cache(maxsize=1)
 def _bytes_to_unicode() -> dict[int, str]:
     """GPT-2's reversible byte -> printable character table."""
@@ -204,9 +218,12 @@ def tokenizer_args(meta: Mapping[str, Any]) -> tuple[HFTokenizer, dict[str, Any]
         default_add_bos = pre.add_bos
     elif model == "llama":
         scores = meta.get("tokenizer.ggml.scores") or [0.0] * n
+        usable = None
+        if meta.get("general.architecture") in _GEMMA_ARCHS:
+            tokens, types, scores, usable = _gemma_vocab(tokens, types)
         add_prefix = meta.get("tokenizer.ggml.add_space_prefix")
         add_prefix = True if add_prefix is None else bool(add_prefix)
-        hf = sentencepiece_bpe(tokens, scores, types, meta.get("tokenizer.ggml.merges"), unk, add_prefix)
+        hf = sentencepiece_bpe(tokens, scores, types, meta.get("tokenizer.ggml.merges"), unk, add_prefix, usable)
         default_add_bos = True
     else:
         raise TokenloomError(f"unsupported GGUF tokenizer model '{model}' (supported: gpt2, llama)")
@@ -272,9 +289,10 @@ def byte_level_bpe(tokens: list[str], merges: Sequence[str], pre: _PreType) -> H
 
 
 def sentencepiece_bpe(tokens: list[str], scores: Sequence[float], types: Sequence[int],
-                      merges: Sequence[str] | None, unk: int | None, add_prefix: bool) -> HFTokenizer:
-    """SentencePiece-style BPE (tokenizer.ggml.model "llama"): merges from the scores when the file has none,
-    <0xXX> byte fallback, '▁' as the space."""
+                      merges: Sequence[str] | None, unk: int | None, add_prefix: bool,
+                      usable: Sequence[bool] | None = None) -> HFTokenizer:
+    """SentencePiece-style BPE (tokenizer.ggml.model "llama"): merges from the scores when the file has none
+    (`usable`: the tokens they may produce and use), <0xXX> byte fallback, '▁' as the space."""
     vocab = {t: i for i, t in enumerate(tokens)}
     if merges:
         pairs = [p for p in map(_split_merge, merges)
@@ -282,7 +300,8 @@ def sentencepiece_bpe(tokens: list[str], scores: Sequence[float], types: Sequenc
     else:
         # SentencePiece merges only ever produce normal tokens: control, byte and unknown pieces are not
         # reachable from text by merging.
-        usable = [t in (TOKEN_TYPE_NORMAL, TOKEN_TYPE_UNDEFINED) for t in types]
+        if usable is None:
+            usable = [t in (TOKEN_TYPE_NORMAL, TOKEN_TYPE_UNDEFINED) for t in types]
         pairs = _spm_merges(tokens, scores, usable)
     hf = HFTokenizer(models.BPE(vocab=vocab, merges=pairs, unk_token=tokens[unk] if unk is not None else None,
                                 fuse_unk=True, byte_fallback=True))

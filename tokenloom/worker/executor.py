@@ -2,7 +2,7 @@
 process today and several (tensor / pipeline parallel workers) later are interchangeable.
 
 UniProcExecutor loads the model in this process: weights (and quantization), the CPU fast paths, the KV cache
-sized for the device's free memory, and the model runner.
+sized for the device's free memory, the model runner, and (LoRA) the adapters' manager and slots.
 """
 from __future__ import annotations
 
@@ -46,6 +46,7 @@ class Executor(abc.ABC):
     num_blocks: int
     max_model_len: int
     kv_block_bytes: int  # one block's K/V over every layer
+    lora_manager = None  # lora.LoRAManager of the model's adapters, when LoRA is enabled
 
     @abc.abstractmethod
     def execute_model(self, scheduler_output) -> ModelRunnerOutput:
@@ -95,6 +96,12 @@ class UniProcExecutor(Executor):
         runners = [self.runner, getattr(self.runner.speculator and self.runner.speculator.proposer, "runner", None)]
         self.kv_caches = [r.cache for r in runners if r is not None and r.cache is not None]
         self._heap_trimmed = False
+        self.lora_manager = None
+        if config.lora is not None:
+            from tokenloom.lora import LoRAManager
+
+            # after the runners: the compiled decode stacks read the base layers, which LoRA then wraps
+            self.runner.lora = self.lora_manager = LoRAManager(self.model, config.lora)
         if device.type == "cpu":
             from tokenloom.model_executor.layers.linear import pack_linear_layers
 

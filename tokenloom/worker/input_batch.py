@@ -28,10 +28,12 @@ class InputBatch:
     block_tables: list[list[int]]
     samples: list[SampleGroup]
     prompt_logprob_spans: list[tuple[object, int, int, int]]  # (request, first flat row, rows, first position)
+    lora_ids: list[int] = field(default_factory=list)  # per sequence: its adapter's id (0: the base model)
+    prompt_lens: torch.Tensor | None = None  # [T] prompt length of each token's sequence (LongRoPE reads it)
 
     @classmethod
     def from_scheduled(cls, scheduled, device: torch.device) -> "InputBatch":
-        input_ids, positions, query_lens, context_lens, tables = [], [], [], [], []
+        input_ids, positions, query_lens, context_lens, tables, prompt_lens = [], [], [], [], [], []
         samples, prompt_lp = [], []
         offset = 0
         for item in scheduled:
@@ -45,6 +47,7 @@ class InputBatch:
             input_ids.extend(drafts)
             positions.append((start, end))
             query_lens.append(n)
+            prompt_lens += [req.num_prompt_tokens] * n
             context_lens.append(end)
             tables.append(req.block_table)
             if req.params.prompt_logprobs is not None and start < req.num_prompt_tokens - 1:
@@ -58,7 +61,9 @@ class InputBatch:
                 samples += [SampleGroup(fork, rows[-1:]) for fork in req.forks]
         ids = torch.tensor(input_ids, dtype=torch.long, device=device)
         pos = torch.cat([torch.arange(s, e) for s, e in positions]).to(device)
-        return cls(ids, pos, query_lens, context_lens, tables, samples, prompt_lp)
+        lora_ids = [item.request.lora_int_id for item in scheduled]
+        return cls(ids, pos, query_lens, context_lens, tables, samples, prompt_lp, lora_ids,
+                   torch.tensor(prompt_lens, device=device))
 
     @property
     def sample_rows(self) -> list[int]:

@@ -10,6 +10,11 @@ else draw from p without x). Sampled model drafts go through the general rejecti
 tokens before it, so greedy outputs are exactly those of decoding without drafts. A constrained request's rows
 (structured output) take their rows of the step's grammar bitmask, which the scheduler started filling on a
 background thread before the forward; p is masked at every draft position, so the above still holds.
+
+LoRA: a request with an adapter runs layer by layer (the compiled stack computes the base weights only), its rows
+next to those of its adapter's other requests, so each adapter's delta is one run of rows; the step's adapters
+are put in slots and their row groups passed to the LoRA layers through the forward context. Base requests take
+the same path they would take without LoRA.
 """
 from __future__ import annotations
 
@@ -55,6 +60,7 @@ class ModelRunner:
         self.fused = FusedDecoder.build(model, self.layer_caches, self.block_size) if device.type == "cpu" else None
         self.steps_by_path = {"fused": 0, "layers": 0}  # which path each forward took (tests and benchmarks)
         self.speculator = None  # spec_decode.Speculator, set by the executor when speculative decoding is on
+        self.lora = None  # lora.LoRAManager, set by the executor when LoRA is enabled
         self._grammar = None  # the step's core.GrammarOutput (structured output), while it runs
 
     @torch.inference_mode()
@@ -74,14 +80,16 @@ class ModelRunner:
         if fused:
             self._run_fused(InputBatch.from_scheduled(fused, self.device), out)
         if layers:
+            if self.lora is not None:  # each adapter's requests side by side: its rows are one run
+                layers = sorted(layers, key=lambda item: item.request.lora_int_id)
             self._run_layers(InputBatch.from_scheduled(layers, self.device), out)
         if spec is not None:
             spec.after_step(sched, out, time.perf_counter() - start)
         return out
 
     def _split(self, scheduled: list) -> tuple[list, list]:
-        """(items for the compiled stack, items for the layers). The stack takes decodes (one token, plus the
-        drafts to verify) without prompt logprobs, up to its batch limit in rows; so a request's decode runs the
+        """(items for the compiled stack, items for the layers). The stack takes decodes (one token, the prompt's
+        last or later, plus the drafts to verify), up to its batch limit in rows; so a request's decode runs the
         same kernels whatever else is in the step, which keeps its output independent of the batch and of
         speculation."""
         if self.fused is None:
@@ -89,8 +97,9 @@ class ModelRunner:
         fused, drafted, layers = [], [], []
         for item in scheduled:
             req = item.request
-            decode = item.num_tokens == 1 + len(item.spec_token_ids) and (
-                req.params.prompt_logprobs is None or req.num_computed_tokens >= req.num_prompt_tokens - 1)
+            # a one-token chunk inside a prompt stays on the layers, which see its prompt length (LongRoPE)
+            decode = item.num_tokens == 1 + len(item.spec_token_ids) and req.lora_request is None and (
+                req.num_computed_tokens >= req.num_prompt_tokens - 1)
             (layers if not decode else drafted if item.spec_token_ids else fused).append(item)
         if len(fused) > self.fused.max_batch:
             return [], scheduled
@@ -117,18 +126,21 @@ class ModelRunner:
             self._sample(batch, logits, out)
 
     def _layers_hidden(self, input_ids: torch.Tensor, positions: torch.Tensor, query_lens: list[int],
-                       context_lens: list[int], block_tables: list[list[int]]) -> torch.Tensor:
-        """Final hidden states of a flat batch, layer by layer over the paged cache."""
+                       context_lens: list[int], block_tables: list[list[int]],
+                       lora_ids: list[int] | None = None, prompt_lens: torch.Tensor | None = None) -> torch.Tensor:
+        """Final hidden states of a flat batch, layer by layer over the paged cache; lora_ids: each sequence's
+        adapter (0 or None: the base model)."""
         self.steps_by_path["layers"] += 1
         meta = build_attention_metadata(query_lens, context_lens, block_tables, self.block_size,
                                         self.config.num_heads // self.config.num_kv_heads,
                                         self.config.sliding_window, self.device)
-        with set_forward_context(ForwardContext(meta)):
+        lora = self.lora.mapping(lora_ids, query_lens) if self.lora is not None and lora_ids else None
+        with set_forward_context(ForwardContext(meta, lora, prompt_lens)):
             return self.model(input_ids, positions)
 
     def _run_layers(self, batch: InputBatch, out: ModelRunnerOutput) -> None:
         hidden = self._layers_hidden(batch.input_ids, batch.positions, batch.query_lens, batch.context_lens,
-                                     batch.block_tables)
+                                     batch.block_tables, batch.lora_ids, batch.prompt_lens)
         out.prompt_logprobs = [
             (req, start, self._prompt_logprobs(req, hidden[o : o + n], req.prompt_token_ids[start + 1 : start + n + 1]))
             for req, o, n, start in batch.prompt_logprob_spans

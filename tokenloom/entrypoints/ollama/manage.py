@@ -37,12 +37,14 @@ from tokenloom.entrypoints.ollama.protocol import (
     PullRequest,
     status_doc,
 )
-from tokenloom.entrypoints.server_state import APIError, ServerState, get_state
+from tokenloom.entrypoints.app_state import ServerState, get_state
+from tokenloom.entrypoints.server_state import APIError
 from tokenloom.entrypoints.streaming import dumps
 from tokenloom.loader import created as created_store
 from tokenloom.loader.created import CreatedModel, InvalidName, NotFound
 from tokenloom.loader.modelfile import Modelfile, ModelfileError, check_parameters, parse_modelfile
-from tokenloom.loader.sources import CATALOGUE, catalogue_key, catalogue_path, delete_cached, pull as pull_model
+from tokenloom.loader.sources import CATALOGUE, catalogue_key, catalogue_path, delete_cached, resolve_model
+from tokenloom.loader.sources import pull as pull_model
 
 router = APIRouter(tags=["Ollama"])
 _EMPTY_OK = {200: {"description": "Done (an empty body, as Ollama answers)", "content": None}}
@@ -61,8 +63,9 @@ def _not_found(name: str) -> APIError:
 
 def _is_served(state: ServerState, name: str) -> bool:
     """Whether a name stands for the served model: its name, or the catalogue name of the weights it serves."""
-    return name.removesuffix(":latest") == state.served_model_name or \
-        (catalogue_key(name) is not None and catalogue_key(name) == state.served_identity())
+    short = name.removesuffix(":latest")
+    return short in state.pool.loaded or \
+        (catalogue_key(name) is not None and catalogue_key(name) in {m.identity() for m in state.pool.loaded.values()})
 
 
 def _new_name(state: ServerState, name: str) -> str:
@@ -193,21 +196,38 @@ async def delete(body: DeleteRequest, request: Request):
     state = get_state(request)
     name = _name(body)
     if _is_served(state, name):
-        raise APIError(400, f"model '{name}' is the one this server is serving: it cannot be deleted while it runs",
-                       param="model")
+        await _unload_for_delete(state, name)
     if created_store.delete(name) or await asyncio.to_thread(delete_cached, name):
         return Response(status_code=200)
     raise _not_found(name)
 
 
+async def _unload_for_delete(state: ServerState, name: str) -> None:
+    """Unload the idle loaded variants of a model about to be deleted; 400 if one is kept (`serve MODEL`'s) or
+    busy."""
+    loaded = state.pool.loaded.get(name.removesuffix(":latest"))
+    identity = loaded.identity() if loaded is not None else catalogue_key(name)
+    for variant_name, model in list(state.pool.loaded.items()):
+        if model.identity() != identity:
+            continue
+        if variant_name in state.pool.pinned or not model.idle:
+            raise APIError(400, f"model '{name}' is loaded and serving ('{variant_name}'): it cannot be deleted "
+                                "while it runs", param="model")
+        await state.pool.unload(variant_name)
+
+
 def _local_base(state: ServerState, name: str) -> str:
     """The base a model name stands for when it is not a created model: the served model, or a pulled
     catalogue model (404 otherwise)."""
-    if name.removesuffix(":latest") == state.served_model_name:
-        return state.served_identity()
+    loaded = state.pool.loaded.get(name.removesuffix(":latest"))
+    if loaded is not None:
+        return loaded.identity()
     key = catalogue_key(name)
-    if key is not None and (key == state.served_identity() or catalogue_path(key).is_file()):
+    if key is not None and catalogue_path(key).is_file():
         return key
+    found = state.pool.sources.lookup(name.removesuffix(":latest")) if state.multi else None
+    if found is not None:
+        return created_store.identity(resolve_model(found[1], download=False))
     raise _not_found(name)
 
 
@@ -228,8 +248,9 @@ async def copy(body: CopyRequest, request: Request):
 # ---- create ----------------------------------------------------------------------------------------------------
 def _resolve(state: ServerState, name: str) -> tuple[str, CreatedModel | None]:
     """FROM: the served model's name first, then what loader.created resolves (created, catalogue, local)."""
-    if name.removesuffix(":latest") == state.served_model_name:
-        return state.served_identity(), None
+    loaded = state.pool.loaded.get(name.removesuffix(":latest"))
+    if loaded is not None:
+        return loaded.identity(), None
     return created_store.resolve_from(name)
 
 

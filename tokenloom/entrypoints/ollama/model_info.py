@@ -22,18 +22,20 @@ from tokenloom.entrypoints.ollama.protocol import (
     TagsResponse,
     VersionResponse,
 )
-from tokenloom.entrypoints.server_state import APIError, ServerState, get_state
+from tokenloom.entrypoints.app_state import ServerState, get_state
+from tokenloom.entrypoints.server_state import APIError, ServedModel
 from tokenloom.entrypoints.tool_calls import template_supports_tools
 from tokenloom.loader import created as created_store
 from tokenloom.loader.created import CreatedModel
 from tokenloom.loader.modelfile import format_parameters, write_modelfile
 from tokenloom.loader.sources import catalogue_key, list_models, resolve_model
+from tokenloom.loader.variants import QUANT_LEVEL, TAGS, split_tag
 from tokenloom.version import __version__
 
 router = APIRouter(tags=["Ollama"])
 
 
-def _model_facts(state: ServerState) -> dict:
+def _model_facts(state: ServedModel) -> dict:
     """Computed once per server: details, size, digest, modification time, model_info."""
     if state._model_info is not None:
         return state._model_info
@@ -65,6 +67,7 @@ def _model_facts(state: ServerState) -> dict:
         pass
     if eng.config.quantization and eng.config.quantization != "gguf":  # gguf: the file's own types, as read
         quant = eng.config.quantization.upper()
+    quant = QUANT_LEVEL.get(split_tag(state.name)[1], quant)  # a variant's tag says what it runs as
     quant = {"FLOAT32": "F32", "FLOAT16": "F16", "BFLOAT16": "BF16"}.get(quant, quant)
     psize = f"{params / 1e9:.2f}B" if params >= 1e9 else f"{params / 1e6:.2f}M"
     arch = cfg.architecture
@@ -86,65 +89,119 @@ def _model_facts(state: ServerState) -> dict:
     return state._model_info
 
 
-async def _facts(state: ServerState) -> dict:
+async def _facts(state: ServedModel) -> dict:
     if state._model_info is None:
         await asyncio.to_thread(_model_facts, state)
     return state._model_info
 
 
-def _tag(state: ServerState, facts: dict) -> dict:
+def _tag(state: ServedModel, facts: dict) -> dict:
     return {"name": state.served_model_name, "model": state.served_model_name, "modified_at": facts["modified_at"],
             "size": facts["size"], "digest": facts["digest"], "details": facts["details"]}
 
 
+def _variant_tag(name: str, facts: dict) -> dict:
+    """A /api/tags entry for a variant not loaded: its file's facts, with the quantization its tag gives."""
+    tag = split_tag(name)[1]
+    details = {**facts["details"], "quantization_level": QUANT_LEVEL.get(tag, facts["details"]["quantization_level"])}
+    return {"name": name, "model": name, "modified_at": facts["modified_at"], "size": facts["size"],
+            "digest": hashlib.sha256(f"{facts['digest']}:{tag}".encode()).hexdigest() if tag else facts["digest"],
+            "details": details}
+
+
+def _all_tags(app: ServerState) -> list[dict]:
+    """`tokenloom serve` (many models): each model it can load with each of its tags, the loaded ones as
+    loaded; then created models and routes."""
+    out = []
+    for base, source in app.pool.sources.known().items():
+        facts = _other_facts(source)
+        for tag in TAGS:
+            name = base if tag == "latest" else f"{base}:{tag}"
+            loaded = app.pool.loaded.get(name)
+            out.append(_tag(loaded, _model_facts(loaded)) if loaded is not None else _variant_tag(name, facts))
+    return out
+
+
 @router.get("/api/tags", response_model=TagsResponse, responses={401: ERRORS[401]})
 async def tags(request: Request):
-    """Models available: the served model, then the created and pulled ones (only the served model and the
-    models created from it answer requests here)."""
-    state = get_state(request)
-    facts = await _facts(state)
-    return {"models": [_tag(state, facts)] + await asyncio.to_thread(_other_tags, state, facts)}
+    """Models available: the served model (`serve MODEL`) or every model the server can load with its tags
+    (`serve`), then the created and pulled ones, the LoRA adapters, then the A/B routes."""
+    app = get_state(request)
+    if app.multi:
+        listed = await asyncio.to_thread(_all_tags, app)
+        listed += await asyncio.to_thread(_other_tags, app, None)
+    else:
+        state = app.primary_model()
+        facts = await _facts(state)
+        listed = [_tag(state, facts)] + await asyncio.to_thread(_other_tags, app, facts)
+    for model in list(app.pool.loaded.values()):  # LoRA adapters, listed with the model they run on
+        base = _tag(model, await _facts(model))
+        for name, lora in model.adapters.items():
+            listed.append({**base, "name": name, "model": name,
+                           "digest": hashlib.sha256(f"{base['digest']}:{lora.lora_path}".encode()).hexdigest(),
+                           "details": {**base["details"], "parent_model": model.name}})
+    by_name = {t["name"]: t for t in listed}
+    for route, split in app.router.routes.items():
+        first = by_name.get(split[0][0]) or next(iter(by_name.values()), None)
+        if first is not None:
+            listed.append({**first, "name": route, "model": route,
+                           "details": {**first["details"], "parent_model": split[0][0]}})
+    return {"models": listed}
 
 
 @router.get("/api/ps", response_model=PsResponse, responses={401: ERRORS[401]})
 async def ps(request: Request):
-    """Models loaded in memory (the served model, for as long as the server runs). size: the weights plus the
-    KV cache now in memory; kv_cache_bytes: the KV pool reserved, of which kv_cache_resident_bytes is in memory
-    (free blocks go back to the OS)."""
-    state = get_state(request)
-    facts = await _facts(state)
-    st = state.engine.stats()
-    expires = (datetime.now(UTC) + timedelta(days=365)).isoformat().replace("+00:00", "Z")
-    return {"models": [{**_tag(state, facts), "size": facts["size"] + st.kv_resident_bytes, "expires_at": expires,
-                        "size_vram": 0, "context_length": state.engine.max_model_len,
-                        "kv_cache_bytes": st.kv_cache_bytes, "kv_cache_resident_bytes": st.kv_resident_bytes}]}
+    """Models loaded in memory, most recently used first. size: the weights plus the KV cache now in memory;
+    kv_cache_bytes: the KV pool reserved, of which kv_cache_resident_bytes is in memory (free blocks go back to
+    the OS); expires_at: when it unloads unless used again (far ahead while in use, or for a kept model)."""
+    app = get_state(request)
+    never = (datetime.now(UTC) + timedelta(days=365)).isoformat().replace("+00:00", "Z")
+    out = []
+    for state in sorted(app.pool.loaded.values(), key=lambda m: -m.last_used):
+        facts = await _facts(state)
+        st = state.engine.stats()
+        expires = _iso(state.expires_at) if state.expires_at is not None else never
+        out.append({**_tag(state, facts), "size": state.weight_bytes + st.kv_resident_bytes, "expires_at": expires,
+                    "size_vram": 0, "context_length": state.engine.max_model_len, "kv_cache_bytes": st.kv_cache_bytes,
+                    "kv_cache_resident_bytes": st.kv_resident_bytes})
+    return {"models": out}
 
 
 @router.post("/api/show", response_model=ShowResponse, responses=ERRORS)
 async def show(body: ShowRequest, request: Request):
-    """Model details, Modelfile, chat template, parameters, architecture facts and capabilities: of the served
-    model, a created model or a pulled catalogue model."""
-    state = get_state(request)
+    """Model details, Modelfile, chat template, parameters, architecture facts and capabilities: of a loaded
+    model, a created model, a model this server can load, or a pulled catalogue model."""
+    app = get_state(request)
     name = body.model or body.name
     if not name:
         raise APIError(400, "model is required", param="model")
-    if name.removesuffix(":latest") == state.served_model_name:
-        return _show_served(state, await _facts(state))
+    short = name.removesuffix(":latest")
+    loaded = app.pool.loaded.get(app.router.choose(short) or short) if app.multi else app.primary_model()
+    if loaded is not None and (app.multi or short == loaded.name):
+        return _show_served(loaded, await _facts(loaded))
     created = await asyncio.to_thread(created_store.load, name)
     if created is not None:
-        served = created.base == state.served_identity()
-        facts = await _facts(state) if served else await asyncio.to_thread(_other_facts, created.base)
-        return _show_created(state, created, facts, served)
+        primary = app.primary_model()
+        served = primary is not None and created.base == primary.identity()
+        facts = await _facts(primary) if served else await asyncio.to_thread(_other_facts, created.base)
+        return _show_created(primary, created, facts, served)
     key = catalogue_key(name)
-    if key is not None and key == state.served_identity():  # served under another name
-        return _show_served(state, await _facts(state))
-    if key is not None and any(k == key for k, *_ in list_models()):
-        facts = await asyncio.to_thread(_other_facts, key)
-        return _show(facts, write_modelfile(facts["path"], name=key), "", facts["template"])
+    primary = app.primary_model()
+    if key is not None and primary is not None and key == primary.identity():  # served under another name
+        return _show_served(primary, await _facts(primary))
+    base, tag = split_tag(short)
+    found = app.pool.sources.lookup(base) if app.multi else None
+    if found is None and key is not None and any(k == key for k, *_ in list_models()):
+        found = (key, key)
+    if found is not None:
+        facts = await asyncio.to_thread(_other_facts, found[1])
+        if tag is not None:
+            facts = {**facts, "details": _variant_tag(short, facts)["details"]}
+        return _show(facts, write_modelfile(facts["path"], name=short), "", facts["template"])
     raise APIError(404, f"model '{name}' not found", type="not_found_error", param="model", code="model_not_found")
 
 
-def _chat_template(state: ServerState) -> str:
+def _chat_template(state: ServedModel) -> str:
     template = ""
     if state.tokenizer is not None:
         try:
@@ -162,14 +219,14 @@ def _show(facts: dict, modelfile: str, parameters: str, template: str, **extra) 
             "model_info": facts["model_info"], "capabilities": caps, "modified_at": facts["modified_at"], **extra}
 
 
-def _show_served(state: ServerState, facts: dict) -> dict:
+def _show_served(state: ServedModel, facts: dict) -> dict:
     template = _chat_template(state)
     modelfile = write_modelfile(facts["path"], template=template, parameters=OLLAMA_DEFAULTS,
                                 name=state.served_model_name)
     return _show(facts, modelfile, format_parameters(OLLAMA_DEFAULTS), template)
 
 
-def _show_created(state: ServerState, model: CreatedModel, facts: dict, served: bool) -> dict:
+def _show_created(state: ServedModel | None, model: CreatedModel, facts: dict, served: bool) -> dict:
     """A created model: its own system prompt, parameters, messages, license (and template, when it has one)
     over its base's facts."""
     base_template = _chat_template(state) if served else facts["template"]
@@ -236,16 +293,19 @@ def _size_label(p: str) -> str:
     return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.2f}M"
 
 
-def _other_tags(state: ServerState, facts: dict) -> list[dict]:
-    """/api/tags entries after the served model's: created models, then pulled catalogue models not served."""
+def _other_tags(app: ServerState, facts: dict | None) -> list[dict]:
+    """/api/tags entries after the served model's (facts): created models, then pulled catalogue models not
+    served (with `serve MODEL`; with `serve` they are listed with their tags already)."""
     out = []
+    primary = app.primary_model()
+    identity = primary.identity() if primary is not None else None
     for m in created_store.list_created():
-        base = facts if m.base == state.served_identity() else _other_facts(m.base)
+        base = facts if facts is not None and m.base == identity else _other_facts(m.base)
         out.append({"name": m.name, "model": m.name, "modified_at": _iso(created_store.modified_at(m)),
                     "size": base["size"], "digest": m.digest,
                     "details": ModelDetails(**{**base["details"], "parent_model": m.parent}).model_dump()})
-    for key, _, _ in list_models():
-        if key != state.served_identity():
+    for key, _, _ in list_models() if not app.multi else ():
+        if key != identity:
             f = _other_facts(key)
             out.append({"name": key, "model": key, "modified_at": f["modified_at"], "size": f["size"],
                         "digest": f["digest"], "details": f["details"]})

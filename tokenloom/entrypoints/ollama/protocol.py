@@ -24,6 +24,7 @@ from tokenloom.entrypoints.openai.protocol import (
     TopP,
     explained,
 )
+from tokenloom.config import DURATION_PATTERN
 from tokenloom.loader.created import NAME_PATTERN
 from tokenloom.loader.modelfile import PARAMETER_TYPES, ModelfileError, check_parameters
 from tokenloom.entrypoints.server_state import APIError, documented_errors
@@ -68,13 +69,19 @@ class Options(BaseModel):
     num_ctx: Integer | None = Field(None, description="Ignored: the context window is the server's")
 
 
+KeepAlive = float | Annotated[str, Field(pattern=DURATION_PATTERN)]
+KEEP_ALIVE_DOC = ("How long the model stays loaded after this request: seconds, or a duration such as \"5m\"; 0 "
+                  "unloads it at once, negative keeps it (default: the server's --keep-alive; ignored by "
+                  "`tokenloom serve MODEL`, which keeps its model)")
+
+
 class _Common(BaseModel):
     model_config = STRICT
-    model: ModelName = Field(..., description="The served model's name (GET /api/tags), ':latest' optional")
+    model: ModelName = Field(..., description="A model name from GET /api/tags (NAME[:TAG], ':latest' optional)")
     options: Options | None = None
     stream: bool = Field(True, description="Stream newline-delimited JSON objects (default true)")
     format: str | dict | None = Field(None, description="'json' (any JSON value) or a JSON schema the output matches")
-    keep_alive: float | str | None = Field(None, description="Ignored (the model stays loaded)")
+    keep_alive: KeepAlive | None = Field(None, description=KEEP_ALIVE_DOC)
     think: bool | str | None = Field(None, description="Ignored")
     logprobs: bool = False
     top_logprobs: LogprobCount | None = Field(None, description="With logprobs: the top-N alternatives per token "
@@ -112,17 +119,17 @@ class EmbedRequest(BaseModel):
         ..., description="A text or a list of texts (none empty)")
     truncate: bool = Field(True, description="Cut inputs to the context window (false: error instead)")
     options: Options | None = None
-    keep_alive: float | str | None = None
+    keep_alive: KeepAlive | None = Field(None, description=KEEP_ALIVE_DOC)
     dimensions: Integer | None = None
 
 
 class EmbeddingsRequest(BaseModel):
     """The legacy /api/embeddings body: one prompt, no truncation."""
     model_config = ConfigDict(extra="ignore")
-    model: ModelName = Field(..., description="The served model's name (GET /api/tags), ':latest' optional")
+    model: ModelName = Field(..., description="A model name from GET /api/tags (NAME[:TAG], ':latest' optional)")
     prompt: str = Field("", description="The text to embed; empty: an empty embedding (as Ollama answers)")
     options: Options | None = Field(None, description="Ignored")
-    keep_alive: float | str | None = Field(None, description="Ignored (the model stays loaded)")
+    keep_alive: KeepAlive | None = Field(None, description=KEEP_ALIVE_DOC)
 
 
 def _model_or_name(*more: dict) -> dict:

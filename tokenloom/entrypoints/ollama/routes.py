@@ -40,9 +40,11 @@ from tokenloom.entrypoints.tool_calls import (
     tool_constraint,
     validate_tools,
 )
+from tokenloom.entrypoints.app_state import get_state, parse_keep_alive
 from tokenloom.entrypoints.created_models import ollama_options, with_messages
-from tokenloom.entrypoints.server_state import APIError, ServerState, chat_logprobs, embed_inputs, get_state
+from tokenloom.entrypoints.server_state import APIError, ServedModel, chat_logprobs, embed_inputs
 from tokenloom.entrypoints.streaming import DeltaTracker, merge_streams, ndjson_response, until_disconnected
+from tokenloom.loader.created import CreatedModel
 
 router = APIRouter(tags=["Ollama"])
 
@@ -86,7 +88,7 @@ def _done(model: str, kind: str, text: str, start: float, out: RequestOutput) ->
     return resp
 
 
-async def _chunks(state: ServerState, streams, start: float, model: str, kind: str, top_n: int | None,
+async def _chunks(state: ServedModel, streams, start: float, model: str, kind: str, top_n: int | None,
                   tool_names: list[str] | None) -> AsyncIterator[dict]:
     """The streamed objects: text deltas (with their logprobs; with tools, the content and each tool call once
     complete), then the done=true object with the timings."""
@@ -117,7 +119,7 @@ async def _chunks(state: ServerState, streams, start: float, model: str, kind: s
             yield _done(model, kind, "", start, out)
 
 
-async def _run(state: ServerState, request: Request, body: _Common, prompt, start: float, model: str, kind: str,
+async def _run(state: ServedModel, request: Request, body: _Common, prompt, start: float, model: str, kind: str,
                constraint=None, tool_names: list[str] | None = None):
     """Generate for an Ollama request; constraint: the output constraint (default: the body's format);
     tool_names: parse the reply for calls of these tools."""
@@ -150,19 +152,22 @@ async def _run(state: ServerState, request: Request, body: _Common, prompt, star
     return JSONResponse(resp)
 
 
-def _model(state: ServerState, body: _Common):
-    """(the name to answer with, the created model the request names or None); a created model's PARAMETERs
-    become the body's default options."""
-    model, created = state.lookup_model(body.model, ollama=True)
+async def _model(request: Request, body: _Common) -> tuple[str, CreatedModel | None, ServedModel]:
+    """(the name to answer with, the created model the request names or None, the loaded model), loading it if
+    needed; a created model's PARAMETERs become the body's default options."""
+    model, created, state = await get_state(request).resolve(request, body.model, ollama=True,
+                                                             keep_alive=body.keep_alive)
     if created is not None and created.parameters:
         body.options = Options(**ollama_options(created, body.options))
-    return model, created
+    return model, created, state
 
 
-def _loaded(model: str, kind: str, keep_alive) -> JSONResponse:
+def _loaded(model: str, kind: str, keep_alive, start: float) -> JSONResponse:
     """Ollama's answer to an empty prompt: load (or with keep_alive 0, unload) the model."""
     resp = _reply(model, kind, "")
-    resp.update(done=True, done_reason="unload" if keep_alive in (0, "0", "0s", "0m") else "load")
+    elapsed = _ns(time.perf_counter() - start)
+    resp.update(done=True, done_reason="unload" if parse_keep_alive(keep_alive) == 0 else "load",
+                total_duration=elapsed, load_duration=elapsed)
     return JSONResponse(resp)
 
 
@@ -170,14 +175,13 @@ def _loaded(model: str, kind: str, keep_alive) -> JSONResponse:
 async def generate(body: GenerateRequest, request: Request):
     """Complete a prompt (rendered as a user message with the chat template unless raw is true)."""
     start = time.perf_counter()
-    state = get_state(request)
-    model, created = _model(state, body)
+    model, created, state = await _model(request, body)
     if body.images:
         raise APIError(400, "images are not supported by this model", param="images")
     if body.suffix:
         raise APIError(400, "suffix (fill-in-the-middle) is not supported", param="suffix")
     if not body.prompt:
-        return _loaded(model, "generate", body.keep_alive)
+        return _loaded(model, "generate", body.keep_alive, start)
     tok = state.require_tokenizer()
     if body.raw or tok.chat_template is None:
         ids = await state.encode(body.prompt)
@@ -194,10 +198,9 @@ async def generate(body: GenerateRequest, request: Request):
 async def chat(body: ChatRequest, request: Request):
     """Chat: the messages are rendered with the model's chat template, then completed."""
     start = time.perf_counter()
-    state = get_state(request)
-    model, created = _model(state, body)
+    model, created, state = await _model(request, body)
     if not body.messages:
-        return _loaded(model, "chat", body.keep_alive)
+        return _loaded(model, "chat", body.keep_alive, start)
     msgs = []
     for k, m in enumerate(body.messages):
         if m.images:
@@ -222,8 +225,8 @@ async def chat(body: ChatRequest, request: Request):
 async def embed(body: EmbedRequest, request: Request):
     """Embeddings, pooled as /v1/embeddings: mean of the final-norm hidden states, L2-normalised."""
     start = time.perf_counter()
-    state = get_state(request)
-    model = state.check_model(body.model, ollama=True)
+    model, _, state = await get_state(request).resolve(request, body.model, ollama=True, keep_alive=body.keep_alive)
+    t_loaded = time.perf_counter()
     hidden = state.engine.model_config.hidden_size
     if body.dimensions is not None and body.dimensions != hidden:
         raise APIError(400, f"dimensions must be the model's hidden size {hidden}", param="dimensions")
@@ -242,15 +245,14 @@ async def embed(body: EmbedRequest, request: Request):
         ids.append(t)
     vectors, n = await embed_inputs(state, ids)
     return JSONResponse({"model": model, "embeddings": vectors, "total_duration": _ns(time.perf_counter() - start),
-                         "load_duration": 0, "prompt_eval_count": n})
+                         "load_duration": _ns(t_loaded - start), "prompt_eval_count": n})
 
 
 @router.post("/api/embeddings", response_model=EmbeddingsResponse, responses=ERRORS)
 async def embeddings(body: EmbeddingsRequest, request: Request):
     """Legacy single-prompt embedding (the `ollama` client's embeddings()), pooled as /api/embed; never
     truncated: a prompt longer than the context window is a 400."""
-    state = get_state(request)
-    state.check_model(body.model, ollama=True)
+    _, _, state = await get_state(request).resolve(request, body.model, ollama=True, keep_alive=body.keep_alive)
     if not body.prompt:  # Ollama answers an empty prompt with an empty embedding, not an error
         return JSONResponse({"embedding": []})
     try:

@@ -406,6 +406,9 @@ class ModelCard(BaseModel):
     created: int
     owned_by: str = "tokenloom"
     max_model_len: int | None = None
+    root: str | None = Field(None, description="The model it is a variant, copy or route of (vLLM's root)")
+    parent: str | None = Field(None, description="The model it is derived from (a created model's base, a route's "
+                                                 "first variant)")
 
 
 class ModelList(BaseModel):

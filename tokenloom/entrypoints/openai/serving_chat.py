@@ -30,7 +30,8 @@ from tokenloom.entrypoints.tool_calls import (
     validate_tools,
 )
 from tokenloom.entrypoints.created_models import apply_openai_defaults, with_messages
-from tokenloom.entrypoints.server_state import APIError, ServerState, chat_logprobs, get_state
+from tokenloom.entrypoints.app_state import get_state
+from tokenloom.entrypoints.server_state import APIError, ServedModel, chat_logprobs
 from tokenloom.entrypoints.streaming import (
     DeltaTracker,
     aborted_chunks,
@@ -69,8 +70,7 @@ def _messages(msgs: list[ChatMessage]) -> list[dict]:
              responses={**stream_doc("The chat completion"), **ERROR_RESPONSES})
 async def create_chat_completion(body: ChatCompletionRequest, request: Request):
     """Chat: the messages are rendered with the model's chat template, then completed."""
-    state = get_state(request)
-    model, created = state.lookup_model(body.model)
+    model, created, state = await get_state(request).resolve(request, body.model, user=body.user)
     apply_openai_defaults(created, body, "max_completion_tokens",
                           body.max_completion_tokens is None and body.max_tokens is None)
     if body.top_logprobs is not None and not body.logprobs:
@@ -117,7 +117,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request):
                          "system_fingerprint": None})
 
 
-def _tools(state: ServerState, body: ChatCompletionRequest, messages: list[dict]):
+def _tools(state: ServedModel, body: ChatCompletionRequest, messages: list[dict]):
     """(messages, tools for the template, the tool-choice constraint, the tool names to parse calls of; None when
     the reply is not parsed for tool calls)."""
     try:
@@ -140,7 +140,7 @@ def _tools(state: ServerState, body: ChatCompletionRequest, messages: list[dict]
     return messages, template_tools, constraint, [t["function"]["name"] for t in tools]
 
 
-async def _chat_chunks(state: ServerState, streams, rid, created, model, n, include_usage, top_n, tool_names):
+async def _chat_chunks(state: ServedModel, streams, rid, created, model, n, include_usage, top_n, tool_names):
     tracker = DeltaTracker()
     parsers = {j: ToolCallStreamParser(tool_names) for j in range(n)} if tool_names is not None else {}
     n_prompt = n_out = 0

@@ -18,7 +18,8 @@ from tokenloom.entrypoints.openai.protocol import (
     usage,
 )
 from tokenloom.entrypoints.created_models import apply_openai_defaults
-from tokenloom.entrypoints.server_state import APIError, ServerState, get_state
+from tokenloom.entrypoints.app_state import get_state
+from tokenloom.entrypoints.server_state import APIError, ServedModel
 from tokenloom.entrypoints.streaming import (
     DeltaTracker,
     aborted_chunks,
@@ -31,7 +32,7 @@ from tokenloom.entrypoints.streaming import (
 router = APIRouter(tags=["OpenAI"])
 
 
-def _completion_logprobs(state: ServerState, o: CompletionOutput, t0: int, t1: int, offset: int) -> dict:
+def _completion_logprobs(state: ServedModel, o: CompletionOutput, t0: int, t1: int, offset: int) -> dict:
     tokens, token_lps, tops, offsets = [], [], [], []
     for k in range(t0, t1):
         tid = o.token_ids[k]
@@ -59,8 +60,7 @@ def _prompts(prompt) -> list[str | list[int]]:
              responses={**stream_doc("The completion"), **ERROR_RESPONSES})
 async def create_completion(body: CompletionRequest, request: Request):
     """Complete text or token-id prompts (OpenAI legacy completions)."""
-    state = get_state(request)
-    model, created = state.lookup_model(body.model)
+    model, created, state = await get_state(request).resolve(request, body.model, user=body.user)
     apply_openai_defaults(created, body, "max_tokens", "max_tokens" not in body.model_fields_set)
     if body.suffix:
         raise APIError(400, "suffix is not supported", param="suffix")
@@ -101,7 +101,7 @@ async def create_completion(body: CompletionRequest, request: Request):
                          "choices": choices, "usage": usage(n_prompt, n_out), "system_fingerprint": None})
 
 
-async def _completion_chunks(state: ServerState, streams, rid, created, model, n, echo, include_usage, logprobs):
+async def _completion_chunks(state: ServedModel, streams, rid, created, model, n, echo, include_usage, logprobs):
     tracker = DeltaTracker()
     n_prompt: dict[int, int] = {}
     n_out = 0

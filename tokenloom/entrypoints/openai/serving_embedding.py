@@ -8,7 +8,8 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from tokenloom.entrypoints.openai.protocol import ERROR_RESPONSES, EmbeddingRequest, EmbeddingResponse, usage
-from tokenloom.entrypoints.server_state import APIError, embed_inputs, get_state
+from tokenloom.entrypoints.app_state import get_state
+from tokenloom.entrypoints.server_state import APIError, embed_inputs
 
 router = APIRouter(tags=["OpenAI"])
 
@@ -17,8 +18,7 @@ router = APIRouter(tags=["OpenAI"])
 async def create_embeddings(body: EmbeddingRequest, request: Request):
     """Embeddings: the mean over the input tokens of the model's final-norm hidden states (the LM head's
     input), L2-normalised (unit length, so a dot product is the cosine similarity)."""
-    state = get_state(request)
-    model = state.check_model(body.model)
+    model, _, state = await get_state(request).resolve(request, body.model, user=body.user)
     hidden = state.engine.model_config.hidden_size
     if body.dimensions is not None and body.dimensions != hidden:
         raise APIError(400, f"dimensions must be the model's hidden size {hidden}", param="dimensions")

@@ -17,12 +17,18 @@ class Qwen3Attention(Attention):
         self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
 
     def rotated_qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-        T, H, KVH, D = x.shape[0], self.num_heads, self.num_kv_heads, self.head_dim
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        # Rows of head_dim values: the fused RMSNorm kernel's shape (a contiguous copy, rotated in place).
-        q = apply_rotary_(self.q_norm(q.reshape(T * H, D)).view(T, H * D), cos, sin, H, D)
-        k = apply_rotary_(self.k_norm(k.reshape(T * KVH, D)).view(T, KVH * D), cos, sin, KVH, D)
-        return q.view(T, H, D), k.view(T, KVH, D), v.view(T, KVH, D)
+        return qk_normed_rotated_qkv(self, x, cos, sin)
+
+
+def qk_normed_rotated_qkv(attn: Attention, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    """q [T, H, D], k and v [T, KVH, D] with attn.q_norm / attn.k_norm over each head, then the rotary embedding
+    (Qwen3, Gemma 3)."""
+    T, H, KVH, D = x.shape[0], attn.num_heads, attn.num_kv_heads, attn.head_dim
+    q, k, v = attn.qkv_proj(x).split([attn.q_size, attn.kv_size, attn.kv_size], dim=-1)
+    # Rows of head_dim values: the fused RMSNorm kernel's shape (a contiguous copy, rotated in place).
+    q = apply_rotary_(attn.q_norm(q.reshape(T * H, D)).view(T, H * D), cos, sin, H, D)
+    k = apply_rotary_(attn.k_norm(k.reshape(T * KVH, D)).view(T, KVH * D), cos, sin, KVH, D)
+    return q.view(T, H, D), k.view(T, KVH, D), v.view(T, KVH, D)
 
 
 class Qwen3DecoderLayer(DecoderLayer):

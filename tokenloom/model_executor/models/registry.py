@@ -6,9 +6,14 @@ mixtral), kept as ModelConfig.architecture. Each model class declares its checkp
 from __future__ import annotations
 
 from tokenloom.config import TokenloomError
+from tokenloom.model_executor.models.gemma2 import Gemma2ForCausalLM
+from tokenloom.model_executor.models.gemma3 import Gemma3ForCausalLM
 from tokenloom.model_executor.models.llama import CausalLM
+from tokenloom.model_executor.models.phi3 import Phi3ForCausalLM
 from tokenloom.model_executor.models.qwen2 import Qwen2ForCausalLM
+from tokenloom.model_executor.models.qwen2_moe import Qwen2MoeForCausalLM
 from tokenloom.model_executor.models.qwen3 import Qwen3ForCausalLM
+from tokenloom.model_executor.models.qwen3_moe import Qwen3MoeForCausalLM
 
 # architecture: (model class, transformers' class name, written to config.json by quantized checkpoints)
 MODELS: dict[str, tuple[type[CausalLM], str]] = {
@@ -17,6 +22,14 @@ MODELS: dict[str, tuple[type[CausalLM], str]] = {
     "mixtral": (CausalLM, "MixtralForCausalLM"),
     "qwen2": (Qwen2ForCausalLM, "Qwen2ForCausalLM"),
     "qwen3": (Qwen3ForCausalLM, "Qwen3ForCausalLM"),
+    "phi3": (Phi3ForCausalLM, "Phi3ForCausalLM"),
+    "qwen2_moe": (Qwen2MoeForCausalLM, "Qwen2MoeForCausalLM"),
+    "qwen2moe": (Qwen2MoeForCausalLM, "Qwen2MoeForCausalLM"),  # a GGUF file's name for it
+    "qwen3_moe": (Qwen3MoeForCausalLM, "Qwen3MoeForCausalLM"),
+    "qwen3moe": (Qwen3MoeForCausalLM, "Qwen3MoeForCausalLM"),  # a GGUF file's name for it
+    "gemma2": (Gemma2ForCausalLM, "Gemma2ForCausalLM"),
+    "gemma3": (Gemma3ForCausalLM, "Gemma3ForCausalLM"),  # a GGUF file's name for Gemma 3's text model
+    "gemma3_text": (Gemma3ForCausalLM, "Gemma3ForCausalLM"),
 }
 
 

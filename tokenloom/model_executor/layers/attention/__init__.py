@@ -31,6 +31,10 @@ def select_backend(q: torch.Tensor, cache: LayerKVCache) -> AttentionBackend:
 
 
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: LayerKVCache, meta: AttentionMetadata,
-                    scale: float) -> torch.Tensor:
-    """One layer's attention: new k/v [T, KVH, D] written into `cache`, q [T, H, D] -> [T, H * D]."""
+                    scale: float, softcap: float | None = None) -> torch.Tensor:
+    """One layer's attention: new k/v [T, KVH, D] written into `cache`, q [T, H, D] -> [T, H * D]. softcap: the
+    scores go through softcap * tanh(scores / softcap) before the softmax (Gemma 2), which only the torch path
+    does."""
+    if softcap is not None:
+        return TORCH_BACKEND.attend(q, k, v, cache, meta, scale, softcap)
     return select_backend(q, cache).attend(q, k, v, cache, meta, scale)

@@ -24,7 +24,7 @@ class AttentionBackend:
                                         sliding_window, device)
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: LayerKVCache,
-               meta: AttentionMetadata, scale: float) -> torch.Tensor:
+               meta: AttentionMetadata, scale: float, softcap: float | None = None) -> torch.Tensor:
         """Write the step's new k/v [T, KVH, D] into `cache`, then attend each token's q [T, H, D] over its
-        sequence's context: [T, H * D]."""
+        sequence's context: [T, H * D]. softcap: tanh soft-capping of the scores (paged_attention)."""
         raise NotImplementedError

@@ -20,8 +20,9 @@ class CpuFusedAttentionBackend(TorchAttentionBackend):
         return (cache.k_scale is None and cache.k.dtype == q.dtype and q.shape[-1] % 16 == 0
                 and cpu_ops.ops_for(q) is not None)
 
-    def attend_batch(self, q: torch.Tensor, cache: LayerKVCache, meta: AttentionBatch, scale: float) -> torch.Tensor:
-        if meta.max_query_len != 1:
-            return super().attend_batch(q, cache, meta, scale)
+    def attend_batch(self, q: torch.Tensor, cache: LayerKVCache, meta: AttentionBatch, scale: float,
+                     softcap: float | None = None) -> torch.Tensor:
+        if meta.max_query_len != 1 or softcap is not None:
+            return super().attend_batch(q, cache, meta, scale, softcap)
         return cpu_ops.ops_for(q).paged_decode_attention(q, cache.k, cache.v, meta.block_table, meta.block_size,
                                                          meta.context_lens, meta.key_start, scale)

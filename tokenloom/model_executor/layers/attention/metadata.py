@@ -6,7 +6,7 @@ and masks are built here once, so the per-layer work is tensor ops only.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -38,6 +38,21 @@ class AttentionMetadata:
     batches: list[AttentionBatch]
     # Single sequence prefilled from position 0: plain causal attention over the new tokens, no gather.
     causal_only: bool = False
+    window: int | None = None  # the sliding window the masks apply (None: the whole context)
+    # build_attention_metadata's arguments but the window, and the step's metadata for other windows built so far
+    step: tuple = field(default=(), repr=False)
+    other_windows: dict = field(default_factory=dict, repr=False)
+
+    def for_window(self, window: int | None) -> "AttentionMetadata":
+        """This step's metadata for layers attending over another sliding window (Gemma interleaves sliding and
+        global layers): built on a layer's first call in the step, then shared by the layers of that window."""
+        if window == self.window:
+            return self
+        if window not in self.other_windows:
+            q, ctx, tables, block_size, group_size, device = self.step
+            self.other_windows[window] = build_attention_metadata(q, ctx, tables, block_size, group_size, window,
+                                                                  device)
+        return self.other_windows[window]
 
 
 def build_attention_metadata(
@@ -61,8 +76,9 @@ def build_attention_metadata(
     tok_pos = torch.arange(T) - offsets[seq_of_token] + (torch.tensor(context_lens) - q_lens)[seq_of_token]
     slot_mapping = (table[seq_of_token, tok_pos // block_size] * block_size + tok_pos % block_size).to(device)
 
+    step = (query_lens, context_lens, block_tables, block_size, group_size, device)
     if B == 1 and context_lens[0] == query_lens[0] and (sliding_window is None or T <= sliding_window):
-        return AttentionMetadata(slot_mapping, [], causal_only=True)
+        return AttentionMetadata(slot_mapping, [], causal_only=True, window=sliding_window, step=step)
     decodes = [i for i, q in enumerate(query_lens) if q == 1]
     if not decodes or len(decodes) == B:
         groups = [list(range(B))]
@@ -76,7 +92,7 @@ def build_attention_metadata(
         batches.append(_build_batch([query_lens[i] for i in seqs], [context_lens[i] for i in seqs],
                                     table[seqs] if len(groups) > 1 else table, rows, block_size, group_size,
                                     sliding_window, device))
-    return AttentionMetadata(slot_mapping, batches)
+    return AttentionMetadata(slot_mapping, batches, window=sliding_window, step=step)
 
 
 def _build_batch(query_lens, context_lens, table, token_rows, block_size, group_size, sliding_window,
