@@ -326,3 +326,18 @@ def test_serve_cli_models_dir_routes_sighup_and_expiry(tiny_llama, tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_a_client_gone_mid_load_leaves_no_orphan_engine():
+    """The load a request started finishes without it, and the model then expires as if it had been used."""
+    server = _pool()
+    url = server.url
+    try:
+        with pytest.raises(httpx.TimeoutException):
+            httpx.post(url + "/api/generate", json={"model": MODEL, "prompt": "", "keep_alive": "1s"}, timeout=0.3)
+        _wait(lambda: MODEL in _ps(url), timeout=120)
+        _wait(lambda: _ps(url) == {}, timeout=30)
+        assert server.loads == [MODEL] and not server.pool._loading
+        assert _complete(url, MODEL).status_code == 200 and server.loads == [MODEL, MODEL]
+    finally:
+        server.stop()

@@ -18,6 +18,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -29,6 +30,7 @@ from tokenloom.loader.sources import catalogue_key, list_models, resolve_model
 from tokenloom.loader.variants import Variant
 
 log = logging.getLogger("tokenloom.server")
+_TAKE_S = 2.0  # a model just loaded waits this long for the requests that asked for it, whatever its keep-alive
 
 
 @dataclass
@@ -170,7 +172,9 @@ class ModelPool:
 
     # ---- getting a model ---------------------------------------------------------------------------------------
     async def get(self, variant: Variant, source: str, keep_alive_s: float | None = None) -> ServedModel:
-        """The loaded model of a variant, loading it first if needed; leased to the caller (release() it)."""
+        """The loaded model of a variant, loading it first if needed; leased to the caller (release() it). The load
+        is a task of its own: a client that goes away mid-load leaves it to finish (the model then expires as if
+        used), and every request waiting for it gets the load's error."""
         while True:
             model = self.loaded.get(variant.name)
             if model is not None:
@@ -178,21 +182,18 @@ class ModelPool:
                     model.keep_alive_s = keep_alive_s
                 model.acquire()
                 return model
-            pending = self._loading.get(variant.name)
-            if pending is not None:
-                await asyncio.shield(pending)
-                continue
-            pending = asyncio.get_running_loop().create_future()
-            self._loading[variant.name] = pending
-            try:
-                await self._load(variant, source, keep_alive_s)
-                pending.set_result(None)
-            except BaseException as exc:
-                pending.set_exception(exc)
-                pending.exception()  # retrieved here; waiters re-raise it
-                raise
-            finally:
-                del self._loading[variant.name]
+            task = self._loading.get(variant.name)
+            if task is None:
+                task = asyncio.get_running_loop().create_task(self._load(variant, source, keep_alive_s))
+                self._loading[variant.name] = task
+                task.add_done_callback(partial(self._loaded, variant.name))
+            await asyncio.shield(task)
+
+    def _loaded(self, name: str, task: asyncio.Task) -> None:
+        if self._loading.get(name) is task:
+            del self._loading[name]
+        if not task.cancelled():
+            task.exception()  # retrieved here: the waiters re-raise it
 
     async def _load(self, variant: Variant, source: str, keep_alive_s: float | None) -> None:
         if self._load_lock is None:
@@ -208,8 +209,14 @@ class ModelPool:
                 engine = await asyncio.to_thread(self.factory, variant, source)
             except TokenloomError as exc:
                 raise APIError(400, f"model '{variant.name}' could not be loaded: {exc}", param="model") from None
+            except Exception as exc:  # noqa: BLE001 - a broken file: the server's side, said plainly
+                log.exception("loading '%s' failed", variant.name)
+                raise APIError(500, f"model '{variant.name}' could not be loaded: {exc}", type="server_error",
+                               param="model") from None
             model = self.add_loaded(engine, variant.name, pinned=False, load_duration_s=time.perf_counter() - t0)
             model.keep_alive_s = self.config.keep_alive_s if keep_alive_s is None else keep_alive_s
+            if model.keep_alive_s >= 0:  # unleased until a request takes it (a moment later): then it expires
+                model.expires_at = time.time() + model.keep_alive_s + _TAKE_S
             model.weight_bytes = model.weight_bytes or estimate
             if budget and model.weight_bytes > budget:
                 await self.unload(variant.name)
