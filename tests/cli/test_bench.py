@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import stat
+import statistics
 import subprocess
 import sys
 
@@ -115,7 +116,8 @@ def test_structured_json(default_gguf):
     assert proc.returncode == 0, proc.stderr
     res = json.loads(proc.stdout)
     assert res["concurrency"] == 4 and len(res["ratios"]) == 2 and res["free_full_tok_s"] > 0
-    assert res["ratio"] == pytest.approx(sorted(res["ratios"])[0], rel=0.5)
+    assert all(r > 0 for r in res["ratios"])  # the report's ratio is the median of its rounds' (noise is theirs)
+    assert res["ratio"] == pytest.approx(statistics.median(res["ratios"]))
     assert res["finished"] > 0 and res["valid"] == res["finished"]
     assert res["mask_ms_per_step"] > 0 and "decode over the first" in proc.stderr
 
