@@ -356,6 +356,51 @@ class LoRAConfig:
 
 
 @dataclass
+class ParallelConfig:
+    """How the model is spread over processes, under vLLM's names: tensor_parallel_size ranks split every weight
+    matrix, pipeline_parallel_size ranks split the layers; distributed_executor_backend "mp" runs the ranks
+    beyond the engine's own as local worker processes, "ray" as Ray actors over a Ray cluster's nodes (None: "mp"
+    when more than one rank is asked for). master_addr/master_port: where the ranks meet (torch.distributed's
+    TCP store, held by the engine's process); port 0 picks a free one. pipeline_microbatches: a step's sequences
+    go down the pipeline in up to this many groups, so stages work at once (default: one per stage; 1 keeps each
+    step's batch whole, which makes outputs bit-identical to one rank's; groups round as different batches do)."""
+    tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
+    distributed_executor_backend: str | None = None
+    pipeline_microbatches: int | None = None
+    master_addr: str = "127.0.0.1"
+    master_port: int = 0
+    worker_start_timeout_s: float = 300.0
+
+    BACKENDS = ("mp", "ray", "uni")
+
+    def __post_init__(self):
+        for name in ("tensor_parallel_size", "pipeline_parallel_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise TokenloomError(f"{name} must be an integer >= 1, got {value!r}")
+        if self.tensor_parallel_size > 1 and self.pipeline_parallel_size > 1:
+            raise TokenloomError("tensor and pipeline parallelism together are not supported yet: "
+                                 "use one of --tensor-parallel-size / --pipeline-parallel-size")
+        backend = self.distributed_executor_backend
+        if backend is not None and backend not in self.BACKENDS:
+            raise TokenloomError(f"unknown distributed_executor_backend {backend!r} (mp, ray)")
+        if backend == "uni" and self.world_size > 1:
+            raise TokenloomError("distributed_executor_backend 'uni' runs one process: tensor/pipeline "
+                                 "parallel sizes must be 1")
+        if self.world_size > 1 and backend is None:
+            self.distributed_executor_backend = "mp"
+        if self.pipeline_microbatches is None:
+            self.pipeline_microbatches = self.pipeline_parallel_size
+        if not isinstance(self.pipeline_microbatches, int) or self.pipeline_microbatches < 1:
+            raise TokenloomError(f"pipeline_microbatches must be an integer >= 1, got {self.pipeline_microbatches!r}")
+
+    @property
+    def world_size(self) -> int:
+        return self.tensor_parallel_size * self.pipeline_parallel_size
+
+
+@dataclass
 class EngineConfig:
     model: str = "smollm2-135m"
     dtype: str = "auto"
@@ -367,6 +412,7 @@ class EngineConfig:
     speculative: SpeculativeConfig | None = None
     structured_output: StructuredOutputConfig = field(default_factory=StructuredOutputConfig)
     lora: LoRAConfig | None = None  # None: no adapters (LLM(..., enable_lora=True) sets one)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
 
 _DURATION_PART = re.compile(r"(-?\d+(?:\.\d+)?)(ms|s|m|h)?")

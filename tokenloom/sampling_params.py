@@ -95,6 +95,9 @@ class SamplingParams:
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     structured_outputs: StructuredOutputsParams | None = None
+    # OpenAI's legacy best_of: generate this many candidates (one prefill, seeds seed + i as with n), return the n
+    # of the highest mean token logprob, best first (None = n)
+    best_of: int | None = None
 
     def __post_init__(self):
         def bad(param, msg):
@@ -112,10 +115,12 @@ class SamplingParams:
 
         if not is_int(self.n) or self.n < 1:
             bad("n", f"must be an integer >= 1, got {self.n!r}")
+        if self.best_of is not None and (not is_int(self.best_of) or self.best_of < self.n):
+            bad("best_of", f"must be an integer >= n ({self.n}), got {self.best_of!r}")
         if number("temperature") < 0:
             bad("temperature", f"must be >= 0 (0 = greedy), got {self.temperature}")
-        if not is_int(self.top_k) or self.top_k < -1:
-            bad("top_k", f"must be -1 (off) or a positive integer, got {self.top_k!r}")
+        if not is_int(self.top_k) or not -1 <= self.top_k < 2**31:
+            bad("top_k", f"must be -1 (off) or a positive integer below 2**31, got {self.top_k!r}")
         if self.top_k == 0:
             self.top_k = -1
         if not 0 < number("top_p") <= 1:

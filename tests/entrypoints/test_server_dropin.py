@@ -241,7 +241,8 @@ def _within_model(body, path: str, vocab: int, hidden: int):
         body.pop(key, None)
     if path in ("/v1/completions", "/v1/chat/completions"):
         body["n"] = min(int(body.get("n") or 1), 2)
-        body.pop("best_of", None)
+        for key in ("best_of", "scorer", "self_consistency"):  # many candidates or a judge each (test_ttc.py)
+            body.pop(key, None)
         for key in ("max_tokens", "max_completion_tokens"):
             body[key] = min(int(body.get(key) or MAX_FUZZ_TOKENS), MAX_FUZZ_TOKENS)
         body["min_tokens"] = min(int(body.get("min_tokens") or 0), body["max_tokens"], body["max_completion_tokens"])

@@ -13,14 +13,14 @@ PACKAGE = Path(__file__).resolve().parents[2] / "tokenloom"
 LAYERS = [
     ("cli",),
     ("bench", "eval"),
-    ("entrypoints",),
+    ("entrypoints", "ttc"),
     ("engine",),
     ("core",),
     ("worker",),
     ("spec_decode", "quant", "lora"),
     ("model_executor",),
     ("sample", "structured_output"),
-    ("kernels", "loader", "gguf", "tokenizer"),
+    ("kernels", "loader", "gguf", "tokenizer", "distributed"),
     ("config", "sampling_params", "version"),
 ]
 SMALL = ("engine", "core", "worker", "model_executor", "sample")

@@ -69,8 +69,12 @@ def _prompt(seed: int, n: int = 21) -> list[int]:
 
 def _check_logits(llm, lora, reference, prompt):
     rec = record_logits(llm)
+    fused = llm.engine.runner.fused
+    rows = fused.adapter_rows if fused is not None else 0
     out = llm.generate(prompt, _greedy(), lora_request=lora)[0]
     stop_recording(llm)
+    if fused is not None:  # the decode steps ran on the compiled stack, which added the adapter's deltas
+        assert fused.adapter_rows - rows == STEPS - 1
     ref_tokens, ref_logits = hf_greedy(reference, prompt, STEPS)
     assert len(rec) == STEPS
     for step, (ours, theirs) in enumerate(zip(rec, ref_logits)):
@@ -388,7 +392,9 @@ def test_async_engine_runs_adapters_and_refuses_bad_ones(tiny_llama, adapters, t
 
 def test_bench_lora_json(tiny_llama):
     """`tokenloom bench lora --json`: the same batch on the base model and spread over adapters, one JSON object
-    on stdout; adapter rows ran layer by layer."""
+    on stdout; adapter rows ran on the compiled stack where there is one, and layer by layer in "lora, layers"."""
+    from tokenloom.model_executor.fused_decode import EXTENSION
+
     from tests.cli.test_cli import tokenloom
 
     path, _ = tiny_llama
@@ -397,5 +403,9 @@ def test_bench_lora_json(tiny_llama):
     assert proc.returncode == 0, proc.stderr
     res = json.loads(proc.stdout)
     assert res["lora_tok_s"] > 0 and res["base_tok_s"] > 0 and res["ratio"] > 0
-    assert res["steps_by_path"]["lora"]["fused"] == 0 and res["steps_by_path"]["lora"]["layers"] > 0
+    paths = res["steps_by_path"]
+    assert paths["lora, layers"]["fused"] == 0 and paths["lora, layers"]["layers"] > 0
+    if EXTENSION.load() is not None:  # decodes on the stack, adapter rows and all
+        assert res["base_decode_path"] == res["lora_decode_path"] == "fused"
+    assert res["lora_layers_tok_s"] > 0 and res["ratio_adapter_rows_layers"] > 0
     assert (res["adapters"], res["rank"], res["batch"]) == (2, 4, 4)

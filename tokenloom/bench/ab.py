@@ -16,6 +16,7 @@ from collections import defaultdict
 
 from tokenloom.bench.common import pct, summary
 from tokenloom.bench.serve import RequestResult, stream_request
+from tokenloom.bench.token_economics import remote_section
 
 PROMPTS = [
     "Write one sentence about the sea.", "Name three colours.", "What is a loom used for?",
@@ -141,4 +142,6 @@ def bench_ab(args) -> dict:
             thread.join(30)
     print(f"route '{route}' at {base_url}: {args.num_prompts} chat requests, concurrency {args.concurrency}, "
           f"{args.output_len} new tokens, {duration:.1f} s")
-    return {"route": route, "duration_s": duration, "variants": _table(by_variant, duration)}
+    variants = _table(by_variant, duration)
+    econ = remote_section(args, {}, sum(v["out_tok_s"] for v in variants.values()), 0.0, 0)
+    return {"route": route, "duration_s": duration, "variants": variants, "economics": econ}

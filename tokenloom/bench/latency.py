@@ -6,6 +6,7 @@ import statistics
 import torch
 
 from tokenloom.bench.common import hf_generate_timed, load_hf_reference, random_prompts
+from tokenloom.bench.token_economics import section
 
 
 def bench_latency(args) -> dict:
@@ -54,4 +55,7 @@ def bench_latency(args) -> dict:
         res["ratio_prefill"] = res["prefill_tok_s"] / ref["prefill_tok_s"]
         res["ratio_decode"] = res["decode_tok_s"] / ref["decode_tok_s"]
         print(f"{'ratio':14}{'':10}{res['ratio_prefill']:14.2f}x{res['ratio_decode']:13.2f}x   (>1 = tokenloom faster)")
+    res["economics"] = section(eng, args, prefill={"tok_s": res["prefill_tok_s"], "prompt_len": args.input_len},
+                               decode={"tok_s": res["decode_tok_s"], "batch": 1,
+                                       "ctx": args.input_len + args.output_len // 2})
     return res

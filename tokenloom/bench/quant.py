@@ -13,7 +13,8 @@ greedy sample per model. Each step runs in its own subprocess:
   3. speed: one process holds every row's model and times them round-robin (best of --rounds), so load from
      other processes on the machine hits every row alike.
 
-Writes OUT/quant_bench.md (table + samples), OUT/quant_bench.json and OUT/quant_bench.png.
+Writes OUT/quant_bench.md (table + samples), OUT/quant_bench.json, OUT/quant_bench.png (bars) and
+OUT/quant_quality_speed.png (Δ perplexity against decode tok/s), and prints each method's economics.
 """
 from __future__ import annotations
 
@@ -87,7 +88,10 @@ def _worker_measure(job: dict) -> dict:
 
     gc.collect()
     load_s = time.perf_counter() - t0
+    from tokenloom.bench.token_economics import loaded_step_bytes
+
     out = {"weight_bytes": weight_bytes(eng.model), "rss_loaded": _rss_now(), "load_s": load_s,
+           "decode_bytes_per_step": loaded_step_bytes(eng, 1),
            "dtype": str(eng.dtype).removeprefix("torch."), "threads": torch.get_num_threads()}
     kinds = {}
     for m in eng.model.modules():
@@ -272,12 +276,49 @@ def bench_quant(args) -> dict:
     (out / "quant_bench.json").write_text(json.dumps({"meta": meta, "results": results}, indent=2))
     samples = "\n".join(f"- **{r['label']}**: {json.dumps(r.get('sample', ''))}" for r in results)
     (out / "quant_bench.md").write_text(table + f"\n\nGreedy samples for \"{SAMPLE_PROMPT}\":\n\n" + samples + "\n")
-    try:
-        write_chart(results, out / "quant_bench.png", f"{source.name}: quantization (runtime {dtype})")
-        print(f"wrote {out / 'quant_bench.md'}, {out / 'quant_bench.png'}", file=sys.stderr)
-    except Exception as exc:  # the table is the result; the chart is a convenience
-        print(f"chart not written: {exc}", file=sys.stderr)
-    return {"meta": meta, "results": results}
+    charts = write_charts(results, out, f"{source.name}: quantization (runtime {dtype})")
+    econ = economics_rows(results, args, meta)
+    return {"meta": meta, "results": results, "charts": charts, "economics": econ}
+
+
+def write_charts(results: list[dict], out: Path, title: str) -> list[str]:
+    """The bars and the quality-vs-speed scatter (bench/plots.py); the table is the result, so a chart that
+    cannot be drawn is only reported."""
+    from tokenloom.bench import plots
+
+    written = []
+    for name, draw in (("quant_bench.png", plots.quant_bars), ("quant_quality_speed.png", plots.quality_vs_speed)):
+        try:
+            written.append(str(draw(results, out / name, title)))
+        except Exception as exc:  # noqa: BLE001
+            print(f"chart {name} not written: {exc}", file=sys.stderr)
+    print(f"wrote {out / 'quant_bench.md'}, {', '.join(written)}", file=sys.stderr)
+    return written
+
+
+def economics_rows(results: list[dict], args, meta: dict) -> dict:
+    """Per method: bytes per decode token (its weights as measured, the KV at the run's context), the share of
+    this machine's read bandwidth its batch-1 decode reaches, and $ per 1M tokens at it."""
+    from tokenloom.bench import economics as E
+    from tokenloom.bench.hardware import price_from_args
+    from tokenloom.bench.roofline import machine_roofs
+
+    roofs, _ = machine_roofs()
+    price, source = price_from_args(args)
+    rows = {}
+    print(f"economics  (roof: read {roofs.bandwidth / 1e9:.1f} GB/s; {source or 'no price: --price-per-hour'})")
+    for r in results:
+        if "decode_tok_s" not in r or "weight_bytes" not in r:
+            continue
+        per_token = r.get("decode_bytes_per_step", r["weight_bytes"])  # batch 1: a step is a token
+        bw = per_token * r["decode_tok_s"]
+        rows[r["label"]] = {"weight_bytes_per_token": per_token, "achieved_bandwidth_gbs": bw / 1e9,
+                            "bandwidth_share": bw / roofs.bandwidth,
+                            "usd_per_million_tokens": E.cost_per_million(price, r["decode_tok_s"])}
+        cost = rows[r["label"]]["usd_per_million_tokens"]
+        print(f"  {r['label']:20} {per_token / 1e6:8.1f} MB/token -> {bw / 1e9:6.2f} GB/s = "
+              f"{bw / roofs.bandwidth * 100:5.1f} % of bandwidth" + (f", ${cost:.4g} per 1M tokens" if cost else ""))
+    return {"roofs": roofs.to_dict(), "price_per_hour": price, "price_source": source, "rows": rows}
 
 
 def format_table(results: list[dict], model: str, dtype: str, group: int, args) -> str:
@@ -298,61 +339,6 @@ def format_table(results: list[dict], model: str, dtype: str, group: int, args) 
             f"| {r.get('dppl_pct', float('nan')):+.2f} | {r['prefill_tok_s']:.0f} | {r['decode_tok_s']:.1f} "
             f"| {r.get('decode_speedup', float('nan')):.2f} | {kernels or 'F.linear'} |")
     return "\n".join(lines)
-
-
-def write_chart(results: list[dict], path: Path, title: str) -> None:
-    rows = [r for r in results if "decode_tok_s" in r and "ppl" in r]
-    labels = [r["label"] for r in rows]
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        _write_plain_chart(rows, path)
-        return
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.8))
-    specs = [("decode tok/s (batch 1)", [r["decode_tok_s"] for r in rows]),
-             ("weight MB", [r["weight_bytes"] / 1e6 for r in rows]),
-             ("Δ perplexity %", [r.get("dppl_pct", 0.0) for r in rows])]
-    colors = ["#888888" if r["method"] == "original" else "#3b7dd8" for r in rows]
-    for ax, (name, vals) in zip(axes, specs):
-        bars = ax.bar(range(len(vals)), vals, color=colors)
-        ax.set_title(name)
-        ax.set_xticks(range(len(vals)))
-        ax.set_xticklabels(labels, rotation=35, ha="right", fontsize=8)
-        for b, v in zip(bars, vals):
-            ax.annotate(f"{v:.1f}", (b.get_x() + b.get_width() / 2, v), ha="center",
-                        va="bottom" if v >= 0 else "top", fontsize=7)
-        ax.axhline(0, color="black", linewidth=0.5)
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def _write_plain_chart(rows: list[dict], path: Path) -> None:
-    """Without matplotlib: a bare PNG of decode tok/s bars (grey = original weights), no text."""
-    import struct
-    import zlib
-
-    w, h, pad = 60 * max(len(rows), 1) + 20, 240, 10
-    img = [[(255, 255, 255)] * w for _ in range(h)]
-    top = max((r["decode_tok_s"] for r in rows), default=1.0) or 1.0
-    for i, r in enumerate(rows):
-        bh = int((h - 2 * pad) * r["decode_tok_s"] / top)
-        color = (136, 136, 136) if r["method"] == "original" else (59, 125, 216)
-        for y in range(h - pad - bh, h - pad):
-            for x in range(pad + 60 * i + 5, pad + 60 * i + 50):
-                img[y][x] = color
-    raw = b"".join(b"\x00" + bytes(c for px in row for c in px) for row in img)
-
-    def chunk(tag, data):
-        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
-
-    png = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)) \
-        + chunk(b"IDAT", zlib.compress(raw, 9)) + chunk(b"IEND", b"")
-    path.write_bytes(png)
 
 
 if __name__ == "__main__":

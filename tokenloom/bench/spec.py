@@ -16,6 +16,7 @@ import random
 import statistics
 import time
 
+from tokenloom.bench.token_economics import section
 from tokenloom.config import TokenloomError
 
 METHODS = {
@@ -169,6 +170,10 @@ def bench_spec(args) -> dict:
     return _report(args, llms, work, batches, rates, outputs)
 
 
+def _mean_rate(results: list[dict], method: str, batch: int) -> float:
+    return statistics.mean(r["decode_tok_s"] for r in results if r["method"] == method and r["batch"] == batch)
+
+
 def _report(args, llms, work, batches, rates, outputs) -> dict:
     some = next(iter(llms.values()))
     eng = some.engine
@@ -201,6 +206,11 @@ def _report(args, llms, work, batches, rates, outputs) -> dict:
                 if sp:
                     summary[f"{m}/batch{b}/{kind}"] = statistics.geometric_mean(sp)
     print("geometric mean speedup: " + "  ".join(f"{k} {v:.2f}x" for k, v in summary.items()))
-    return {"model": eng.model_name, "weights": eng.config.quantization or "float",
+    econ = {}
+    for m in dict.fromkeys(("none", max(llms, key=lambda k: _mean_rate(results, k, batches[0])))):
+        print(f"[{m}, batch {batches[0]}]")
+        econ[m] = section(llms[m].engine, args, decode={"tok_s": _mean_rate(results, m, batches[0]),
+                                                        "batch": batches[0], "ctx": args.output_len // 2 + 64})
+    return {"economics": econ, "model": eng.model_name, "weights": eng.config.quantization or "float",
             "num_speculative_tokens": args.num_speculative_tokens, "output_len": args.output_len,
             "rounds": args.rounds, "results": results, "geomean_speedup": summary}

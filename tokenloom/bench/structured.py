@@ -15,6 +15,8 @@ import json
 import statistics
 import time
 
+from tokenloom.bench.token_economics import section
+
 SCHEMAS = [
     {"type": "object", "properties": {
         "name": {"type": "string", "maxLength": 40}, "age": {"type": "integer", "minimum": 0, "maximum": 120},
@@ -149,4 +151,6 @@ def bench_structured(args) -> dict:
           f"{len(SCHEMAS)} schemas {compile_s * 1000:.0f} ms (with the vocabulary's conversion)")
     print(f"constrained outputs: {n_finished}/{n * args.rounds} closed their JSON before max_tokens, "
           f"{n_valid} of those validate against their schema")
+    result["economics"] = section(llm.engine, args, decode={"tok_s": result["schema_full_tok_s"], "batch": n,
+                                                            "ctx": 64 + args.output_len // 2})
     return result

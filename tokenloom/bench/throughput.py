@@ -6,6 +6,7 @@ import time
 import torch
 
 from tokenloom.bench.common import hf_generate_timed, load_hf_reference, make_lengths, random_prompts, summary
+from tokenloom.bench.token_economics import section
 from tokenloom.config import TokenloomError
 
 
@@ -79,6 +80,11 @@ def bench_throughput(args) -> dict:
         print(f"llama.cpp     {ref['elapsed_s']:7.2f} s  {'':13}{ref['out_tok_s']:8.1f} output tok/s  "
               f"{ref['total_tok_s']:8.1f} total tok/s   ({ref['via']}, same file)")
         print(f"ratio         output tok/s {res['ratio_out_tok_s']:.2f}x   (>1 = tokenloom faster)")
+    batch = min(args.num_prompts, args.max_num_seqs)
+    mean_in, mean_out = n_in // len(outs), n_out // len(outs)
+    res["economics"] = section(eng, args, decode={"tok_s": batch / (sum(tpot) / len(tpot)) if tpot else 0.0,
+                                                  "batch": batch, "ctx": mean_in + mean_out // 2},
+                               cost_tok_s=res["out_tok_s"], cost_what="output tokens (whole run)")
     return res
 
 
@@ -112,4 +118,7 @@ def bench_sampling(args) -> dict:
         print(f"{name:16} decode {args.batch / step_s:8.1f} tok/s   step {step_s * 1000:7.1f} ms")
     cost = rows["mixed sampling"][1] / rows["all greedy"][1] - 1
     print(f"sampling cost: {cost * 100:+.1f} % of a decode step (target < 10 %)")
-    return {"greedy_tok_s": rows["all greedy"][0], "mixed_tok_s": rows["mixed sampling"][0], "cost": cost}
+    econ = section(eng, args, decode={"tok_s": rows["mixed sampling"][0], "batch": args.batch,
+                                      "ctx": args.input_len + args.output_len // 2})
+    return {"greedy_tok_s": rows["all greedy"][0], "mixed_tok_s": rows["mixed sampling"][0], "cost": cost,
+            "economics": econ}

@@ -32,6 +32,13 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-lora-rank", type=int, default=16, help="the largest adapter rank accepted (default 16)")
     g.add_argument("--max-cpu-loras", type=int, default=None,
                    help="adapters whose weights stay in memory (default: --max-loras)")
+    g.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
+                   help="split every weight matrix over this many ranks (worker processes or Ray actors)")
+    g.add_argument("--pipeline-parallel-size", "-pp", type=int, default=1,
+                   help="split the layers into this many stages, one rank each")
+    g.add_argument("--distributed-executor-backend", choices=["mp", "ray"], default=None,
+                   help="where ranks beyond the first run: local processes (mp, the default) or Ray actors on a "
+                        "Ray cluster (ray; start it with `ray start --head`, join with `ray start --address`)")
 
 
 def add_sampling_args(p: argparse.ArgumentParser, max_tokens: int | None = 256) -> None:

@@ -6,17 +6,22 @@ import contextlib
 import json
 import sys
 
-from tokenloom.cli.args import add_engine_args
+from tokenloom.cli.args import add_engine_args, parse_size
 
 
 def add_bench_parser(sub) -> None:
     p = sub.add_parser("bench", help="benchmarks: latency, throughput, sampling, spec, structured, lora, serve, ab, "
-                                     "quant")
+                                     "quant, roofline, disagg, parallel")
     p.set_defaults(func=run_bench)
     bsub = p.add_subparsers(dest="bench", required=True)
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--json", action="store_true",
                         help="print the results as one JSON object on stdout (the table goes to stderr)")
+    common.add_argument("--price-per-hour", type=float, default=None, metavar="USD",
+                        help="the machine's price, $/h: the report adds $ per 1M tokens")
+    common.add_argument("--instance", default=None, metavar="NAME",
+                        help="price the run at a cloud instance's on-demand list price (e.g. c7i.8xlarge, "
+                             "g6.xlarge, p5.48xlarge; `tokenloom plan --list` shows them)")
 
     b = bsub.add_parser("latency", parents=[common], help="batch-1 TTFT and decode tokens/s")
     b.add_argument("model", nargs="?", default="smollm2-135m")
@@ -25,6 +30,18 @@ def add_bench_parser(sub) -> None:
     b.add_argument("--num-iters", type=int, default=3)
     b.add_argument("--compare-hf", action="store_true", help="measure transformers on the same weights")
     _add_llamacpp_args(b)
+    add_engine_args(b)
+
+    b = bsub.add_parser("parallel", parents=[common],
+                        help="one rank vs tensor / pipeline parallel: memory per rank, decode tok/s")
+    b.add_argument("model", nargs="?", default="smollm2-135m")
+    b.add_argument("--tp", type=int, nargs="*", default=[2], help="tensor-parallel sizes to compare (default 2)")
+    b.add_argument("--pp", type=int, nargs="*", default=[2], help="pipeline-parallel sizes to compare (default 2)")
+    b.add_argument("--input-len", type=int, default=128)
+    b.add_argument("--output-len", type=int, default=64)
+    b.add_argument("--batch", type=int, default=16)
+    b.add_argument("--num-blocks", type=int, default=256, help="KV blocks per rank (the same for every layout)")
+    b.add_argument("--rounds", type=int, default=2)
     add_engine_args(b)
 
     b = bsub.add_parser("throughput", parents=[common], help="N requests submitted at once")
@@ -82,12 +99,26 @@ def add_bench_parser(sub) -> None:
                                                        "same-round ratios)")
     add_engine_args(b)
 
+    b = bsub.add_parser("roofline", parents=[common],
+                        help="this machine's memory bandwidth and GEMM throughput, and the model's share of them")
+    b.add_argument("model", nargs="?", default="smollm2-135m")
+    b.add_argument("--input-len", type=int, default=128)
+    b.add_argument("--output-len", type=int, default=64)
+    b.add_argument("--batch", type=int, default=16, help="the wider decode batch measured beside batch 1")
+    b.add_argument("--num-iters", type=int, default=2, help="rounds (the best is kept)")
+    b.add_argument("--buffer", type=parse_size, default=None, metavar="SIZE",
+                   help="bandwidth buffers (default: 4x the last-level cache, at least 1GiB)")
+    add_engine_args(b)
+
     b = bsub.add_parser("serve", parents=[common], help="load test a running server (OpenAI API)")
     b.add_argument("--base-url", default="http://127.0.0.1:8000")
     b.add_argument("--model", default=None)
     b.add_argument("--num-prompts", type=int, default=64)
     b.add_argument("--request-rate", type=float, default=float("inf"), help="requests/s (Poisson); inf = all at once")
-    b.add_argument("--concurrency", type=int, default=0, help="max in-flight requests (0 = unbounded)")
+    b.add_argument("--concurrency", default="0", metavar="N[,N...]",
+                   help="max in-flight requests (0 = unbounded); a comma list runs the load at each (e.g. 1,4,16)")
+    b.add_argument("--plot", default=None, metavar="DIR",
+                   help="write PNG charts here: TTFT/TPOT distributions, throughput vs concurrency")
     b.add_argument("--input-len", type=int, default=128)
     b.add_argument("--output-len", type=int, default=128)
     b.add_argument("--dist", choices=["fixed", "uniform", "sharegpt"], default="fixed")
@@ -117,11 +148,27 @@ def add_bench_parser(sub) -> None:
     b.add_argument("--api-key", default=None)
     add_engine_args(b)
 
+    b = bsub.add_parser("disagg", parents=[common], help="prefill/decode disaggregation vs one colocated engine: "
+                                                         "chats' inter-token latency while long prompts arrive")
+    b.add_argument("model", nargs="?", default="smollm2-135m")
+    b.add_argument("--num-chats", type=int, default=8, help="short chats decoding throughout")
+    b.add_argument("--chat-len", type=int, default=64, help="prompt tokens of a chat")
+    b.add_argument("--output-len", type=int, default=128, help="tokens each chat generates")
+    b.add_argument("--num-long", type=int, default=3, help="long prompts arriving while the chats decode")
+    b.add_argument("--long-len", type=int, default=1536, help="prompt tokens of a long prompt")
+    b.add_argument("--long-output-len", type=int, default=16, help="tokens each long prompt generates")
+    b.add_argument("--long-every", type=float, default=1.0, metavar="SECONDS", help="long prompts' spacing")
+    b.add_argument("--rounds", type=int, default=2, help="rounds, alternating which setup goes first")
+    b.add_argument("--colocated-threads", type=int, default=0,
+                   help="torch threads of the colocated engine (default: every core)")
+    add_engine_args(b)
+
     b = bsub.add_parser("quant", parents=[common], help="weight bytes, RSS, perplexity and speed for every quantization method")
     b.add_argument("model", nargs="?", default="smollm2-135m")
     b.add_argument("--methods", default="int8,int4,gptq,awq,nf4,gguf")
     b.add_argument("--eval-tokens", type=int, default=4096)
-    b.add_argument("--out", default="bench_out", help="folder for the table and PNG chart")
+    b.add_argument("--out", default="bench_out",
+                   help="folder for the table and the PNG charts (bars; Δ perplexity vs decode tok/s)")
     b.add_argument("--input-len", type=int, default=128, help="prompt tokens of the speed runs")
     b.add_argument("--output-len", type=int, default=64, help="new tokens of the speed runs")
     b.add_argument("--rounds", type=int, default=5, help="round-robin speed rounds; the best of each is kept")
@@ -144,6 +191,9 @@ def _add_llamacpp_args(b) -> None:
 
 
 def run_bench(args: argparse.Namespace) -> None:
+    from tokenloom.bench.hardware import price_from_args
+
+    price_from_args(args)  # a bad --instance or --price-per-hour fails before the run, not after it
     if args.bench == "latency":
         from tokenloom.bench.latency import bench_latency as fn
     elif args.bench == "throughput":
@@ -158,8 +208,14 @@ def run_bench(args: argparse.Namespace) -> None:
         from tokenloom.bench.lora import bench_lora as fn
     elif args.bench == "serve":
         from tokenloom.bench.serve import bench_serve as fn
+    elif args.bench == "roofline":
+        from tokenloom.bench.token_economics import bench_roofline as fn
     elif args.bench == "ab":
         from tokenloom.bench.ab import bench_ab as fn
+    elif args.bench == "disagg":
+        from tokenloom.bench.disagg import bench_disagg as fn
+    elif args.bench == "parallel":
+        from tokenloom.bench.parallel import bench_parallel as fn
     else:
         from tokenloom.bench.quant import bench_quant as fn
     if not args.json:

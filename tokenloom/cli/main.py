@@ -12,6 +12,7 @@ from tokenloom.cli import models
 from tokenloom.cli.args import add_engine_args, add_sampling_args, keep_alive, parse_size
 from tokenloom.cli.bench import add_bench_parser
 from tokenloom.cli.eval import add_eval_parser
+from tokenloom.cli.plan import add_plan_parser
 from tokenloom.cli.quantize import add_quantize_parser
 from tokenloom.config import TokenloomError
 from tokenloom.loader.sources import DEFAULT_MODEL
@@ -114,12 +115,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-request-bytes", type=parse_size, default=32 << 20, metavar="SIZE",
                    help="request bodies larger than this get 413 (default 32M)")
     p.add_argument("--served-model-name", default=None)
+    g = p.add_argument_group("scale-out (serve MODEL): engines in worker processes")
+    g.add_argument("--data-parallel-size", "-dp", type=int, default=1, metavar="N",
+                   help="N independent engine replicas, each in its own process; a new request goes to the least "
+                        "loaded (default 1: the engine runs in the server process)")
+    g.add_argument("--prefill-workers", type=int, default=0, metavar="N",
+                   help="prefill/decode disaggregation: N processes compute prompts and hand their KV blocks to "
+                        "the decode workers (needs --decode-workers)")
+    g.add_argument("--decode-workers", type=int, default=0, metavar="M",
+                   help="M processes decode the requests the prefill workers started")
     add_engine_args(p)
     p.set_defaults(func=cmd_serve)
 
     add_bench_parser(sub)
     add_quantize_parser(sub)
     add_eval_parser(sub)
+    add_plan_parser(sub)
     return parser
 
 

@@ -15,10 +15,18 @@ def _one_model_app(args):
     from tokenloom.entrypoints.engine_args import make_llm
     from tokenloom.entrypoints.server import build_app
 
-    llm = make_llm(args)
-    adapters = _lora_modules(args, llm)
-    aengine = AsyncEngine(llm.engine).start()
-    name = args.served_model_name or llm.engine.model_name
+    from tokenloom.entrypoints.scale_out import make_worker_engine, wants_workers
+
+    if wants_workers(args):  # engines in worker processes: data-parallel replicas or prefill/decode workers
+        if args.lora_modules:
+            raise TokenloomError("--lora-modules needs the engine in the server process (no --data-parallel-size, "
+                                 "--prefill-workers)")
+        aengine, adapters = make_worker_engine(args), {}
+    else:
+        llm = make_llm(args)
+        adapters = _lora_modules(args, llm)
+        aengine = AsyncEngine(llm.engine).start()
+    name = args.served_model_name or aengine.model_name
     app = build_app(aengine, name, api_key=args.api_key, max_queue=args.max_queue,
                     max_request_bytes=args.max_request_bytes, router=_router(args))
     app.state.tokenloom.primary_model().adapters.update(adapters)
@@ -86,6 +94,8 @@ def serve(args) -> None:
     --routes file again."""
     import uvicorn
 
+    if not args.model and (getattr(args, "data_parallel_size", 1) > 1 or getattr(args, "prefill_workers", 0)):
+        raise TokenloomError("--data-parallel-size / --prefill-workers need a MODEL (`tokenloom serve MODEL ...`)")
     app, what = _one_model_app(args) if args.model else _many_models_app(args)
     state = app.state.tokenloom
     drain_s = args.shutdown_timeout

@@ -10,8 +10,13 @@ from tokenloom.core.block_pool import BlockPool
 from tokenloom.core.request import Request
 
 
-def chain_hash(parent: int | None, tokens: tuple[int, ...]) -> int:
-    return hash((parent, tokens))
+_ROOT = 0x746C6B76  # the first block's parent (base model): hash(None) differs between processes before 3.12
+
+
+def chain_hash(parent, tokens: tuple[int, ...]) -> int:
+    """A block's name from its parent's and its tokens; the same in every process (prefill/decode workers
+    compare them) unless parent is an adapter's seed."""
+    return hash((_ROOT if parent is None else parent, tokens))
 
 
 class KVCacheManager:

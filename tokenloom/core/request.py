@@ -49,6 +49,8 @@ class Request:
     lora_request: object = None  # lora.LoRARequest of the adapter it runs with (None: the base model)
     # Seeds the chain of its prefix-cache block hashes: one per adapter, so adapters never share blocks
     lora_hash_seed: object = None
+    # Prefill/decode disaggregation: the K/V hand-off this request takes part in (engine.kv_connector), or None
+    kv_transfer: object = None
 
     @property
     def num_tokens(self) -> int:

@@ -48,6 +48,10 @@ class Scheduler:
         self.num_draft_tokens = 0  # speculative tokens verified
         self.num_accepted_tokens = 0  # of which accepted
         self.num_spec_steps = 0  # verify runs (requests with drafts, per step)
+        # Prefill/decode disaggregation (engine.kv_connector): K/V of requests computed elsewhere, loaded into their
+        # blocks at admission (vLLM's KV connector: "how many tokens are already external?"), and exported from
+        # requests that finish here. None: every token is computed here.
+        self.kv_connector = None
 
     def add_request(self, req: Request) -> None:
         self.waiting.append(req)
@@ -105,7 +109,7 @@ class Scheduler:
         while i < len(self.running) and budget > 0:
             req = self.running[i]
             k = self._num_drafts(req, budget)
-            n = min(req.num_tokens - req.num_computed_tokens, budget - k)
+            n = min(self._chunk_end(req, req.num_computed_tokens) - req.num_computed_tokens, budget - k)
             ahead = self._lookahead(req, req.num_computed_tokens + n + k, k)
             copies = kv.allocate_slots(req, n, num_lookahead_tokens=ahead)
             while copies is None:  # out of blocks: preempt from the back until this request fits
@@ -138,11 +142,16 @@ class Scheduler:
             wants_all = req.params.prompt_logprobs is not None
             cached = kv.find_cached_prefix(req) if req.num_computed_tokens == 0 and not wants_all else []
             num_cached = len(cached) * kv.block_size
-            n = min(req.num_tokens - num_cached, budget)
-            req.num_computed_tokens = num_cached
-            if kv.allocate(req, num_cached + n + self._lookahead(req, num_cached + n, 0), cached) is None:
+            external = self.kv_connector.num_external_tokens(req, num_cached) if req.kv_transfer is not None else 0
+            n = min(self._chunk_end(req, num_cached + external) - num_cached - external, budget)
+            req.num_computed_tokens = num_cached + external
+            if kv.allocate(req, req.num_computed_tokens + n + self._lookahead(req, req.num_computed_tokens + n, 0),
+                           cached) is None:
                 req.num_computed_tokens = 0
                 break
+            if external and not self.kv_connector.load(req, len(cached)):  # the transfer failed: compute it here
+                req.num_computed_tokens = num_cached
+                n = min(self._chunk_end(req, num_cached) - num_cached, budget)
             if req.lora_int_id:
                 loras.add(req.lora_int_id)
             req.num_cached_tokens = num_cached
@@ -153,6 +162,15 @@ class Scheduler:
             out.scheduled.append(ScheduledRequest(req, n))
             budget -= n
         self.waiting.extendleft(reversed(passed))
+
+    @staticmethod
+    def _chunk_end(req: Request, num_computed: int) -> int:
+        """Where a chunk starting at num_computed may end: the request's last token, but the prompt's last for a
+        request whose first token was sampled elsewhere (disaggregated prefill) while it computes its own prompt
+        (a failed transfer, a preemption), so its first token runs as a decode, as it would have here."""
+        if req.kv_transfer is not None and num_computed < req.num_prompt_tokens:
+            return req.num_prompt_tokens
+        return req.num_tokens
 
     def _preempt(self, req: Request) -> None:
         self.kv_cache_manager.free_request(req)
@@ -253,6 +271,8 @@ class Scheduler:
             self.running.remove(req)
         elif req in self.waiting:
             self.waiting.remove(req)
+        if req.kv_transfer is not None:  # export its K/V before its blocks go, or drop a transfer not loaded yet
+            self.kv_connector.request_finished(req)
         self.kv_cache_manager.free_request(req)
         if req.status != RequestStatus.FINISHED:
             self.freed_request_ids.append(req.request_id)

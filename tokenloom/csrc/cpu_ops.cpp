@@ -98,16 +98,6 @@ void rotary_impl(T* x, int64_t x_stride, const T* cos, const T* sin, int64_t M, 
 
 }  // namespace
 
-#define TL_DISPATCH(dtype, ...)                                                   \
-  if ((dtype) == torch::kBFloat16) {                                              \
-    using scalar = c10::BFloat16;                                                 \
-    __VA_ARGS__;                                                                  \
-  } else {                                                                        \
-    TORCH_CHECK((dtype) == torch::kFloat32, "tokenloom cpu_ops: bfloat16 or float32 only"); \
-    using scalar = float;                                                         \
-    __VA_ARGS__;                                                                  \
-  }
-
 // q [B, H, D] (rows may be strided), caches [S, KVH, D], block_table [B, max_blocks], lens/starts [B]
 torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
                                      torch::Tensor block_table, int64_t block_size, torch::Tensor lens,

@@ -20,6 +20,7 @@
 #include <vector>
 #include "attention_rows.h"
 #include "gemv_rows.h"
+#include "lora_rows.h"
 
 #ifdef __AVX512F__
 namespace {
@@ -93,9 +94,12 @@ Lin make_lin(const std::vector<PartSpec>& specs, int64_t K) {
   return lin;
 }
 
+enum Proj : int64_t { PROJ_QKV = 0, PROJ_O = 1, PROJ_GATE_UP = 2, PROJ_DOWN = 3 };
+
 struct Layer {
   torch::Tensor in_norm, post_norm, q_norm, k_norm, k_cache, v_cache;  // norms float32; caches [S, KVH, D]
   Lin qkv, o, gate_up, down;
+  LoraFactors lora[4];  // by Proj: the adapters' factors of the projections LoRA wraps (lora_rows.h)
 };
 
 inline float round_bf16(float v) {
@@ -199,6 +203,15 @@ class DecodeStack {
     layers_.push_back(std::move(L));
   }
 
+  // the LoRA factors of one projection (Proj) of a layer, shared with its LoRA layer (see lora_rows.h)
+  void set_lora(int64_t layer, int64_t proj, torch::Tensor a, torch::Tensor b, torch::Tensor slices) {
+    TORCH_CHECK(layer >= 0 && layer < num_layers() && proj >= PROJ_QKV && proj <= PROJ_DOWN,
+                "decode_stack: set_lora index");
+    Layer& L = layers_[layer];
+    const Lin& lin = proj == PROJ_QKV ? L.qkv : proj == PROJ_O ? L.o : proj == PROJ_GATE_UP ? L.gate_up : L.down;
+    L.lora[proj].set(a, b, slices, lin.K, lin.N, bf16_);
+  }
+
   void set_head(torch::Tensor final_norm, std::vector<PartSpec> head) {
     final_norm_ = final_norm.to(at::kFloat).contiguous();
     head_ = make_lin(head, Hd_);
@@ -232,8 +245,11 @@ class DecodeStack {
   // the final-normed hidden states [B, hidden] in the model dtype, or with `logits` the LM head's float32
   // logits of the rows in head_rows (ascending; empty: every row) [R, vocab]. Rows are independent tokens: a
   // sequence may take several consecutive rows (speculative drafts), each seeing the K/V its earlier rows wrote.
+  // lora_slots [B] (or empty: every row the base model): each row's LoRA slot, -1 for the base model; a row with
+  // a slot gets its adapter's deltas in every projection set_lora gave factors for.
   torch::Tensor forward(torch::Tensor x, torch::Tensor positions, torch::Tensor slots, torch::Tensor block_table,
-                        int64_t block_size, torch::Tensor context_lens, bool logits, torch::Tensor head_rows) {
+                        int64_t block_size, torch::Tensor context_lens, bool logits, torch::Tensor head_rows,
+                        torch::Tensor lora_slots) {
     TORCH_CHECK(x.dim() == 2 && x.size(1) == Hd_, "decode_stack: x must be [B, hidden]");
     TORCH_CHECK(!logits || head_.N > 0, "decode_stack: no LM head set");
     const int64_t B = x.size(0);
@@ -249,14 +265,16 @@ class DecodeStack {
       TORCH_CHECK(row_ids[i] >= i && row_ids[i] < B && (i == 0 || row_ids[i] > row_ids[i - 1]),
                   "decode_stack: head_rows must be ascending rows of the batch");
     auto out = torch::empty({logits ? R : B, logits ? head_.N : Hd_}, logits ? xf.options() : x.options());
+    auto lslots = lora_slots.to(at::kLong).contiguous();
+    const int64_t* lora = check_lora_slots(lslots, B) ? lslots.data_ptr<int64_t>() : nullptr;
     if (bf16_)
       run<c10::BFloat16>(B, xf.data_ptr<float>(), pos.data_ptr<int64_t>(), slot.data_ptr<int64_t>(),
                          table.data_ptr<int64_t>(), table.size(1), block_size, lens.data_ptr<int64_t>(), logits,
-                         row_ids, R, out);
+                         row_ids, R, out, lora);
     else
       run<float>(B, xf.data_ptr<float>(), pos.data_ptr<int64_t>(), slot.data_ptr<int64_t>(),
                  table.data_ptr<int64_t>(), table.size(1), block_size, lens.data_ptr<int64_t>(), logits, row_ids, R,
-                 out);
+                 out, lora);
     return out;
   }
 
@@ -272,6 +290,78 @@ class DecodeStack {
   torch::Tensor cos_, sin_, final_norm_;
   std::vector<Layer> layers_;
   Lin head_;
+
+  // whether any row runs an adapter; checks the slots and, for each slot used, its slices in every layer
+  bool check_lora_slots(const torch::Tensor& lslots, int64_t B) const {
+    if (!lslots.numel()) return false;
+    TORCH_CHECK(lslots.numel() == B, "decode_stack: lora_slots must have one slot per row");
+    const int64_t* s = lslots.data_ptr<int64_t>();
+    std::vector<bool> used;
+    bool any = false;
+    for (int64_t b = 0; b < B; ++b) {
+      if (s[b] < 0) {
+        TORCH_CHECK(s[b] == -1, "decode_stack: a LoRA slot is -1 (the base model) or a slot of the factors");
+        continue;
+      }
+      any = true;
+      if (s[b] >= static_cast<int64_t>(used.size())) used.resize(s[b] + 1, false);
+      used[s[b]] = true;
+    }
+    if (!any) return false;
+    bool factors = false;
+    for (const auto& L : layers_)
+      for (const auto& f : L.lora) {
+        if (!f.defined()) continue;
+        factors = true;
+        TORCH_CHECK(static_cast<int64_t>(used.size()) <= f.slots, "decode_stack: LoRA slot beyond the factors");
+        for (int64_t slot = 0; slot < static_cast<int64_t>(used.size()); ++slot)
+          if (used[slot]) f.check_slot(slot);
+      }
+    TORCH_CHECK(factors, "decode_stack: rows with a LoRA slot but no LoRA factors set");
+    return true;
+  }
+
+  // xa [B, R] of one projection's LoRA rows from its input x [B, K]. Shared xa: called by every thread, the
+  // (row, slice) dot products split between them without a barrier (nowait: the gemv that follows ends in one,
+  // and the expand comes after it). Per thread (`all`: each thread's own xa): every dot product, no sharing.
+  void lora_shrink(const LoraStep& ls, const float* x, int64_t B, bool all = false) const {
+    const LoraFactors& f = *ls.f;
+    const int64_t S = f.S;
+    if (all) {
+      for (int64_t t = 0; t < B * S; ++t)
+        if (ls.slot[t / S] >= 0) f.shrink(x + (t / S) * f.in, ls.slot[t / S], t % S, ls.xa + (t / S) * f.R);
+      return;
+    }
+#pragma omp for schedule(dynamic, 1) nowait
+    for (int64_t t = 0; t < B * S; ++t) {
+      const int64_t b = t / S;
+      if (ls.slot[b] >= 0) f.shrink(x + b * f.in, ls.slot[b], t % S, ls.xa + b * f.R);
+    }
+  }
+
+  // y[0..16) += row m's delta of outputs o..o+16, rounded as the torch path rounds y + delta
+  void lora_add16(const LoraStep* ls, int64_t m, int64_t o, float* y) const {
+    if (!ls || ls->slot[m] < 0) return;
+    __m512 delta;
+    if (!ls->f->expand16(ls->xa + m * ls->f->R, ls->slot[m], o, delta)) return;
+    _mm512_storeu_ps(y, _mm512_add_ps(_mm512_loadu_ps(y), delta));
+    rnd(y, 16);
+  }
+
+  // x [B, N] += y, rounded; each row with an adapter gets y + its delta (rounded as the LoRA layer's output) in
+  // y's place: every thread on its own copy of x, y shared and left as it is
+  void add_residual(float* x, const float* y, int64_t B, int64_t N, const LoraStep* ls) const {
+    for (int64_t b = 0; b < B; ++b) {
+      const bool lora = ls && ls->slot[b] >= 0;
+      for (int64_t k = 0; k < N; k += 16) {
+        alignas(64) float v[16];
+        _mm512_store_ps(v, _mm512_loadu_ps(y + b * N + k));
+        if (lora) lora_add16(ls, b, k, v);
+        _mm512_storeu_ps(x + b * N + k, _mm512_add_ps(_mm512_loadu_ps(x + b * N + k), _mm512_load_ps(v)));
+      }
+    }
+    rnd(x, B * N);
+  }
 
   void rnd(float* v, int64_t n) const {
     if (!bf16_) return;
@@ -571,8 +661,8 @@ class DecodeStack {
   }
 
   // act [M, I] = silu(gate) * up from the fused gate_up weight: gate rows n.. and up rows I + n.. go to the same
-  // thread, 16 of each at a time
-  void gemv_glu(const Lin& lin, Prep& p, float* act, int64_t M) const {
+  // thread, 16 of each at a time; ls: the LoRA deltas to add to gate and up (lora_shrink done), or null
+  void gemv_glu(const Lin& lin, Prep& p, float* act, int64_t M, const LoraStep* ls = nullptr) const {
     const int64_t I = I_, K = lin.K, chunks = I / 16;
 #pragma omp for schedule(static)
     for (int64_t c = 0; c < chunks; ++c) {
@@ -594,6 +684,8 @@ class DecodeStack {
         }
         rnd(gate, 16);
         rnd(up, 16);
+        lora_add16(ls, m, c * 16, gate);
+        lora_add16(ls, m, I + c * 16, up);
         float* a = act + m * I + c * 16;
         _mm512_storeu_ps(a, silu16(_mm512_loadu_ps(gate)));
         rnd(a, 16);
@@ -631,7 +723,7 @@ class DecodeStack {
   template <typename T>
   void run(int64_t B, const float* x_in, const int64_t* pos, const int64_t* slot, const int64_t* table,
            int64_t table_stride, int64_t block_size, const int64_t* lens, bool logits, const int64_t* head_rows,
-           int64_t R, torch::Tensor& out) const {
+           int64_t R, torch::Tensor& out, const int64_t* lora) const {
     const int64_t H = H_, KVH = KVH_, D = D_, G = H / KVH, Hd = Hd_, QKV = (H + 2 * KVH) * D;
     const float scale = 1.0f / std::sqrt(static_cast<float>(D));
     // Attention: each row's keys [start, len) are cut at multiples of KEY_CHUNK (so a row's result depends on its
@@ -666,19 +758,39 @@ class DecodeStack {
         act(B * I_), down(B * Hd);
     float* result = logits ? out.data_ptr<float>() : nullptr;
     std::vector<float> final_h(B * Hd);
+    int64_t lora_r = 0;  // the widest projection's rank rows: xa's row stride is each projection's own
+    for (const auto& L : layers_)
+      for (const auto& f : L.lora) lora_r = std::max(lora_r, f.R);
+    // shared shrink results of qkv, o and down, each its own: a thread may start the next projection's shrink
+    // while another still expands the last one's (gate_up's are per thread: see the MLP block)
+    std::vector<float> lora_xa(lora ? 3 * B * lora_r : 0);
+    // the projection's LoRA work this step, or null (no adapter rows, or no factors for it)
+    auto lora_step = [&](const Layer& L, Proj proj, LoraStep& ls, float* xa) -> const LoraStep* {
+      if (!lora || !L.lora[proj].defined()) return nullptr;
+      ls = {&L.lora[proj], lora, xa};
+      return &ls;
+    };
 
 #pragma omp parallel num_threads(nt)
     {
       std::vector<float> x(x_in, x_in + B * Hd), h(B * Hd), attn(B * H * D), qf(G * D), scores;
       Prep prep;
+      LoraStep qkv_store, o_store, gu_store, down_store;
+      const LoraStep *ls_qkv, *ls_o, *ls_gu, *ls_down;
+      std::vector<float> gu_xa(lora ? B * lora_r : 0);
+      float *xa_qkv = lora_xa.data(), *xa_o = xa_qkv + B * lora_r, *xa_down = xa_o + B * lora_r;
       for (const Layer& L : layers_) {
         // attention block
         rms_norm(x.data(), L.in_norm.data_ptr<float>(), h.data(), B, Hd);
         prepare(prep, h.data(), B, Hd);
+        // LoRA (lora_rows.h): each projection's shrink goes to the threads before its gemv, the expand comes
+        // after a barrier the stack has anyway, so adapter rows cost no barrier of their own
+        if ((ls_qkv = lora_step(L, PROJ_QKV, qkv_store, xa_qkv))) lora_shrink(*ls_qkv, h.data(), B);
         gemv(L.qkv, prep, qkv.data(), B);
 #pragma omp single
         for (int64_t b = 0; b < B; ++b) {
           float* row = qkv.data() + b * QKV;
+          for (int64_t n = 0; ls_qkv && n < QKV; n += 16) lora_add16(ls_qkv, b, n, row + n);
           head_norm(row, H, L.q_norm);
           head_norm(row + H * D, KVH, L.k_norm);
           rotate(row, H + KVH, pos[b]);  // q and k heads are adjacent
@@ -716,17 +828,20 @@ class DecodeStack {
           }
         rnd(attn.data(), B * H * D);
         prepare(prep, attn.data(), B, H * D);
+        if ((ls_o = lora_step(L, PROJ_O, o_store, xa_o))) lora_shrink(*ls_o, attn.data(), B);
         gemv(L.o, prep, o.data(), B);
-        for (int64_t i = 0; i < B * Hd; ++i) x[i] += o[i];
-        rnd(x.data(), B * Hd);
+        add_residual(x.data(), o.data(), B, Hd, ls_o);
         // MLP block
         rms_norm(x.data(), L.post_norm.data_ptr<float>(), h.data(), B, Hd);
         prepare(prep, h.data(), B, Hd);
-        gemv_glu(L.gate_up, prep, act.data(), B);
+        // gate_up's deltas go in before the activation, inside its gemv: every thread computes the whole
+        // shrink itself (a barrier costs more than these few dot products, and much more on a busy machine)
+        if ((ls_gu = lora_step(L, PROJ_GATE_UP, gu_store, gu_xa.data()))) lora_shrink(*ls_gu, h.data(), B, true);
+        gemv_glu(L.gate_up, prep, act.data(), B, ls_gu);
         prepare(prep, act.data(), B, I_);
+        if ((ls_down = lora_step(L, PROJ_DOWN, down_store, xa_down))) lora_shrink(*ls_down, act.data(), B);
         gemv(L.down, prep, down.data(), B);
-        for (int64_t i = 0; i < B * Hd; ++i) x[i] += down[i];
-        rnd(x.data(), B * Hd);
+        add_residual(x.data(), down.data(), B, Hd, ls_down);
       }
       rms_norm(x.data(), final_norm_.data_ptr<float>(), h.data(), B, Hd);
       if (logits) {
@@ -755,6 +870,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def(py::init<int64_t, int64_t, int64_t, int64_t, int64_t, double, int64_t, bool, torch::Tensor,
                     torch::Tensor>())
       .def("add_layer", &DecodeStack::add_layer)
+      .def("set_lora", &DecodeStack::set_lora)
       .def("set_head", &DecodeStack::set_head)
       .def("num_layers", &DecodeStack::num_layers)
       .def("set_activation_bits", &DecodeStack::set_activation_bits)

@@ -140,16 +140,6 @@ void tile(int64_t rows, T* y, const T* x, int64_t in, int64_t out, const T* a, c
 
 }  // namespace
 
-#define TL_DISPATCH(dtype, ...)                                                   \
-  if ((dtype) == torch::kBFloat16) {                                              \
-    using scalar = c10::BFloat16;                                                 \
-    __VA_ARGS__;                                                                  \
-  } else {                                                                        \
-    TORCH_CHECK((dtype) == torch::kFloat32, "tokenloom lora_ops: bfloat16 or float32 only"); \
-    using scalar = float;                                                         \
-    __VA_ARGS__;                                                                  \
-  }
-
 // y [T, out] += the LoRA deltas of the rows in `runs` [G, 3] (slot, first row, end row), in place; x [T, in] the
 // layer's input; a [K, R, in] and b [K, R, out] the slots' factors (all four of one dtype, contiguous);
 // slices [K, S, 4] int64, per slot and packed slice (first rank row, ranks, first output, outputs). Rows in no

@@ -166,7 +166,8 @@ class AsyncEngine:
         done: asyncio.Future = loop.create_future()
         with self._cv:
             if self._dead is not None or self._stop or self._thread is None:
-                raise EngineDeadError("the engine is not running")
+                why = f": {self._dead}" if getattr(self._dead, "fatal", False) else ""
+                raise EngineDeadError(f"the engine is not running{why}")
             if max_waiting is not None and self._queued_beyond_free_slots() >= max_waiting:
                 raise QueueFullError(f"the server is busy: {max_waiting} requests are already waiting for a free "
                                      "sequence slot; retry later")
@@ -208,7 +209,8 @@ class AsyncEngine:
         done: asyncio.Future = loop.create_future()
         with self._cv:
             if self._dead is not None or self._stop or self._thread is None:
-                raise EngineDeadError("the engine is not running")
+                why = f": {self._dead}" if getattr(self._dead, "fatal", False) else ""
+                raise EngineDeadError(f"the engine is not running{why}")
             self._cmds.append(("call", (fn, loop, done)))
             self._cv.notify()
         return await done
@@ -248,7 +250,7 @@ class AsyncEngine:
             log.exception("engine thread crashed")
             with self._cv:
                 self._dead = exc
-            self._fail_all(EngineDeadError(f"the engine crashed: {exc}"))
+            self._fail_all(EngineDeadError(str(exc) if getattr(exc, "fatal", False) else f"the engine crashed: {exc}"))
         finally:
             with self._cv:
                 self._dead = self._dead or EngineDeadError("the engine was shut down")
@@ -259,6 +261,10 @@ class AsyncEngine:
                     loop, done = args[-3 if kind == "add" else 1], args[-1]
                     _resolve(loop, done, exc=EngineDeadError("the engine was shut down"))
             self._fail_all(RequestAbortedError("the server is shutting down"))
+            try:
+                self.engine.shutdown()  # a parallel model's worker ranks go with the engine thread
+            except Exception:  # pragma: no cover
+                log.exception("stopping the executor failed")
 
     def _loop(self) -> None:
         eng = self.engine
@@ -287,6 +293,8 @@ class AsyncEngine:
                 try:
                     outputs = eng.step()
                 except Exception as exc:
+                    if getattr(exc, "fatal", False):  # the model cannot run any more (a parallel rank died)
+                        raise
                     log.exception("engine step failed")
                     self._fail_all(exc if isinstance(exc, TokenloomError) else TokenloomError(f"engine error: {exc}"))
                     outputs = []

@@ -38,6 +38,15 @@ def default_quantization(config: EngineConfig, source_kind: str) -> str | None:
     return None
 
 
+def make_executor(config: EngineConfig, source: ModelSource, dtype: torch.dtype, generator: torch.Generator):
+    """The executor the config asks for: one process, or ranks in worker processes / Ray actors."""
+    if config.parallel.world_size > 1:
+        from tokenloom.worker.multiproc_executor import ParallelExecutor
+
+        return ParallelExecutor(config, source, dtype, generator)
+    return UniProcExecutor(config, source, dtype, generator)
+
+
 class LLMEngine:
     def __init__(self, config: EngineConfig, executor: Executor | None = None):
         self.config = config
@@ -49,7 +58,7 @@ class LLMEngine:
         self.model_source = source
         self.generator = torch.Generator().manual_seed(config.seed)
         load_start = time.perf_counter()
-        self.executor = executor or UniProcExecutor(config, source, self.dtype, self.generator)
+        self.executor = executor or make_executor(config, source, self.dtype, self.generator)
         self.load_time = time.perf_counter() - load_start
         self.tokenizer = self.executor.tokenizer
         self.model_config = cfg = self.executor.model_config
@@ -111,7 +120,10 @@ class LLMEngine:
         # compiled off the engine loop when the caller awaited grammar_async first (the server does)
         grammar = self.structured_output.grammar(params.structured_outputs) if params.structured_outputs else None
         lora_seed = self._prepare_lora(lora_request)
-        reqs = [self._new_request(request_id, i, token_ids, params, max_tokens) for i in range(params.n)]
+        # best_of > n: best_of candidates, forked alike (seeds seed + i), ranked by mean logprob at the end
+        best_of = params.best_of if params.best_of is not None and params.best_of > params.n else None
+        run = dataclasses.replace(params, logprobs=0) if best_of and params.logprobs is None else params
+        reqs = [self._new_request(request_id, i, token_ids, run, max_tokens) for i in range(best_of or params.n)]
         for req in reqs if lora_request is not None else ():
             req.lora_request, req.lora_hash_seed = lora_request, lora_seed
         for req in reqs if grammar is not None else ():
@@ -121,7 +133,8 @@ class LLMEngine:
         for child in parent.forks:
             child.fork_of = parent
         metrics = RequestMetrics(arrival_time=parent.arrival_time)
-        self.output_processor.add(RequestGroup(request_id, prompt_text, token_ids, reqs, metrics))
+        self.output_processor.add(RequestGroup(request_id, prompt_text, token_ids, reqs, metrics,
+                                               best_of_params=params if best_of else None))
         self.scheduler.add_request(parent)
         return request_id
 
@@ -187,6 +200,10 @@ class LLMEngine:
             if not req.is_finished:
                 self.scheduler.finish(req)
                 req.finish_reason = "abort"
+
+    def shutdown(self) -> None:
+        """Stop the executor's workers (parallel ranks); the engine cannot step afterwards."""
+        self.executor.shutdown()
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()

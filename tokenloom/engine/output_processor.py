@@ -6,11 +6,13 @@ so they are checked here and end the request through the scheduler.
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 
 from tokenloom.core.request import Request
 from tokenloom.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from tokenloom.sampling_params import SamplingParams
 
 
 @dataclass
@@ -22,6 +24,8 @@ class RequestGroup:
     requests: list[Request]
     metrics: RequestMetrics
     prompt_logprobs: list | None = None
+    # best_of > n: the user's params; only the final output is returned, with the n best candidates
+    best_of_params: SamplingParams | None = None
 
 
 class OutputProcessor:
@@ -61,6 +65,8 @@ class OutputProcessor:
             if finished:
                 group.metrics.finished_time = now
                 del self.groups[group.request_id]
+            elif group.best_of_params is not None:
+                continue  # best_of picks among finished candidates: nothing to show before
             outputs.append(make_output(group, finished))
         return outputs
 
@@ -106,5 +112,18 @@ def make_output(group: RequestGroup, finished: bool) -> RequestOutput:
             text = text[: max(0, len(text) - max(len(s) for s in r.params.stop) + 1)]
         outs.append(CompletionOutput(r.index, text, list(r.output_token_ids), r.finish_reason, r.stop_reason,
                                      r.logprobs if r.params.logprobs is not None else None))
-    return RequestOutput(group.request_id, group.prompt, group.prompt_token_ids, outs, finished,
-                         group.metrics, group.prompt_logprobs)
+    out = RequestOutput(group.request_id, group.prompt, group.prompt_token_ids, outs, finished,
+                        group.metrics, group.prompt_logprobs)
+    return _best_of(out, group.best_of_params) if group.best_of_params is not None else out
+
+
+def _best_of(out: RequestOutput, params: SamplingParams) -> RequestOutput:
+    """OpenAI's best_of: the n candidates of the highest mean token logprob, best first (ties: lower index first),
+    numbered 0..n-1; logprobs (taken for the ranking) kept only if asked for."""
+    candidates = out.outputs
+    if params.logprobs is None:
+        candidates = [dataclasses.replace(o, logprobs=None) for o in candidates]
+    order = sorted(range(len(candidates)), key=lambda i: -out.outputs[i].mean_logprob)
+    out.outputs = [dataclasses.replace(candidates[i], index=k) for k, i in enumerate(order[: params.n])]
+    out.candidates = candidates
+    return out

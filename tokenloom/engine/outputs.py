@@ -17,6 +17,22 @@ class CompletionOutput:
     def finished(self) -> bool:
         return self.finish_reason is not None
 
+    @property
+    def cumulative_logprob(self) -> float | None:
+        """The sum of the chosen tokens' logprobs (None without logprobs)."""
+        if self.logprobs is None:
+            return None
+        return sum(entry.get(t, 0.0) for t, entry in zip(self.token_ids, self.logprobs))
+
+    @property
+    def mean_logprob(self) -> float | None:
+        """The chosen tokens' mean logprob: what best_of ranks by (OpenAI's "highest log probability per token");
+        None without logprobs, -inf for an empty completion."""
+        total = self.cumulative_logprob
+        if total is None:
+            return None
+        return total / len(self.token_ids) if self.token_ids else float("-inf")
+
 
 @dataclass
 class RequestMetrics:
@@ -39,6 +55,8 @@ class RequestOutput:
     finished: bool
     metrics: RequestMetrics
     prompt_logprobs: list[dict[int, float] | None] | None = None
+    # best_of: every candidate generated, in index order (outputs holds the n best of them, best first)
+    candidates: list[CompletionOutput] | None = None
 
     @property
     def decode_tokens_per_s(self) -> float | None:

@@ -32,6 +32,9 @@ class EngineArgs:
     max_loras: int = 1
     max_lora_rank: int = 16
     max_cpu_loras: int | None = None
+    tensor_parallel_size: int = 1  # vLLM's -tp / -pp / --distributed-executor-backend
+    pipeline_parallel_size: int = 1
+    distributed_executor_backend: str | None = None
 
     @classmethod
     def from_namespace(cls, ns) -> "EngineArgs":

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 from typing import Iterator, Sequence
 
-from tokenloom.config import CacheConfig, EngineConfig, LoRAConfig, SchedulerConfig, SpeculativeConfig, TokenloomError
+from tokenloom.config import (CacheConfig, EngineConfig, LoRAConfig, ParallelConfig, SchedulerConfig, SpeculativeConfig,
+                              TokenloomError)
 from tokenloom.engine.llm_engine import LLMEngine
 from tokenloom.engine.outputs import RequestOutput
 from tokenloom.loader.sources import DEFAULT_MODEL
@@ -36,12 +37,18 @@ class LLM:
         max_loras: int = 1,
         max_lora_rank: int = 16,
         max_cpu_loras: int | None = None,
+        tensor_parallel_size: int = 1,
+        pipeline_parallel_size: int = 1,
+        distributed_executor_backend: str | None = None,
+        pipeline_microbatches: int | None = None,
     ):
         """speculative_config: speculative decoding under vLLM's names, e.g. {"method": "ngram",
         "num_speculative_tokens": 4}; see config.SpeculativeConfig. kv_release_interval_s: free KV blocks
         unused this long return their memory to the OS, but for kv_keep_cached_bytes of recent prefix cache.
         enable_lora: serve LoRA adapters (generate(..., lora_request=LoRARequest(name, id, path))), up to
-        max_loras of them in one step, of rank up to max_lora_rank; max_cpu_loras kept in memory (config.LoRAConfig)."""
+        max_loras of them in one step, of rank up to max_lora_rank; max_cpu_loras kept in memory (config.LoRAConfig).
+        tensor_parallel_size / pipeline_parallel_size: split the model over that many ranks, run as worker processes
+        ("mp", the default) or Ray actors ("ray") by distributed_executor_backend (config.ParallelConfig)."""
         self.engine = LLMEngine(
             EngineConfig(
                 model=model, dtype=dtype, device=device, seed=seed, quantization=quantization,
@@ -50,6 +57,8 @@ class LLM:
                 scheduler=SchedulerConfig(max_num_seqs, max_num_batched_tokens, max_model_len),
                 speculative=SpeculativeConfig.parse(speculative_config),
                 lora=LoRAConfig(max_loras, max_lora_rank, max_cpu_loras) if enable_lora else None,
+                parallel=ParallelConfig(tensor_parallel_size, pipeline_parallel_size, distributed_executor_backend,
+                                        pipeline_microbatches=pipeline_microbatches),
             )
         )
         self.tokenizer = self.engine.tokenizer

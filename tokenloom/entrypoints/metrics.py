@@ -26,6 +26,7 @@
     tokenloom_request_errors_total{model_name,status} requests to a model answered with an error
     tokenloom_route_requests_total{route,model_name}  A/B routes: requests by the variant chosen
     tokenloom_generation_mean_logprob                histogram: mean token logprob of each answer (quality signal)
+    tokenloom_kv_transfer_blocks_total / _bytes_total / _seconds   disaggregation's KV hand-offs (transfer_metrics)
     process_resident_memory_bytes, process_*         the server process (prometheus_client's process collector)
 
 Every model series carries model_name: the loaded model (a variant such as smollm2-135m:int8) that served it.
@@ -44,6 +45,7 @@ from prometheus_client import (
 from prometheus_client.core import GaugeMetricFamily
 
 from tokenloom.engine.outputs import RequestOutput
+from tokenloom.entrypoints.transfer_metrics import kv_transfer_families
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 1.5, 2.0,
                     2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
@@ -103,6 +105,7 @@ class _EngineGauges:
             for name, _, value in _ENGINE_GAUGES:
                 families[name].add_metric([model], float(value(engine, st)))
         yield from families.values()
+        yield from kv_transfer_families(self.engines)  # prefill/decode disaggregation's KV hand-offs
 
 
 class ServerMetrics:
@@ -175,7 +178,7 @@ class ServerMetrics:
     def observe_finished(self, out: RequestOutput, model_name: str, quality: bool = False) -> None:
         """A generation request that ran to the end."""
         m = out.metrics
-        n_out = sum(len(o.token_ids) for o in out.outputs)
+        n_out = sum(len(o.token_ids) for o in out.candidates or out.outputs)  # best_of: every candidate's
         self.prompt_tokens.labels(model_name).inc(len(out.prompt_token_ids))
         self.generation_tokens.labels(model_name).inc(n_out)
         for o in out.outputs:

@@ -104,3 +104,104 @@ def engine_perplexity(llm, token_ids: list[int], window: int = 1024, stride: int
 
 # ---------------------------------------------------------------------------------------------------------
 # ROUGE
+
+
+# ---- llama.cpp's llama-perplexity -------------------------------------------------------------------------
+@dataclass
+class LlamaCppPerplexityResult:
+    """What llama-perplexity prints: the final estimate with its standard error, and the running estimate after
+    each chunk (its `[1]27.34,[2]40.58,...` line)."""
+    ppl: float
+    ppl_stderr: float
+    nll: float
+    tokens: int  # scored tokens: n_ctx - n_ctx/2 - 1 per chunk
+    chunks: int
+    n_ctx: int
+    running_ppl: list[float]
+    seconds: float
+
+    def to_dict(self):
+        return dict(ppl=self.ppl, ppl_stderr=self.ppl_stderr, nll=self.nll, tokens=self.tokens,
+                    chunks=self.chunks, n_ctx=self.n_ctx, running_ppl=self.running_ppl, seconds=self.seconds)
+
+
+def llamacpp_text(raw: str) -> str:
+    """The text llama-perplexity scores from a file read with -f: it drops one trailing newline."""
+    return raw[:-1] if raw.endswith("\n") else raw
+
+
+def llamacpp_chunks(token_ids: list[int], n_ctx: int, bos_token_id: int | None,
+                    max_chunks: int = -1) -> list[list[int]]:
+    """llama-perplexity's chunks: the text's tokens (BOS already added by the tokenizer when the model adds one)
+    cut into floor(len / n_ctx) chunks of n_ctx tokens (the rest is dropped); when the model adds BOS, each
+    chunk's first token is replaced by BOS. It refuses texts under 2 * n_ctx tokens."""
+    if n_ctx < 4:
+        raise TokenloomError(f"--ctx must be >= 4, got {n_ctx}")
+    if len(token_ids) < 2 * n_ctx:
+        raise TokenloomError(f"llama.cpp-compatible perplexity needs at least {2 * n_ctx} tokens for a context of "
+                             f"{n_ctx}; the text has {len(token_ids)}")
+    n_chunks = len(token_ids) // n_ctx
+    if max_chunks >= 0:
+        n_chunks = min(n_chunks, max_chunks)
+    chunks = [list(token_ids[i * n_ctx:(i + 1) * n_ctx]) for i in range(n_chunks)]
+    if bos_token_id is not None:
+        for chunk in chunks:
+            chunk[0] = bos_token_id
+    return chunks
+
+
+@torch.inference_mode()
+def llamacpp_perplexity(model, token_ids: list[int], n_ctx: int = 512, bos_token_id: int | None = None,
+                        max_chunks: int = -1, llm=None, progress: bool = False) -> LlamaCppPerplexityResult:
+    """Perplexity exactly as llama.cpp's llama-perplexity computes it (tools/perplexity/perplexity.cpp,
+    `perplexity()` without --ppl-stride): each chunk is one fresh context, and only the tokens after its first
+    half are scored (positions n_ctx/2 + 1 .. n_ctx - 1, predicted from all the chunk's tokens before them).
+    bos_token_id: the model's BOS when its tokenizer adds one (then also each chunk's first token). With `llm`,
+    chunks go through the engine's prompt logprobs (chunked prefill, paged KV cache and its dtype apply)."""
+    chunks = llamacpp_chunks(token_ids, n_ctx, bos_token_id, max_chunks)
+    first = n_ctx // 2
+    start_t = time.perf_counter()
+    nlls = _engine_chunk_nlls(llm, chunks, first, progress) if llm is not None else \
+        _direct_chunk_nlls(model, chunks, first, progress)
+    nll_sum = nll2_sum = 0.0
+    count, running = 0, []
+    for chunk_nll in nlls:
+        nll_sum += float(chunk_nll.sum())
+        nll2_sum += float((chunk_nll * chunk_nll).sum())
+        count += chunk_nll.numel()
+        running.append(math.exp(nll_sum / count))
+    mean = nll_sum / count
+    ppl = math.exp(mean)
+    var = nll2_sum / count - mean * mean
+    stderr = math.sqrt(var / (count - 1)) * ppl if var > 0 and count > 1 else 0.0
+    return LlamaCppPerplexityResult(ppl, stderr, mean, count, len(chunks), n_ctx, running,
+                                    time.perf_counter() - start_t)
+
+
+def _direct_chunk_nlls(model, chunks: list[list[int]], first: int, progress: bool) -> list[torch.Tensor]:
+    runners = SequenceRunners(model)
+    out = []
+    for chunk in _progress(chunks, progress):
+        ids = torch.tensor(chunk, dtype=torch.long)
+        hidden = runners[ids.numel()].hidden(ids)
+        rows = torch.arange(first, ids.numel() - 1)  # logits at first..n-2 predict tokens first+1..n-1
+        logits = model.compute_logits(hidden[rows]).double()
+        out.append(F.cross_entropy(logits, ids[rows + 1], reduction="none"))
+    return out
+
+
+def _engine_chunk_nlls(llm, chunks: list[list[int]], first: int, progress: bool) -> list[torch.Tensor]:
+    from tokenloom.sampling_params import SamplingParams
+
+    params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0)
+    outputs = llm.generate(chunks, params, use_tqdm=progress)
+    return [torch.tensor([-out.prompt_logprobs[pos][chunk[pos]] for pos in range(first + 1, len(chunk))],
+                         dtype=torch.float64) for chunk, out in zip(chunks, outputs)]
+
+
+def _progress(items, progress: bool):
+    if not progress:
+        return items
+    from tqdm import tqdm
+
+    return tqdm(items, desc="perplexity", unit="chunk", file=sys.stderr)

@@ -1,61 +1,41 @@
-"""ROUGE-1/2/L (precision, recall, F1) of predictions against references, as the rouge-score package computes
-them without stemming."""
+"""ROUGE-1/2/L (precision, recall, F1) of predictions against references, computed by Google's `rouge-score`
+package (the implementation papers and HF `evaluate` report), so our numbers are theirs."""
 from __future__ import annotations
 
 import re
-from collections import Counter
+from functools import lru_cache
 
 from tokenloom.config import TokenloomError
 
-
-def _rouge_tokens(text: str) -> list[str]:
-    return re.findall(r"[a-z0-9]+", text.lower())
-
-
-def _ngrams(tokens: list[str], n: int) -> Counter:
-    return Counter(tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1))
+ROUGE_TYPES = ("rouge1", "rouge2", "rougeL")
+METRICS = ("precision", "recall", "f1")
 
 
-def _f1(overlap: float, n_pred: int, n_ref: int) -> dict:
-    p = overlap / n_pred if n_pred else 0.0
-    r = overlap / n_ref if n_ref else 0.0
-    f = 2 * p * r / (p + r) if p + r else 0.0
-    return {"precision": p, "recall": r, "f1": f}
+@lru_cache(maxsize=8)
+def _scorer(rouge_types: tuple[str, ...], use_stemmer: bool):
+    from rouge_score import rouge_scorer
+
+    bad = [t for t in rouge_types if not re.fullmatch(r"rouge([1-9][0-9]*|L|Lsum)", t)]
+    if bad or not rouge_types:  # rouge-score would only say so when scoring
+        raise TokenloomError(f"ROUGE: unknown rouge types {bad} (rouge1, rouge2, ..., rougeL, rougeLsum)")
+    return rouge_scorer.RougeScorer(list(rouge_types), use_stemmer=use_stemmer)
 
 
-def _lcs(a: list[str], b: list[str]) -> int:
-    if not a or not b:
-        return 0
-    prev = [0] * (len(b) + 1)
-    for x in a:
-        cur = [0]
-        for j, y in enumerate(b):
-            cur.append(prev[j] + 1 if x == y else max(prev[j + 1], cur[j]))
-        prev = cur
-    return prev[-1]
+def rouge(prediction: str, reference: str, rouge_types: tuple[str, ...] = ROUGE_TYPES,
+          use_stemmer: bool = False) -> dict[str, dict]:
+    """{rouge type: {precision, recall, f1}} of one prediction against its reference (rouge-score's default
+    tokenizer: lower-cased alphanumeric tokens; `use_stemmer` applies its Porter stemmer; "rougeLsum" splits
+    summaries on newlines)."""
+    scores = _scorer(tuple(rouge_types), use_stemmer).score(reference, prediction)  # (target, prediction)
+    return {k: {"precision": s.precision, "recall": s.recall, "f1": s.fmeasure} for k, s in scores.items()}
 
 
-def rouge(prediction: str, reference: str) -> dict[str, dict]:
-    """ROUGE-1, ROUGE-2 and ROUGE-L (precision, recall, F1) on lower-cased alphanumeric tokens."""
-    p, r = _rouge_tokens(prediction), _rouge_tokens(reference)
-    out = {}
-    for n in (1, 2):
-        pn, rn = _ngrams(p, n), _ngrams(r, n)
-        out[f"rouge{n}"] = _f1(sum((pn & rn).values()), sum(pn.values()), sum(rn.values()))
-    out["rougeL"] = _f1(_lcs(p, r), len(p), len(r))
-    return out
-
-
-def rouge_corpus(predictions: list[str], references: list[str]) -> dict[str, dict]:
-    """Mean of the per-pair scores."""
+def rouge_corpus(predictions: list[str], references: list[str], rouge_types: tuple[str, ...] = ROUGE_TYPES,
+                 use_stemmer: bool = False) -> dict[str, dict]:
+    """Mean of the per-pair scores (what HF `evaluate`'s rouge reports with use_aggregator=False, averaged)."""
     if len(predictions) != len(references):
         raise TokenloomError(f"{len(predictions)} predictions but {len(references)} references")
     if not predictions:
         raise TokenloomError("no texts to score")
-    scores = [rouge(p, r) for p, r in zip(predictions, references)]
-    return {k: {m: sum(s[k][m] for s in scores) / len(scores) for m in ("precision", "recall", "f1")}
-            for k in scores[0]}
-
-
-# ---------------------------------------------------------------------------------------------------------
-# CLI
+    scores = [rouge(p, r, rouge_types, use_stemmer) for p, r in zip(predictions, references)]
+    return {k: {m: sum(s[k][m] for s in scores) / len(scores) for m in METRICS} for k in scores[0]}

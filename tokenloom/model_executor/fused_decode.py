@@ -29,6 +29,14 @@ token. `FusedDecoder.kernels` counts which kernel each weight block takes. float
 Anything else (MoE, NF4, act-order GPTQ, raw Q2_K/Q3_K blocks, an int8 KV cache, a CPU without AVX-512) keeps
 the layer-by-layer path: `FusedDecoder.build` returns None and says why in `FusedDecoder.reason`.
 TOKENLOOM_FUSED_DECODE=0 turns it off.
+
+LoRA: rows of a step may run different adapters (multi-LoRA). The stack adds each row's adapter delta,
+y += (x A^T) B^T, in every projection (qkv, o, gate_up, down) from the factors where the LoRA layers
+(lora/layers.py) keep them, stacked per slot: shared, so the slot the LoRA manager loads for a step is what the
+next call reads. The caller passes the step's LoRAMapping; base rows are computed as without LoRA, to the bit.
+Without this a step's adapter rows would run layer by layer, at well under half the speed on quantized models.
+`takes_lora()` says whether the stack can (every LoRA layer of the model is a projection it computes, in its
+dtype); TOKENLOOM_FUSED_LORA=0 (or `lora_enabled = False`) keeps adapter rows on the layers.
 """
 from __future__ import annotations
 
@@ -39,6 +47,7 @@ import torch
 
 from tokenloom.config import TokenloomError
 from tokenloom.kernels.build import CppExtension
+from tokenloom.model_executor.forward_context import LoRAMapping
 from tokenloom.model_executor.layers.linear import Linear
 
 log = logging.getLogger("tokenloom")
@@ -55,6 +64,10 @@ class Unsupported(Exception):
 
 def enabled() -> bool:
     return os.environ.get("TOKENLOOM_FUSED_DECODE", "1") not in ("0", "false", "no")
+
+
+def lora_enabled() -> bool:
+    return os.environ.get("TOKENLOOM_FUSED_LORA", "1") not in ("0", "false", "no")
 
 
 def _bias_parts(bias, sizes):
@@ -74,7 +87,8 @@ def linear_parts(module, model_dtype: torch.dtype) -> list[tuple]:
         if weight is None or weight.dtype not in (torch.float32, torch.bfloat16) or weight.dtype != model_dtype:
             raise Unsupported(f"linear weight of {type(module.method).__name__}")
         kind = DENSE_BF16 if weight.dtype == torch.bfloat16 else DENSE_F32
-        return [(kind, weight.detach().contiguous(), _EMPTY, _EMPTY, 0, _bias_parts(module.bias, [module.out_features])[0])]
+        bias = _bias_parts(module.bias, [module.out_features])[0]
+        return [(kind, weight.detach().contiguous(), _EMPTY, _EMPTY, 0, bias)]
     name = type(module).__name__
     if kernel != "gemv" or getattr(module, "perm", None) is not None or module.act_dtype != model_dtype:
         raise Unsupported(f"{name} with kernel {kernel}")
@@ -104,6 +118,10 @@ class FusedDecoder:
         self.stack, self.model, self.block_size = stack, model, block_size
         limit = os.environ.get("TOKENLOOM_FUSED_MAX_BATCH")
         self.max_batch = int(limit) if limit else DENSE_MAX_BATCH if has_dense else QUANTIZED_MAX_BATCH
+        self.lora_enabled = lora_enabled()  # adapter rows may take the stack (when takes_lora() finds it can)
+        self._lora_ready: bool | None = None  # the LoRA factors were handed to the stack (None: not tried yet)
+        self.lora_reason: str | None = None  # why the stack cannot take adapter rows
+        self.adapter_rows = 0  # rows run with an adapter so far (tests and benchmarks)
 
     @classmethod
     def build(cls, model, layer_caches, block_size: int) -> "FusedDecoder | None":
@@ -161,10 +179,39 @@ class FusedDecoder:
             k_norm = getattr(attn, "k_norm", None)
             stack.add_layer(
                 layer.input_layernorm.weight.detach(), layer.post_attention_layernorm.weight.detach(),
-                _EMPTY if q_norm is None else q_norm.weight.detach(), _EMPTY if k_norm is None else k_norm.weight.detach(),
-                parts(attn.qkv_proj), parts(attn.o_proj), parts(mlp.gate_up_proj), parts(mlp.down_proj), cache.k, cache.v)
+                _EMPTY if q_norm is None else q_norm.weight.detach(),
+                _EMPTY if k_norm is None else k_norm.weight.detach(),
+                parts(attn.qkv_proj), parts(attn.o_proj), parts(mlp.gate_up_proj), parts(mlp.down_proj),
+                cache.k, cache.v)
         stack.set_head(model.norm.weight.detach(), linear_parts(model.lm_head, dtype))
         return stack, bool(kinds & {DENSE_F32, DENSE_BF16})
+
+    def takes_lora(self) -> bool:
+        """Whether rows with a LoRA adapter may run here. The LoRA layers wrap the model after the stack is built,
+        so their factors are handed over on the first call; from then on the stack reads them where they are."""
+        if not self.lora_enabled:
+            return False
+        if self._lora_ready is None:
+            self._lora_ready = self._attach_lora()
+        return self._lora_ready
+
+    def _attach_lora(self) -> bool:
+        dtype = self.model.norm.weight.dtype
+        for i, layer in enumerate(self.model.layers):
+            projections = (layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj,
+                           layer.mlp.down_proj)
+            # a LoRA layer (lora.layers.LoRALinear, known by its stacked factors: this layer may not import it)
+            wrapped = [m for m in layer.modules() if hasattr(m, "lora_a") and hasattr(m, "slices")]
+            if not all(any(m is p for p in projections) for m in wrapped):
+                self.lora_reason = f"layer {i} has a LoRA layer the compiled stack does not compute"
+                return False
+            if any(m.lora_a.dtype != dtype or m.lora_a.device.type != "cpu" for m in wrapped):
+                self.lora_reason = "LoRA factors not in the model's dtype on the CPU"
+                return False
+            for proj, module in enumerate(projections):
+                if hasattr(module, "lora_a") and hasattr(module, "slices"):
+                    self.stack.set_lora(i, proj, module.lora_a, module.lora_b, module.slices)
+        return True
 
     @property
     def kernels(self) -> dict[str, int]:
@@ -174,18 +221,33 @@ class FusedDecoder:
     @torch.inference_mode()
     def logits(self, input_ids: torch.Tensor, positions: torch.Tensor, slot_mapping: torch.Tensor,
                block_table: torch.Tensor, context_lens: torch.Tensor,
-               head_rows: torch.Tensor | None = None) -> torch.Tensor:
+               head_rows: torch.Tensor | None = None, lora: LoRAMapping | None = None) -> torch.Tensor:
         """float32 logits [rows, vocab] of a batch of token rows, each with its position, slot, block table row
         and context length (a sequence may take consecutive rows: its drafts). Each row writes its K/V into its
         slot before any row attends, so a later row of a sequence sees the earlier ones. head_rows (ascending):
-        the rows whose logits are wanted (default all)."""
+        the rows whose logits are wanted (default all). lora: which rows run which adapter slot (the LoRA
+        manager's mapping of the step, its slots loaded); None: every row the base model."""
         x = self.model.embed_tokens(input_ids)
         rows = _EMPTY.long() if head_rows is None else head_rows
-        return self.stack.forward(x, positions, slot_mapping, block_table, self.block_size, context_lens, True, rows)
+        return self.stack.forward(x, positions, slot_mapping, block_table, self.block_size, context_lens, True, rows,
+                                  self._lora_slots(lora, len(input_ids)))
+
+    def _lora_slots(self, lora: LoRAMapping | None, rows: int) -> torch.Tensor:
+        """Each row's adapter slot (-1: the base model), or an empty tensor when no row has one."""
+        if lora is None or not lora.runs.numel():
+            return _EMPTY.long()
+        if not self.takes_lora():
+            raise TokenloomError(f"adapter rows cannot run on the compiled decode stack: {self.lora_reason}")
+        slots = torch.full((rows,), -1, dtype=torch.long)
+        for slot, start, end in lora.runs.tolist():
+            slots[start:end] = slot
+        self.adapter_rows += int((slots >= 0).sum())
+        return slots
 
     @torch.inference_mode()
     def token_logits(self, input_ids: torch.Tensor, positions: torch.Tensor, block_tables: list[list[int]],
-                     query_lens: list[int], head_rows: torch.Tensor | None = None) -> torch.Tensor:
+                     query_lens: list[int], head_rows: torch.Tensor | None = None,
+                     lora: LoRAMapping | None = None) -> torch.Tensor:
         """logits() for a flat batch as InputBatch lays it out: sequence i's query_lens[i] tokens at consecutive
         positions, all attending causally over its block table."""
         bs = self.block_size
@@ -195,4 +257,4 @@ class FusedDecoder:
             table = table.repeat_interleave(torch.tensor(query_lens), dim=0)
         pos = positions.long()
         slots = table.gather(1, (pos // bs)[:, None])[:, 0] * bs + pos % bs
-        return self.logits(input_ids, pos, slots, table, pos + 1, head_rows)
+        return self.logits(input_ids, pos, slots, table, pos + 1, head_rows, lora)

@@ -204,8 +204,10 @@ def build_gguf_linear(parts: list[tuple[torch.Tensor, object]], in_features: int
 
 
 @torch.no_grad()
-def quantize_model_gguf(model, gguf_path, act_dtype, use_kernel: bool = True, progress: bool = False) -> dict:
-    """Swap the model's (dequantized) linears for modules over the GGUF file's own quantized blocks."""
+def quantize_model_gguf(model, gguf_path, act_dtype, use_kernel: bool = True, progress: bool = False,
+                        tp_plan=None) -> dict:
+    """Swap the model's (dequantized) linears for modules over the GGUF file's own quantized blocks; tp_plan (a
+    model_executor.parallel.TensorParallelPlan): only this rank's rows / columns of each matrix are kept."""
     from tokenloom.gguf.loader import _dequantize_rows, _raw_bytes, open_gguf_checked, unpermute_rows
     from tokenloom.quant.modules import get_module, is_moe, model_dtype, set_module
     from tokenloom.quant.options import LINEAR_NAMES
@@ -238,7 +240,10 @@ def quantize_model_gguf(model, gguf_path, act_dtype, use_kernel: bool = True, pr
             # the checkpoint modules fused into ours (q, k, v / gate, up), each a GGUF tensor
             parts = [raw_of(f"{theirs}.weight") for theirs, _ in model.checkpoint_parts(name)]
             bias = None if old.bias is None else old.bias.detach().float().clone()
-            new = build_gguf_linear(parts, old.in_features, bias, act_dtype, use_kernel)
+            in_features = old.in_features
+            if tp_plan is not None:
+                parts, bias, in_features = shard_parts(tp_plan, ours.rpartition(".")[2], parts, bias, in_features)
+            new = build_gguf_linear(parts, in_features, bias, act_dtype, use_kernel)
             if new is not None:
                 set_module(model, name, new)
                 kinds[new.kernel] = kinds.get(new.kernel, 0) + 1
@@ -253,13 +258,40 @@ def quantize_model_gguf(model, gguf_path, act_dtype, use_kernel: bool = True, pr
     if names.gguf_name(head_name) not in tensors:  # tied: the embedding is the head
         head_name = emb_name
     head_raw, head_qt = raw_of(head_name)
+    if tp_plan is not None:  # vocabulary-parallel: this rank's rows of the embedding and the head
+        vocab = slice(tp_plan.vocab.start, tp_plan.vocab.stop)
+        emb_raw, head_raw = emb_raw[vocab], head_raw[vocab]
     head = build_gguf_linear([(head_raw, head_qt)], cfg.hidden_size, None, act_dtype, use_kernel)
     if head is not None:
         model.lm_head = head
+        head.tp_sliced = tp_plan is not None
         kinds["lm_head:" + head.kernel] = 1
     if Q(emb_qt) not in (Q.F32, Q.F16, Q.BF16):
         if head is not None and head_name == emb_name and hasattr(head, "dequantize_rows"):
             model.embed_tokens = QuantizedEmbedding(head, dtype)  # tied: one copy of the matrix
         else:
             model.embed_tokens = GGUFEmbedding(emb_raw, emb_qt, cfg.hidden_size, dtype)
+        model.embed_tokens.tp_sliced = tp_plan is not None
     return {"modules": kinds}
+
+
+def shard_parts(plan, leaf: str, parts: list, bias, in_features: int):
+    """This rank's share of one projection's raw GGUF parts (tensor parallel): rows of each part for a
+    column-parallel module, whole blocks of columns for a row-parallel one. Returns (parts, bias, in_features)."""
+    if (cols := plan.columns(leaf)) is not None:
+        out = []
+        for raw, qt in parts:
+            elems, size = block_info(Q(qt))
+            if cols.start % elems or cols.stop % elems:
+                raise ValueError(f"{leaf}: columns {cols.start}..{cols.stop} are not on {Q(qt).name} block "
+                                 f"boundaries ({elems})")
+            blocks = raw.reshape(raw.shape[0], in_features // elems, size)
+            out.append((blocks[:, cols.start // elems : cols.stop // elems].reshape(raw.shape[0], -1), qt))
+        return out, bias, len(cols)
+    out, keep, first = [], [], 0
+    for p, (raw, qt) in enumerate(parts):
+        rows = plan.rows(leaf, p)
+        out.append((raw[rows.start : rows.stop], qt))
+        keep += range(first + rows.start, first + rows.stop)
+        first += raw.shape[0]
+    return out, None if bias is None else bias[keep], in_features

@@ -13,7 +13,7 @@ from tokenloom.quant.options import QuantizeResult, QuantOptions, parse_method
 
 def quantize_model(model, method: str | QuantOptions = "int8", *, tokenizer=None, calib_samples=None,
                    gguf_path=None, act_dtype: torch.dtype | None = None, progress: bool = False,
-                   return_records: bool = False, **options) -> QuantizeResult:
+                   return_records: bool = False, tp_plan=None, **options) -> QuantizeResult:
     """Quantize `model` in place (module swaps). Returns what was done (and the records when asked)."""
     if isinstance(method, QuantOptions):
         opts = method
@@ -33,7 +33,8 @@ def quantize_model(model, method: str | QuantOptions = "int8", *, tokenizer=None
             if gguf_path is None:
                 raise TokenloomError("gguf: keeping GGUF blocks quantized needs the model's .gguf file "
                                      "(quantize_model(..., gguf_path=...))")
-            result.extra = quantize_model_gguf(model, gguf_path, act, opts.use_kernel, progress=progress)
+            result.extra = quantize_model_gguf(model, gguf_path, act, opts.use_kernel, progress=progress,
+                                               tp_plan=tp_plan)
         elif opts.method in ("gptq", "awq"):
             if calib_samples is None:
                 if tokenizer is None:

@@ -38,6 +38,21 @@ def available_memory(device: torch.device) -> int:
         return 8 << 30
 
 
+def model_bytes(model) -> int:
+    """Bytes of the weights a model holds (parameters and buffers, a tied matrix once)."""
+    seen: dict[int, int] = {}
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t.numel():
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+    return sum(seen.values())
+
+
+class WorkerDiedError(TokenloomError):
+    """A rank of a parallel model died: the model cannot run any more (the engine fails its requests and stops)."""
+
+    fatal = True
+
+
 class Executor(abc.ABC):
     """Runs steps of the model; owns the weights and the KV cache tensors."""
 
@@ -60,6 +75,10 @@ class Executor(abc.ABC):
         """Return the memory of these free KV blocks to the OS (idle: and the C heap's free pages, where past
         steps' activations lived); the KV bytes released."""
         return 0
+
+    def rank_memory(self) -> list[tuple[int, int]]:
+        """(weight bytes, KV cache bytes) held by each rank, in rank order (one rank here)."""
+        return [(model_bytes(self.model), self.runner.cache.nbytes)]
 
     def shutdown(self) -> None:
         """Release workers (nothing to do in one process)."""

@@ -34,7 +34,8 @@ def zeros_lazily(shape: tuple[int, ...], dtype: torch.dtype, device: torch.devic
     nbytes = math.prod(shape) * (torch.finfo(dtype).bits if dtype.is_floating_point else torch.iinfo(dtype).bits) // 8
     if nbytes == 0:
         return torch.zeros(shape, dtype=dtype)
-    # the tensor keeps the mapping alive; private, so that pages given back (release_pages) are dropped, not kept by a shared mapping
+    # the tensor keeps the mapping alive; private, so that pages given back (release_pages) are dropped, not kept
+    # by a shared mapping
     memory = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     return torch.frombuffer(memory, dtype=torch.uint8).view(dtype).view(shape)
 
@@ -94,17 +95,23 @@ def block_runs(blocks: list[int]) -> np.ndarray:
 
 class KVCache:
     def __init__(self, cfg: ModelConfig, cache_config: CacheConfig, num_blocks: int, dtype: torch.dtype,
-                 device: torch.device):
+                 device: torch.device, layers: range | None = None):
+        """layers: the layers this process runs (a pipeline stage's); the others get no cache (None)."""
         self.block_size = cache_config.block_size
-        shape = (cfg.num_layers, 2, num_blocks * self.block_size, cfg.num_kv_heads, cfg.head_dim)
+        layers = layers if layers is not None else range(cfg.num_layers)
+        shape = (len(layers), 2, num_blocks * self.block_size, cfg.num_kv_heads, cfg.head_dim)
         quantized = cache_config.kv_cache_dtype == "int8"
         self.tensor = zeros_lazily(shape, torch.int8 if quantized else dtype, device)
         self.scales = zeros_lazily(shape[:-1], torch.float32, device) if quantized else None
-        self.layers = [
-            LayerKVCache(self.tensor[i, 0], self.tensor[i, 1],
-                         *((self.scales[i, 0], self.scales[i, 1]) if quantized else ()))
-            for i in range(cfg.num_layers)
-        ]
+        self.layers: list[LayerKVCache | None] = [None] * cfg.num_layers
+        for i, layer in enumerate(layers):
+            self.layers[layer] = LayerKVCache(self.tensor[i, 0], self.tensor[i, 1],
+                                              *((self.scales[i, 0], self.scales[i, 1]) if quantized else ()))
+
+    @property
+    def nbytes(self) -> int:
+        """The pool's size (its pages cost memory once written)."""
+        return sum(t.numel() * t.element_size() for t in (self.tensor, self.scales) if t is not None)
 
     def release_blocks(self, blocks: list[int]) -> int:
         """Return the memory of these (free) blocks to the OS, in every layer; their slots read as zeros when

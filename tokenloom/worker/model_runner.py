@@ -11,9 +11,9 @@ tokens before it, so greedy outputs are exactly those of decoding without drafts
 (structured output) take their rows of the step's grammar bitmask, which the scheduler started filling on a
 background thread before the forward; p is masked at every draft position, so the above still holds.
 
-LoRA: a request with an adapter runs layer by layer (the compiled stack computes the base weights only), its rows
-next to those of its adapter's other requests, so each adapter's delta is one run of rows; the step's adapters
-are put in slots and their row groups passed to the LoRA layers through the forward context. Base requests take
+LoRA: the step's adapters are put in slots and each forward is told which rows run which slot: the compiled
+stack adds the adapters' deltas itself (when it can: FusedDecoder.takes_lora), the layers read the row groups
+from the forward context, each adapter's requests side by side so that its rows are one run. Base requests take
 the same path they would take without LoRA.
 """
 from __future__ import annotations
@@ -41,9 +41,10 @@ FUSED_MAX_ROWS = 16
 
 class ModelRunner:
     def __init__(self, model, cache_config: CacheConfig, num_blocks: int, device: torch.device,
-                 generator: torch.Generator, layer_caches: list | None = None):
+                 generator: torch.Generator, layer_caches: list | None = None, compiled_decode: bool = True):
         """layer_caches: run on these layers' caches (a layer-skip draft shares its target's) instead of
-        allocating a KV cache of num_blocks blocks."""
+        allocating a KV cache of num_blocks blocks. compiled_decode False: every step layer by layer (a rank of a
+        parallel model, whose layers meet their peers' in collectives the compiled stack does not make)."""
         self.model = model
         self.config: ModelConfig = model.config
         self.block_size = cache_config.block_size
@@ -51,16 +52,19 @@ class ModelRunner:
         self.dtype = model.embed_tokens.weight.dtype
         cfg = self.config
         self.num_blocks = num_blocks
-        self.cache = KVCache(cfg, cache_config, num_blocks, self.dtype, device) if layer_caches is None else None
+        self.cache = KVCache(cfg, cache_config, num_blocks, self.dtype, device, getattr(model, "pipeline_layers", None)
+                             ) if layer_caches is None else None
         self.layer_caches = self.cache.layers if layer_caches is None else layer_caches
         self.kv_cache = self.cache.tensor if self.cache else None  # [layer, k/v, slot, kv_head, head_dim]
         model.bind_kv_caches(self.layer_caches)  # each attention layer keeps its view of the cache
         self.sampler = Sampler(generator)
         # decode batches up to this many sequences run as one compiled call (None: layer by layer only)
-        self.fused = FusedDecoder.build(model, self.layer_caches, self.block_size) if device.type == "cpu" else None
+        self.fused = (FusedDecoder.build(model, self.layer_caches, self.block_size)
+                      if device.type == "cpu" and compiled_decode else None)
         self.steps_by_path = {"fused": 0, "layers": 0}  # which path each forward took (tests and benchmarks)
         self.speculator = None  # spec_decode.Speculator, set by the executor when speculative decoding is on
         self.lora = None  # lora.LoRAManager, set by the executor when LoRA is enabled
+        self.microbatches = 1  # pipeline parallel: a step's sequences go through the stages in this many groups
         self._grammar = None  # the step's core.GrammarOutput (structured output), while it runs
 
     @torch.inference_mode()
@@ -98,7 +102,8 @@ class ModelRunner:
         for item in scheduled:
             req = item.request
             # a one-token chunk inside a prompt stays on the layers, which see its prompt length (LongRoPE)
-            decode = item.num_tokens == 1 + len(item.spec_token_ids) and req.lora_request is None and (
+            decode = item.num_tokens == 1 + len(item.spec_token_ids) and (
+                req.lora_request is None or self.fused.takes_lora()) and (
                 req.num_computed_tokens >= req.num_prompt_tokens - 1)
             (layers if not decode else drafted if item.spec_token_ids else fused).append(item)
         if len(fused) > self.fused.max_batch:
@@ -117,8 +122,9 @@ class ModelRunner:
         rows = batch.sample_rows
         heads = sorted(set(rows)) or [len(batch.input_ids) - 1]  # forks of n > 1 share their parent's row
         head_rows = None if len(heads) == len(batch.input_ids) else torch.tensor(heads)
+        lora = self.lora.mapping(batch.lora_ids, batch.query_lens) if self.lora is not None else None
         logits = self.fused.token_logits(batch.input_ids, batch.positions, batch.block_tables, batch.query_lens,
-                                         head_rows)
+                                         head_rows, lora)
         if rows:
             if rows != heads:
                 at = {r: i for i, r in enumerate(heads)}
@@ -131,12 +137,29 @@ class ModelRunner:
         """Final hidden states of a flat batch, layer by layer over the paged cache; lora_ids: each sequence's
         adapter (0 or None: the base model)."""
         self.steps_by_path["layers"] += 1
+        if self.microbatches > 1 and len(query_lens) > 1:
+            return self._pipelined_hidden(input_ids, positions, query_lens, context_lens, block_tables, prompt_lens)
         meta = build_attention_metadata(query_lens, context_lens, block_tables, self.block_size,
                                         self.config.num_heads // self.config.num_kv_heads,
                                         self.config.sliding_window, self.device)
         lora = self.lora.mapping(lora_ids, query_lens) if self.lora is not None and lora_ids else None
         with set_forward_context(ForwardContext(meta, lora, prompt_lens)):
             return self.model(input_ids, positions)
+
+    def _pipelined_hidden(self, input_ids, positions, query_lens, context_lens, block_tables, prompt_lens):
+        """Pipeline parallel: the step's sequences in up to `microbatches` groups of about equal tokens, handed to
+        the stages one after another so that they work on different groups at once."""
+        bounds = _split_tokens(query_lens, self.microbatches)
+        parts, rows = [], 0
+        for a, b in zip(bounds, bounds[1:]):
+            n = sum(query_lens[a:b])
+            meta = build_attention_metadata(query_lens[a:b], context_lens[a:b], block_tables[a:b], self.block_size,
+                                            self.config.num_heads // self.config.num_kv_heads,
+                                            self.config.sliding_window, self.device)
+            ctx = ForwardContext(meta, None, None if prompt_lens is None else prompt_lens[rows : rows + n])
+            parts.append((input_ids[rows : rows + n], positions[rows : rows + n], ctx))
+            rows += n
+        return self.model.forward_microbatches(parts)
 
     def _run_layers(self, batch: InputBatch, out: ModelRunnerOutput) -> None:
         hidden = self._layers_hidden(batch.input_ids, batch.positions, batch.query_lens, batch.context_lens,
@@ -247,3 +270,14 @@ class ModelRunner:
                 entry.update({t: v for t, v in zip(top_ids[i].tolist(), top_vals[i].tolist()) if t not in entry})
             out.append(entry)
         return out
+
+
+def _split_tokens(query_lens: list[int], parts: int) -> list[int]:
+    """Sequence boundaries [0, ..., len] cutting the run into at most `parts` groups of about equal tokens."""
+    total, bounds, acc = sum(query_lens), [0], 0
+    for i, n in enumerate(query_lens[:-1]):
+        acc += n
+        if len(bounds) < parts and acc >= total * len(bounds) / parts:
+            bounds.append(i + 1)
+    return bounds + [len(query_lens)]
+

@@ -116,7 +116,7 @@ TopP = Annotated[float, Field(gt=0, le=1)]
 Share = Annotated[float, Field(ge=0, le=1)]
 Penalty = Annotated[float, Field(ge=-2, le=2)]
 Positive = Annotated[float, Field(gt=0)]
-TopK = integer(ge=-1)
+TopK = integer(ge=-1, le=2**31 - 1)  # beyond any vocabulary; larger would overflow the sampler's int
 TokenCount = integer(ge=1)
 MinTokens = integer(ge=0)
 Seed = integer(ge=-(1 << 53), le=1 << 53)  # exact in every JSON parser, and taken by torch generators
@@ -160,6 +160,39 @@ class StructuredOutputsBody(BaseModel):
     whitespace_pattern: str | None = Field(None, description="Regex JSON whitespace must match")
 
 
+class SelfConsistencyBody(BaseModel):
+    """Self-consistency: sample n completions, extract each one's answer with answer_regex, answer the majority."""
+    model_config = ConfigDict(extra="forbid", strict=True)
+    answer_regex: Annotated[str, StringConstraints(min_length=1, max_length=1000)] = Field(
+        ..., description="A Python regular expression finding the answer in a completion: its first capture group "
+                         "if it has one, else the whole first match (stripped); completions without a match do not "
+                         "vote")
+    n: ChoiceCount | None = Field(None, description=f"Completions to vote over, 1..{MAX_N} (default: the request's "
+                                                    "n when above 1, else 8); all are returned as choices")
+
+
+class ScorerBody(BaseModel):
+    """A judge ranks the candidates: each is scored by a served model given a prompt built from a template."""
+    model_config = ConfigDict(extra="forbid", strict=True)
+    model: OptionalModelName = Field(None, description="The judge: a served model's name (default: the request's "
+                                                       "model)")
+    prompt: Annotated[str, StringConstraints(min_length=1)] | None = Field(
+        None, description="The judge's prompt template: {prompt} becomes the request's prompt (for chat, the last "
+                          "user message) and {completion} a candidate's text (required). Default: a Yes/No "
+                          "question (yes_logprob) or a 1-10 rating request (number)")
+    method: Literal["yes_logprob", "number"] = Field(
+        "yes_logprob", description="yes_logprob: the score is the log-probability that the judge's first token is "
+                                   "the label (summed over the tokens that read as it, stripped and "
+                                   "case-insensitive, among its 20 most likely first tokens; when none is there, "
+                                   "the 20th's logprob, a bound from above). number: the first number in the "
+                                   "judge's greedy reply (e.g. a rating); a reply without one ranks last")
+    label: Annotated[str, StringConstraints(min_length=1)] = Field(
+        "Yes", description="The answer yes_logprob scores the probability of")
+    chat: bool | None = Field(None, description="Send the filled template as a user message through the judge's chat "
+                                                "template (default: when the judge has one)")
+    max_tokens: integer(ge=1, le=256) = Field(16, description="The judge's reply length for method number")
+
+
 class _SamplingFields(BaseModel):
     """Sampling fields common to completions and chat (OpenAI's, then vLLM-style extras)."""
     model_config = STRICT
@@ -177,6 +210,18 @@ class _SamplingFields(BaseModel):
                                                                         "[-100, 100]")
     stream: bool = False
     stream_options: StreamOptions | None = Field(None, description="Only with stream=true")
+    # test-time compute (tokenloom/ttc.py): several candidates from one prefill, the best returned; not streamed
+    best_of: ChoiceCount | None = Field(
+        None, description=f"Generate best_of candidates (1..{MAX_N}, >= n; seeded as n candidates are) and return "
+                          "the n best, best first: those of the highest mean token logprob, or with scorer those "
+                          "the judge scores highest. usage counts every candidate's tokens. Above 1, not with stream")
+    scorer: ScorerBody | None = Field(
+        None, description="Rank the candidates (best_of of them, else n) by a judge's score instead; each choice "
+                          "carries its score, and scorer_usage the judge's tokens. Not with stream")
+    self_consistency: SelfConsistencyBody | None = Field(
+        None, description="Answer by majority vote: the response's answer is the answer most completions give "
+                          "(ties: the one whose completions have the highest total logprob), votes counts them, and "
+                          "each choice carries its answer. One prompt; not with stream, best_of or scorer")
     user: str | None = None
     # vLLM-style extras
     top_k: TopK | None = Field(None, description="Top-k sampling (-1 or 0 = off)")
@@ -245,6 +290,7 @@ def to_sampling_params(req: _SamplingFields, max_tokens: int | None, logprobs: i
             stop_token_ids=req.stop_token_ids, ignore_eos=req.ignore_eos, logprobs=logprobs,
             logit_bias=req.logit_bias, skip_special_tokens=req.skip_special_tokens,
             include_stop_str_in_output=req.include_stop_str_in_output, structured_outputs=structured_outputs,
+            best_of=req.best_of,
         )
     except SamplingParamsError as exc:
         raise APIError(400, str(exc), param=exc.param) from None
@@ -253,12 +299,12 @@ def to_sampling_params(req: _SamplingFields, max_tokens: int | None, logprobs: i
 class CompletionRequest(_SamplingFields):
     prompt: TextOrTokens = Field(
         ..., description="Text, a list of texts, a list of token ids, or a list of token-id lists (none empty)")
-    max_tokens: TokenCount | None = Field(16, description="Tokens to generate (null = up to the context window)")
+    max_tokens: MinTokens | None = Field(16, description="Tokens to generate (null = up to the context window; 0 "
+                                                         "with echo: only the prompt back, as vLLM)")
     logprobs: LogprobCount | None = Field(None, description="Log probabilities of the top-N tokens per position "
                                                             "(0..20)")
     echo: bool = Field(False, description="Prepend the prompt to the completion")
     suffix: str | None = Field(None, description="Not supported (must be empty)", json_schema_extra={"maxLength": 0})
-    best_of: ChoiceCount | None = Field(None, description=f"Only best_of == n is supported (so 1..{MAX_N})")
 
 
 class CompletionLogprobs(BaseModel):
@@ -273,6 +319,9 @@ class _Choice(BaseModel):
     index: int
     finish_reason: Literal["stop", "length", "tool_calls"] | None = None
     stop_reason: int | str | None = None
+    score: float | None = Field(None, description="With best_of above n or scorer: what the choice was ranked by "
+                                                  "(its mean token logprob, or the judge's score; null: none)")
+    answer: str | None = Field(None, description="With self_consistency: the answer found in this choice")
 
 
 class CompletionChoice(_Choice):
@@ -292,6 +341,11 @@ class _Response(BaseModel):
     created: int
     model: str
     system_fingerprint: str | None = None
+    answer: str | None = Field(None, description="With self_consistency: the majority answer (null: no completion "
+                                                 "had one)")
+    votes: dict[str, int] | None = Field(None, description="With self_consistency: completions per answer, most "
+                                                           "first")
+    scorer_usage: Usage | None = Field(None, description="With scorer: the judge's tokens")
 
 
 class CompletionResponse(_Response):

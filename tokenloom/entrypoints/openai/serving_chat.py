@@ -29,9 +29,11 @@ from tokenloom.entrypoints.tool_calls import (
     tool_constraint,
     validate_tools,
 )
+from tokenloom.entrypoints.openai.serving_ttc import plan_ttc
 from tokenloom.entrypoints.created_models import apply_openai_defaults, with_messages
 from tokenloom.entrypoints.app_state import get_state
 from tokenloom.entrypoints.server_state import APIError, ServedModel, chat_logprobs
+from tokenloom.ttc import last_user_text
 from tokenloom.entrypoints.streaming import (
     DeltaTracker,
     aborted_chunks,
@@ -81,6 +83,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request):
     top_n = body.top_logprobs or 0
     messages = with_messages(created, _messages(body.messages))
     messages, template_tools, constraint, tool_names = _tools(state, body, messages)
+    plan = await plan_ttc(request, body, state, 1)
     params = to_sampling_params(body, max_tokens, top_n if body.logprobs else None, constraint)
     await state.check_constraint(params, "tools" if constraint else
                                  "response_format" if body.response_format else "structured_outputs")
@@ -90,18 +93,22 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request):
                                        template_kwargs=body.chat_template_kwargs)
     rid = f"chatcmpl-{uuid.uuid4().hex}"
     created = int(time.time())
-    streams = await state.submit_all([prompt_ids], params, rid)
+    streams = await state.submit_all([prompt_ids], plan.engine_params(params) if plan else params, rid)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return sse_response(state, streams, _chat_chunks(state, streams, rid, created, model, params.n,
                                                          include_usage, top_n if body.logprobs else None, tool_names))
 
     async def run():
-        return [out async for out in final_outputs(state, streams)]
+        finals = [out async for out in final_outputs(state, streams)]
+        if plan is None:
+            return finals, None
+        selected = await plan.select(finals, [last_user_text(messages)], rid)
+        return selected.outputs, selected
 
-    (out,) = await until_disconnected(request, run())
+    (out,), selected = await until_disconnected(request, run())
     choices, n_out = [], 0
-    for o in out.outputs:
+    for k, o in enumerate(out.outputs):
         n_out += len(o.token_ids)
         lp = {"content": chat_logprobs(state, o, 0, len(o.token_ids), top_n), "refusal": None} if body.logprobs else None
         message, finish = {"role": "assistant", "content": o.text}, o.finish_reason
@@ -111,10 +118,11 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request):
                 message = {"role": "assistant", "content": content, "tool_calls": calls}
                 finish = "tool_calls" if finish == "stop" else finish
         choices.append({"index": o.index, "message": message, "logprobs": lp, "finish_reason": finish,
-                        "stop_reason": o.stop_reason})
-    return JSONResponse({"id": rid, "object": "chat.completion", "created": created, "model": model,
-                         "choices": choices, "usage": usage(len(out.prompt_token_ids), n_out),
-                         "system_fingerprint": None})
+                        "stop_reason": o.stop_reason, **(selected.choice_fields[0][k] if selected else {})})
+    response = {"id": rid, "object": "chat.completion", "created": created, "model": model, "choices": choices,
+                "usage": usage(len(out.prompt_token_ids), selected.completion_tokens if selected else n_out),
+                "system_fingerprint": None}
+    return JSONResponse({**response, **(selected.response_fields if selected else {})})
 
 
 def _tools(state: ServedModel, body: ChatCompletionRequest, messages: list[dict]):
