@@ -105,19 +105,20 @@ def follow(config, source, dtype: torch.dtype, rank: RankInfo, host: str, port: 
 
         pack_linear_layers(model)
     group.barrier()  # ready
-    try:
-        while True:
+    while True:
+        try:
             op, *args = group.broadcast_object()
-            if not (op == FORWARD and args[-1]):  # a later micro-batch of the step: earlier sends may be in flight
-                group.wait_sends()
-            if op == STOP:
-                return
-            if op == MEMORY:
-                memory_of(runner, group)
-            else:
-                _apply(runner, op, args)
-    except RuntimeError as exc:  # rank 0 went away
-        log.info("tokenloom rank %d: leaving (%s)", rank.rank, exc)
+        except RuntimeError as exc:  # rank 0 went away
+            log.info("tokenloom rank %d: leaving (%s)", rank.rank, exc)
+            return
+        if not (op == FORWARD and args[-1]):  # a later micro-batch of the step: earlier sends may be in flight
+            group.wait_sends()
+        if op == STOP:
+            return
+        if op == MEMORY:
+            memory_of(runner, group)
+        else:
+            _apply(runner, op, args)  # an error here ends this rank with its traceback; rank 0 reports it
 
 
 def _apply(runner: ModelRunner, op: str, args: list) -> None:

@@ -64,7 +64,7 @@ class RayWorkers:
                     self.ray.get(ref)
                     self._dead[r] = "returned"
                 except Exception as exc:  # noqa: BLE001 - the actor's error is the reason
-                    self._dead[r] = type(exc).__name__
+                    self._dead[r] = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1][:300]}"
                 return r
         return None
 
