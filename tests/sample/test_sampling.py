@@ -411,6 +411,24 @@ def test_presence_and_frequency_ignore_the_prompt_and_logit_bias_and_min_tokens(
     assert lp[2] == pytest.approx(5 - np.log(np.exp(5) + np.exp(3) + V - 2), abs=1e-5)
 
 
+def test_reported_logprobs_are_always_json_numbers():
+    """A repetition penalty that is 0 in float32 (5e-324, valid by the schema) overflows the logits it divides, and
+    banned tokens have logprob -inf: neither may reach a response as inf/NaN (JSON has neither). Impossible tokens
+    read -9999.0, as in vLLM; the penalised token still wins, as the penalty says it should."""
+    import json
+
+    V = 8
+    logits = torch.tensor([[0.5, 2.0, -1.0, 0.0, 1.0, -3.0, 0.25, 0.75]])
+    s = Sampler(torch.Generator().manual_seed(0))
+    p = SamplingParams(temperature=0, repetition_penalty=5e-324, logprobs=V, min_tokens=3, stop_token_ids=[6])
+    out = s(logits.clone(), [SamplingRow(p, [0, 1, 2], [], None, (7,))])
+    json.dumps(out.logprobs, allow_nan=False)
+    assert out.token_ids[0] in (0, 1)  # the seen positive logits, divided by ~0, dominate (and tie in float32)
+    lp = dict(out.logprobs[0][1:])
+    assert lp[6] == lp[7] == -9999.0  # banned by min_tokens
+    assert -1 < lp[0] <= 0 and -1 < lp[1] <= 0 and lp[2] == lp[3] == lp[4] == -9999.0
+
+
 # ---- logits processors, the grammar bitmask, the final distributions ------------------------------------------
 def _pack(allowed: np.ndarray) -> torch.Tensor:
     """A dense boolean mask [rows, V] packed as structured output does: int32 words, bit b of word w = token

@@ -63,6 +63,8 @@ def apply_penalties(logits: torch.Tensor, metadata: SamplingMetadata) -> torch.T
     vals = logits[pen.rows, pen.tokens]
     rep = pen.repetition.to(vals.dtype)
     vals = torch.where(vals > 0, vals / rep, vals * rep)
+    # a penalty that is 0 in float32 sends logits to +inf (and a banned -inf to NaN): keep the row sampleable
+    vals = vals.nan_to_num(nan=NEG_INF, posinf=torch.finfo(vals.dtype).max / 4, neginf=NEG_INF)
     if pen.counts is not None:
         c = pen.counts.to(vals.dtype)
         vals = vals - pen.frequency.to(vals.dtype) * c - pen.presence.to(vals.dtype) * (c > 0).to(vals.dtype)

@@ -25,6 +25,8 @@ TOP_P_CANDIDATES = (512,)  # partial top-ks tried for a top-p boundary beyond th
 HIST_BUCKETS = 2048  # then: buckets of the mass histogram, spanning HIST_RANGE below the row's maximum logit
 HIST_RANGE = 32.0  # (e^-32 of the top probability; everything lower shares the last bucket)
 NEG_INF = float("-inf")
+# what a reported logprob of an impossible token reads (vLLM's convention): JSON has no -inf
+LOGPROB_FLOOR = -9999.0
 # torch's CPU exp takes a slow path for inputs below about -87 (its result underflows float32): ~13x slower over
 # a row that a grammar mask or a truncation filled with -inf. Such rows exponentiate max(x, EXP_MIN) instead and
 # subtract EXP_TINY (just above exp(EXP_MIN)) clamped at 0: -inf gives exactly 0, and so does anything whose
@@ -41,6 +43,11 @@ def exp_nonpositive(neg: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         return torch.exp(neg, out=out)
     torch.clamp(neg, min=EXP_MIN, out=out).exp_()
     return out.sub_(EXP_TINY).clamp_(min=0.0)
+
+
+def reportable_logprobs(x: torch.Tensor) -> torch.Tensor:
+    """x with -inf (a masked or impossible token) and NaN (overflowing penalties) as LOGPROB_FLOOR."""
+    return x.nan_to_num(nan=LOGPROB_FLOOR, neginf=LOGPROB_FLOOR).clamp_(min=LOGPROB_FLOOR)
 
 
 def index(ids: list[int], device: torch.device) -> torch.Tensor:

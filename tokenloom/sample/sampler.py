@@ -125,11 +125,11 @@ class Sampler:
         exp = torch.sub(lp, m, out=self.ws("lp.exp", len(rows), V, device=logits.device))
         exp = ops.exp_nonpositive(exp, exp)
         lse = m + exp.sum(-1, keepdim=True).log_()
-        chosen = (lp.gather(1, tokens[rows_t][:, None]) - lse)[:, 0].tolist()
+        chosen = ops.reportable_logprobs(lp.gather(1, tokens[rows_t][:, None]) - lse)[:, 0].tolist()
         top_n = max(md.num_logprobs)
         if top_n:
             top_vals, top_ids = lp.topk(top_n, dim=-1)
-            top_vals, top_ids = (top_vals - lse).tolist(), top_ids.tolist()
+            top_vals, top_ids = ops.reportable_logprobs(top_vals - lse).tolist(), top_ids.tolist()
         for j, i in enumerate(rows):
             entry = [(token_list[i], chosen[j])]
             n = md.num_logprobs[j]

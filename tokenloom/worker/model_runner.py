@@ -28,6 +28,7 @@ from tokenloom.model_executor.fused_decode import FusedDecoder
 from tokenloom.model_executor.layers.attention import build_attention_metadata
 from tokenloom.model_executor.sequence_forward import SequenceForward
 from tokenloom.sample import Sampler, SamplingMetadata, SamplingRow
+from tokenloom.sample.ops import reportable_logprobs
 from tokenloom.sample.rejection_sampler import rejection_sample
 from tokenloom.worker.input_batch import InputBatch
 from tokenloom.worker.kv_cache import KVCache
@@ -258,7 +259,7 @@ class ModelRunner:
         return self.model.compute_logits(hidden[rows])
 
     def _prompt_logprobs(self, req, hidden: torch.Tensor, next_tokens: list[int]) -> list[dict]:
-        logprobs = torch.log_softmax(self.model.compute_logits(hidden), dim=-1)
+        logprobs = reportable_logprobs(torch.log_softmax(self.model.compute_logits(hidden), dim=-1))
         next_ids = torch.tensor(next_tokens, device=logprobs.device)
         chosen = logprobs.gather(1, next_ids[:, None])[:, 0].tolist()
         top_n = req.params.prompt_logprobs

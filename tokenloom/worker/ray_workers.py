@@ -27,6 +27,7 @@ class RayWorkers:
         self.runs: dict[int, object] = {}
         self.placement = None
         self._dead: dict[int, str] = {}
+        self._node_ids: dict[int, str] = {}
 
     def master_addr(self, addr: str) -> str:
         return self.ray.util.get_node_ip_address() if addr in ("127.0.0.1", "localhost") else addr
@@ -44,14 +45,19 @@ class RayWorkers:
             raise TokenloomError(f"the Ray cluster has no room for {n} worker(s) ({strategy}): {exc}") from None
         actor_cls = ray.remote(num_cpus=1)(_RankActor)
         for r in range(1, rank0.world_size):
-            info = RankInfo(r, rank0.tensor_parallel_size, rank0.pipeline_parallel_size)
             actor = actor_cls.options(scheduling_strategy=PlacementGroupSchedulingStrategy(
                 placement_group=self.placement, placement_group_bundle_index=r - 1)).remote()
             self.actors[r] = actor
+        # asked before run() starts: an actor runs one method at a time and run() lasts as long as the model
+        self._node_ids = dict(zip(self.actors, ray.get(
+            [a.node_id.remote() for a in self.actors.values()], timeout=config.parallel.worker_start_timeout_s)))
+        for r, actor in self.actors.items():
+            info = RankInfo(r, rank0.tensor_parallel_size, rank0.pipeline_parallel_size)
             self.runs[r] = actor.run.remote(config, source, dtype, info, host, port)
 
     def node_ids(self) -> dict[int, str]:
-        return {r: self.ray.get(a.node_id.remote()) for r, a in self.actors.items()}
+        """The Ray node each rank > 0 runs on."""
+        return dict(self._node_ids)
 
     def dead(self) -> int | None:
         if self._dead:
