@@ -106,3 +106,20 @@ def test_engine_gives_back_kv_memory_at_rest_and_outputs_do_not_change(tiny_llam
     again = [o.outputs[0].token_ids for o in llm.generate(prompts[:3], greedy)]
     assert again == first  # the same greedy tokens over memory that came back as zeros
     assert eng.stats().steps > 0 and eng.kv_cache_manager.num_used_blocks == 0
+
+
+def test_idle_engine_drops_the_samplers_vocabulary_buffers(tiny_llama):
+    """The sampler keeps [rows, vocabulary] buffers as wide as the widest step it met (64 rows of a 128k vocabulary
+    are 32 MiB each); an engine at rest drops them, and a later step works as before."""
+    from tokenloom import LLM
+
+    path, _ = tiny_llama
+    llm = LLM(str(path), dtype="float32", max_model_len=256, kv_release_interval_s=3600)
+    eng = llm.engine
+    params = SamplingParams(temperature=0.8, top_p=0.9, max_tokens=4, logprobs=3, seed=1)
+    first = [o.outputs[0].token_ids for o in llm.generate([[5, 6, 7]] * 6, params)]
+    ws = eng.executor.runner.sampler.ws
+    assert ws._bufs, "the sampler kept no buffers: this test checks nothing"
+    eng.release_free_memory(force=True)
+    assert not ws._bufs
+    assert [o.outputs[0].token_ids for o in llm.generate([[5, 6, 7]] * 6, params)] == first

@@ -77,6 +77,10 @@ class Workspace:
             buf = self._bufs[(key, dtype, device)] = torch.empty(n, dtype=dtype, device=device)
         return buf[:n].view(rows, cols)
 
+    def clear(self) -> None:
+        """Drop the buffers (an idle engine gives their memory back; the next step allocates afresh)."""
+        self._bufs.clear()
+
 
 def select_rows(ws: Workspace, key: str, x: torch.Tensor, rows: list[int]) -> torch.Tensor:
     """The given rows (ascending) of x: x itself when that is all of them, else a copy in the workspace."""

@@ -113,7 +113,8 @@ class UniProcExecutor(Executor):
                 self.num_lookahead_tokens = config.speculative.num_speculative_tokens
         # the KV pools indexed by the scheduler's block ids: the target's, and a draft model's own at the same slots
         runners = [self.runner, getattr(self.runner.speculator and self.runner.speculator.proposer, "runner", None)]
-        self.kv_caches = [r.cache for r in runners if r is not None and r.cache is not None]
+        self.runners = [r for r in runners if r is not None]
+        self.kv_caches = [r.cache for r in self.runners if r.cache is not None]
         self._heap_trimmed = False
         self.lora_manager = None
         if config.lora is not None:
@@ -157,10 +158,17 @@ class UniProcExecutor(Executor):
 
     def release_memory(self, blocks: list[int], idle: bool = False) -> int:
         released = sum(cache.release_blocks(blocks) for cache in self.kv_caches) if blocks else 0
+        self._trim_when_idle(idle, released)
+        return released
+
+    def _trim_when_idle(self, idle: bool, released: int) -> None:
+        """Once per idle spell (and again when blocks were freed since): drop the samplers' [rows, vocabulary]
+        buffers, sized by the widest step seen, and return the C heap's free pages."""
         if idle and (released or not self._heap_trimmed):
+            for runner in self.runners:
+                runner.sampler.ws.clear()
             trim_heap()
         self._heap_trimmed = idle
-        return released
 
     def hidden_states(self, token_ids: list[int]) -> torch.Tensor:
         return self.runner.hidden_states(token_ids)

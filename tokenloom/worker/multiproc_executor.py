@@ -19,7 +19,7 @@ from tokenloom.config import EngineConfig, TokenloomError
 from tokenloom.distributed import ParallelGroup, RankInfo, free_port
 from tokenloom.loader.sources import ModelSource
 from tokenloom.worker.executor import UniProcExecutor, WorkerDiedError
-from tokenloom.worker.kv_cache import kv_bytes_per_block, trim_heap
+from tokenloom.worker.kv_cache import kv_bytes_per_block
 from tokenloom.worker.model_loading import load_worker_model
 from tokenloom.worker.model_runner import ModelRunner
 from tokenloom.worker.outputs import ModelRunnerOutput
@@ -75,7 +75,7 @@ class ParallelExecutor(UniProcExecutor):
 
             self.runner.speculator = build_speculator(config.speculative, None, self.runner, self.max_model_len,
                                                       cache_cfg, generator)
-        self.kv_caches = [self.runner.cache]
+        self.runners, self.kv_caches = [self.runner], [self.runner.cache]
         self._heap_trimmed = False
         if device.type == "cpu":
             from tokenloom.model_executor.layers.linear import pack_linear_layers
@@ -142,9 +142,7 @@ class ParallelExecutor(UniProcExecutor):
         if blocks and not self._stopped:
             self._guarded(self.group.broadcast_object, (pw.RELEASE, blocks))
             released = self.runner.cache.release_blocks(blocks)
-        if idle and (released or not self._heap_trimmed):
-            trim_heap()
-        self._heap_trimmed = idle
+        self._trim_when_idle(idle, released)
         return released
 
     def shutdown(self) -> None:
