@@ -140,12 +140,15 @@ class ModelRunner:
         self.steps_by_path["layers"] += 1
         if self.microbatches > 1 and len(query_lens) > 1:
             return self._pipelined_hidden(input_ids, positions, query_lens, context_lens, block_tables, prompt_lens)
-        meta = build_attention_metadata(query_lens, context_lens, block_tables, self.block_size,
-                                        self.config.num_heads // self.config.num_kv_heads,
-                                        self.config.sliding_window, self.device)
+        meta = self._attention_metadata(query_lens, context_lens, block_tables)
         lora = self.lora.mapping(lora_ids, query_lens) if self.lora is not None and lora_ids else None
         with set_forward_context(ForwardContext(meta, lora, prompt_lens)):
             return self.model(input_ids, positions)
+
+    def _attention_metadata(self, query_lens, context_lens, block_tables):
+        cfg = self.config
+        return build_attention_metadata(query_lens, context_lens, block_tables, self.block_size,
+                                        cfg.num_heads // cfg.num_kv_heads, cfg.sliding_window, self.device)
 
     def _pipelined_hidden(self, input_ids, positions, query_lens, context_lens, block_tables, prompt_lens):
         """Pipeline parallel: the step's sequences in up to `microbatches` groups of about equal tokens, handed to
@@ -154,9 +157,7 @@ class ModelRunner:
         parts, rows = [], 0
         for a, b in zip(bounds, bounds[1:]):
             n = sum(query_lens[a:b])
-            meta = build_attention_metadata(query_lens[a:b], context_lens[a:b], block_tables[a:b], self.block_size,
-                                            self.config.num_heads // self.config.num_kv_heads,
-                                            self.config.sliding_window, self.device)
+            meta = self._attention_metadata(query_lens[a:b], context_lens[a:b], block_tables[a:b])
             ctx = ForwardContext(meta, None, None if prompt_lens is None else prompt_lens[rows : rows + n])
             parts.append((input_ids[rows : rows + n], positions[rows : rows + n], ctx))
             rows += n
@@ -259,11 +260,12 @@ class ModelRunner:
         return self.model.compute_logits(hidden[rows])
 
     def _prompt_logprobs(self, req, hidden: torch.Tensor, next_tokens: list[int]) -> list[dict]:
-        logprobs = reportable_logprobs(torch.log_softmax(self.model.compute_logits(hidden), dim=-1))
+        logprobs = torch.log_softmax(self.model.compute_logits(hidden), dim=-1)
         next_ids = torch.tensor(next_tokens, device=logprobs.device)
-        chosen = logprobs.gather(1, next_ids[:, None])[:, 0].tolist()
+        chosen = reportable_logprobs(logprobs.gather(1, next_ids[:, None])[:, 0]).tolist()
         top_n = req.params.prompt_logprobs
         top_vals, top_ids = logprobs.topk(top_n, dim=-1) if top_n else (None, None)
+        top_vals = reportable_logprobs(top_vals) if top_n else None
         out = []
         for i, tok in enumerate(next_tokens):
             entry = {tok: chosen[i]}
