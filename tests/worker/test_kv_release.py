@@ -82,6 +82,32 @@ def test_unaligned_blocks_release_only_pages_wholly_inside_free_runs():
     assert released <= 2 * 4 * 6144
 
 
+def test_pages_on_the_border_of_blocks_released_in_different_trims_go_too():
+    """A block of 16 tokens x 3 heads x 64 dims in bf16 is 6 KiB per plane, so pages straddle blocks. Blocks 10 and
+    11 freed and trimmed apart: the page they share must go once both are empty (it used to stay for good, and a
+    server's resident KV crept up by these pages load after load)."""
+    cfg = SimpleNamespace(num_layers=2, num_kv_heads=3, head_dim=64)
+    cache = KVCache(cfg, CacheConfig(block_size=16), 64, torch.bfloat16, torch.device("cpu"))
+    pool = BlockPool(64)
+    blocks = [pool.take() for _ in range(64)]
+    cache.tensor.normal_()
+    assert cache.blocks_per_page == 1
+    for block in (10, 11):
+        pool.release(blocks[block])
+        assert pool.trim(keep_cached=0) == []
+        released = pool.trim(keep_cached=0)
+        assert released == [block]
+        cache.release_blocks(pool.unbacked_around(released, cache.blocks_per_page))
+    plane = cache.tensor[0, 0]
+    block_bytes = plane.numel() * plane.element_size() // 64
+    pages = resident_pages(plane)
+    first, last = -(-10 * block_bytes // mmap.PAGESIZE), 12 * block_bytes // mmap.PAGESIZE
+    assert last - first == 3  # three whole pages lie inside blocks 10..11, the middle one on their border
+    assert pages[first:last].sum() == 0, pages[first - 1:last + 1]
+    assert pages[first - 1] == 1 and pages[last] == 1  # the pages shared with blocks 9 and 12 stay
+    assert pool.unbacked_around([20], 4) == [20]  # neighbours holding data are never named
+
+
 @pytest.mark.parametrize("kv_cache_dtype", ["auto", "int8"])
 def test_engine_gives_back_kv_memory_at_rest_and_outputs_do_not_change(tiny_llama, kv_cache_dtype):
     from tokenloom import LLM

@@ -9,7 +9,9 @@ first, and only when a fresh block is needed. Blocks holding nothing cached go t
 Memory: the pool also knows which blocks' memory the process has touched (resident). `trim()` picks the free
 blocks no one has used since the previous trim, forgets their cached contents beyond a small budget of the most
 recently used, and hands them back so the worker can return their pages to the OS; they move to the back of the
-free list, so blocks whose memory is still resident are reused before them.
+free list, so blocks whose memory is still resident are reused before them. A page of the pool may straddle
+two blocks; it can go only once neither holds anything, so `unbacked_around()` adds the empty free neighbours of
+the released blocks (else pages on the border of blocks released in different trims would stay resident forever).
 """
 from __future__ import annotations
 
@@ -107,6 +109,20 @@ class BlockPool:
         self.num_resident -= len(released)
         self.epoch += 1
         return released
+
+    def unbacked_around(self, blocks: list[int], reach: int) -> list[int]:
+        """These blocks and the free, non-resident ones within `reach` of them (a page spans at most that many
+        neighbours), stopping at any block holding data: all the blocks whose shared pages may now go."""
+        out = set(blocks)
+        for block in blocks:
+            for step in (-1, 1):
+                n = block + step
+                for _ in range(reach):
+                    if not 0 <= n < self.num_blocks or self.ref_counts[n] or self.resident[n] or n in out:
+                        break
+                    out.add(n)
+                    n += step
+        return sorted(out)
 
     def check_invariants(self, block_tables: list[list[int]]) -> None:
         """Reference counts equal the number of live block-table entries; free list = blocks with no owner."""

@@ -144,9 +144,11 @@ class KVCacheManager:
     def reset_prefix_cache(self) -> None:
         self.pool.reset_prefix_cache()
 
-    def trim(self, keep_cached_blocks: int) -> list[int]:
-        """Free blocks unused since the previous trim, for the worker to return their memory (BlockPool.trim)."""
-        return self.pool.trim(keep_cached_blocks)
+    def trim(self, keep_cached_blocks: int, blocks_per_page: int = 1) -> tuple[int, list[int]]:
+        """Free blocks unused since the previous trim (BlockPool.trim): how many, and the blocks whose memory the
+        worker may return, with the empty neighbours that share pages with them (BlockPool.unbacked_around)."""
+        released = self.pool.trim(keep_cached_blocks)
+        return len(released), self.pool.unbacked_around(released, blocks_per_page) if released else []
 
     def check_invariants(self, live_requests: list[Request]) -> None:
         self.pool.check_invariants([req.block_table for req in live_requests])

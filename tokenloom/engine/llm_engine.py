@@ -233,8 +233,11 @@ class LLMEngine:
         if not force and (not interval or now - self._last_kv_release < interval):
             return 0
         self._last_kv_release = now
-        blocks = self.kv_cache_manager.trim(cache_cfg.kv_keep_cached_bytes // self.executor.kv_block_bytes)
-        released = self.executor.release_memory(blocks, idle=not self.has_unfinished())
+        block_bytes = self.executor.kv_block_bytes
+        num_released, blocks = self.kv_cache_manager.trim(cache_cfg.kv_keep_cached_bytes // block_bytes,
+                                                          self.executor.kv_blocks_per_page)
+        self.executor.release_memory(blocks, idle=not self.has_unfinished())
+        released = num_released * block_bytes
         self._counters["kv_released_bytes"] += released
         return released
 

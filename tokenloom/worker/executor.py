@@ -61,6 +61,7 @@ class Executor(abc.ABC):
     num_blocks: int
     max_model_len: int
     kv_block_bytes: int  # one block's K/V over every layer
+    kv_blocks_per_page: int = 1  # how far a page of the KV pool reaches across blocks (KVCache.blocks_per_page)
     lora_manager = None  # lora.LoRAManager of the model's adapters, when LoRA is enabled
 
     @abc.abstractmethod
@@ -115,6 +116,7 @@ class UniProcExecutor(Executor):
         runners = [self.runner, getattr(self.runner.speculator and self.runner.speculator.proposer, "runner", None)]
         self.runners = [r for r in runners if r is not None]
         self.kv_caches = [r.cache for r in self.runners if r.cache is not None]
+        self.kv_blocks_per_page = max((c.blocks_per_page for c in self.kv_caches), default=1)
         self._heap_trimmed = False
         self.lora_manager = None
         if config.lora is not None:

@@ -113,6 +113,14 @@ class KVCache:
         """The pool's size (its pages cost memory once written)."""
         return sum(t.numel() * t.element_size() for t in (self.tensor, self.scales) if t is not None)
 
+    @property
+    def blocks_per_page(self) -> int:
+        """How many blocks of the thinnest plane one page can reach across (release_blocks' `blocks` should name
+        the empty neighbours that far from a released block, so pages on the border go too)."""
+        rows = [self.block_size * t[0, 0, 0].numel() * t.element_size() for t in (self.tensor, self.scales)
+                if t is not None]
+        return -(-mmap.PAGESIZE // min(rows))
+
     def release_blocks(self, blocks: list[int]) -> int:
         """Return the memory of these (free) blocks to the OS, in every layer; their slots read as zeros when
         next touched, as never-written slots do. Returns the bytes released."""

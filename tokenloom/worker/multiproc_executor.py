@@ -69,6 +69,8 @@ class ParallelExecutor(UniProcExecutor):
         self.runner = ModelRunner(self.model, cache_cfg, self.num_blocks, device, generator, compiled_decode=False)
         self.runner.model = pw.LeaderModel(self.model, self.group, self.rank.tensor_parallel_size > 1)
         self.runner.microbatches = config.parallel.pipeline_microbatches if self.rank.pipeline_parallel_size > 1 else 1
+        # rank 0 holds the most heads of a split; another rank's planes are at least half as wide
+        self.kv_blocks_per_page = self.runner.cache.blocks_per_page * (2 if self.rank.tensor_parallel_size > 1 else 1)
         self.num_lookahead_tokens = 0
         if config.speculative is not None:
             from tokenloom.worker.speculative import build_speculator
