@@ -133,7 +133,7 @@ def test_serve_chaos_json(default_gguf):
     try:
         out = subprocess.run([sys.executable, "-m", "tokenloom", "bench", "serve", "--chaos", "--base-url", url,
                               "--num-prompts", "60", "--concurrency", "8", "--malformed", "0.3", "--disconnect", "0.2",
-                              "--hang-timeout", "120", "--rest-timeout", "30", "--json"],
+                              "--hang-timeout", "120", "--rest-timeout", "30", "--price-per-hour", "3.6", "--json"],
                              capture_output=True, text=True, timeout=900)
         assert out.returncode == 0, out.stderr
         res = json.loads(out.stdout)
@@ -144,6 +144,11 @@ def test_serve_chaos_json(default_gguf):
         assert res["completed"] + res["disconnected"] + n_bad == 60
         assert res["kv_blocks_used_at_rest"] == 0 and res["rss_after_bytes"] > 0
         assert "4xx (malformed)" in out.stderr and "RSS at rest" in out.stderr
+        econ = res["economics"]  # from the server's own token counters over the load
+        rate, d = econ["cost"]["tok_s"], econ["decode"]
+        assert rate > 0 and d["batch"] == 8 and 0 < d["ctx"] < 2048
+        assert econ["cost"]["usd_per_million_tokens"] == pytest.approx(3.6 / (3600 * rate) * 1e6)
+        assert d["bandwidth_share"] == pytest.approx(d["bytes_per_token"] * rate / econ["roofs"]["bandwidth"])
     finally:
         proc.kill()
         proc.wait()

@@ -311,3 +311,31 @@ def test_serve_over_several_concurrencies_with_charts(tiny_llama, tmp_path, know
     d = econ["decode"]  # the tiny model: 2 layers, 2 KV heads of 16, bf16 KV at context 8 + 3
     assert d["kv_bytes_per_token"] == 11 * 2 * 2 * 2 * 16 * 2
     assert d["bandwidth_share"] == pytest.approx(d["bytes_per_token"] * top["out_tok_s"] / 10e9)
+
+
+def test_economics_of_a_model_not_loaded_here_and_of_split_ranks(tiny_llama, known_roofs, monkeypatch, capsys,
+                                                                   tmp_path):
+    """The sections the multi-process reports print (bench disagg: a model in worker processes, known by its
+    architecture and stored size; bench parallel: the weights of every rank), checked by hand."""
+    from tokenloom import LLM
+    from tokenloom.bench.disagg import _stored_bytes
+    from tokenloom.bench.token_economics import model_section, section
+
+    monkeypatch.setenv("TOKENLOOM_ROOFLINE", known_roofs["TOKENLOOM_ROOFLINE"])
+    path, _ = tiny_llama
+    llm = LLM(str(path), dtype="float32", max_model_len=64, kv_cache_memory=4 << 20)
+    cfg, args = llm.engine.model_config, SimpleNamespace(price_per_hour=3.6, instance=None)
+    kv = 10 * cfg.num_layers * 2 * cfg.num_kv_heads * cfg.head_dim * 2  # bf16 K and V read at context 10
+    sec = model_section(args, cfg, 1e6, 100.0, 4, 10)
+    d = sec["decode"]
+    assert d["kv_bytes_per_token"] == kv and d["bytes_per_token"] == pytest.approx(1e6 / 4 + kv)
+    assert d["bandwidth_share"] == pytest.approx((1e6 / 4 + kv) * 100 / 10e9)
+    assert sec["cost"]["usd_per_million_tokens"] == pytest.approx(3.6 / (3600 * 100) * 1e6)
+    assert "economics" in capsys.readouterr().out
+    split = section(llm.engine, args, decode={"tok_s": 50.0, "batch": 2, "ctx": 10}, step_bytes=3e6, show=False)
+    assert split["decode"]["weight_bytes_per_step"] == 3e6 and capsys.readouterr().out == ""
+    assert split["decode"]["bytes_per_token"] == pytest.approx(3e6 / 2 + split["decode"]["kv_bytes_per_token"])
+    stored = sum(f.stat().st_size for f in path.iterdir() if f.suffix == ".safetensors")
+    assert stored > 0 and _stored_bytes(path) == stored
+    (tmp_path / "m.gguf").write_bytes(b"x" * 1234)
+    assert _stored_bytes(tmp_path / "m.gguf") == 1234

@@ -399,10 +399,14 @@ def test_bench_lora_json(tiny_llama):
 
     path, _ = tiny_llama
     proc = tokenloom("bench", "lora", str(path), "--dtype", "float32", "--batch", "4", "--num-adapters", "2",
-                     "--rank", "4", "--input-len", "8", "--output-len", "4", "--rounds", "1", "--json")
+                     "--rank", "4", "--input-len", "8", "--output-len", "4", "--rounds", "1", "--price-per-hour", "3.6",
+                     "--json")
     assert proc.returncode == 0, proc.stderr
     res = json.loads(proc.stdout)
     assert res["lora_tok_s"] > 0 and res["base_tok_s"] > 0 and res["ratio"] > 0
+    econ = res["economics"]  # of the batch spread over the adapters
+    assert econ["decode"]["tok_s"] == res["lora_tok_s"] and econ["decode"]["batch"] == 4
+    assert econ["cost"]["usd_per_million_tokens"] == pytest.approx(3.6 / (3600 * res["lora_tok_s"]) * 1e6)
     paths = res["steps_by_path"]
     assert paths["lora, layers"]["fused"] == 0 and paths["lora, layers"]["layers"] > 0
     if EXTENSION.load() is not None:  # decodes on the stack, adapter rows and all

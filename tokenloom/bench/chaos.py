@@ -169,7 +169,8 @@ async def _at_rest(client, base: str, timeout: float) -> dict[str, float]:
         await asyncio.sleep(2.0)
 
 
-async def run_chaos(args, model: str, vocab: int) -> dict:
+async def run_chaos(args, model: str, vocab: int, show: dict) -> dict:
+    """show: what /api/show and /api/tags say of the model (bench serve's _discover)."""
     import httpx
 
     base = args.base_url.rstrip("/")
@@ -178,7 +179,6 @@ async def run_chaos(args, model: str, vocab: int) -> dict:
     tally = Tally()
     async with httpx.AsyncClient(headers=headers, timeout=httpx.Timeout(args.hang_timeout, connect=30.0),
                                  limits=limits) as client:
-        show = (await client.post(base + "/api/show", json={"model": model})).json()
         max_len = int(next((v for k, v in show.get("model_info", {}).items() if k.endswith(".context_length")), 2048))
         for k in range(8):  # warm-up: every kind of valid request once (lazy set-up is not a leak)
             path, body, streamed = _valid(random.Random(k), model, vocab)
@@ -215,7 +215,22 @@ async def run_chaos(args, model: str, vocab: int) -> dict:
         await asyncio.gather(*(one(i) for i in range(args.num_prompts)))
         duration = time.perf_counter() - start
         after = await _at_rest(client, base, args.rest_timeout)
-    return _chaos_report(args, model, tally, duration, before, after)
+    res = _chaos_report(args, model, tally, duration, before, after)
+    res["economics"] = _economics(args, show, duration, before, after)
+    return res
+
+
+def _economics(args, show: dict, duration: float, before: dict, after: dict) -> dict:
+    """The load's economics from the server's own counters: generated tokens per second over the load, the
+    concurrency as the requests in flight, the context as the mean finished request's prompt + half its output."""
+    from tokenloom.bench.token_economics import remote_section
+
+    def grown(name: str) -> float:
+        return after.get(name, 0.0) - before.get(name, 0.0)
+
+    generated, finished = grown("tokenloom_generation_tokens_total"), grown("tokenloom_request_success_total")
+    ctx = int((grown("tokenloom_prompt_tokens_total") + generated / 2) / finished) if finished else 0
+    return remote_section(args, show, generated / duration if duration > 0 else 0.0, args.concurrency, ctx)
 
 
 def _chaos_report(args, model, tally: Tally, duration: float, before: dict, after: dict) -> dict:

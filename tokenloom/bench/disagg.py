@@ -14,8 +14,10 @@ from __future__ import annotations
 import asyncio
 import os
 import time
+from pathlib import Path
 
 from tokenloom.bench.common import pct, random_prompts
+from tokenloom.bench.token_economics import model_section
 from tokenloom.sampling_params import SamplingParams
 
 
@@ -111,6 +113,7 @@ def bench_disagg(args) -> dict:
                 runs[name].append(res)
                 print(f"round {r + 1} {name:14s} ITL p99 {pct(res['itl'], 99) * 1000:8.1f} ms  "
                       f"wall {res['wall_s']:.1f} s", flush=True)
+        source, model_config = colocated.engine.model_source, colocated.model_config
         transfer = disagg.kv_transfer_stats()
         decode_prompt_tokens = disagg.decode[0].stats().prompt_tokens_computed
     finally:
@@ -128,7 +131,21 @@ def bench_disagg(args) -> dict:
     c, d = result["colocated"], result["disaggregated"]
     result["itl_p99_ratio"] = round(d["itl_p99_ms"] / c["itl_p99_ms"], 3) if c["itl_p99_ms"] else None
     _print(result)
+    ctx = args.chat_len + args.output_len // 2
+    result["economics"] = {}
+    for name in setups:  # the chats decoding side by side are the batch a step's weights are read for
+        print(f"{name}:")
+        result["economics"][name] = model_section(args, model_config, _stored_bytes(source.path),
+                                                  result[name]["tokens_per_s"], args.num_chats, ctx)
     return result
+
+
+def _stored_bytes(path) -> float:
+    """The model's weights as stored: the GGUF file, or a folder's safetensors/bin files."""
+    path = Path(path)
+    if path.is_file():
+        return float(path.stat().st_size)
+    return float(sum(f.stat().st_size for f in path.glob("*") if f.suffix in (".safetensors", ".bin")))
 
 
 def _print(result: dict) -> None:

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from tokenloom.bench.common import make_lengths, random_prompts
+from tokenloom.bench.token_economics import section
 
 
 def write_random_adapter(targets, path: Path, rank: int, seed: int) -> None:
@@ -110,8 +111,10 @@ def bench_lora(args) -> dict:
     if base_path == "fused" and lora_path == "layers":
         reason = (fused.lora_reason or "its batch limit") if fused is not None else ""
         print(f"  the base batch decodes on the compiled stack, adapter rows layer by layer ({reason})")
+    econ = section(eng, args, decode={"tok_s": best["lora"], "batch": args.batch,
+                                      "ctx": args.input_len + args.output_len // 2})
     tmp.cleanup()
-    return {"base_tok_s": best["base"], "base_layers_tok_s": best["base, layers"], "lora_tok_s": best["lora"],
+    return {"economics": econ, "base_tok_s": best["base"], "base_layers_tok_s": best["base, layers"], "lora_tok_s": best["lora"],
             "lora_layers_tok_s": best["lora, layers"], "ratio": ratio, "ratio_adapter_rows_layers": ratio_rows_layers,
             "ratio_same_path": ratio_same_path, "steps_by_path": paths, "batch": args.batch,
             "adapters": args.num_adapters, "rank": args.rank, "base_decode_path": base_path,

@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import time
 
+import torch
+
 from tokenloom.bench.common import random_prompts
+from tokenloom.bench.token_economics import print_section, section
 
 
 def _layouts(args) -> list[dict]:
@@ -57,12 +60,21 @@ def _measure(args, layout: dict) -> dict:
             eng.reset_prefix_cache()
             elapsed, n = _run(llm, prompts, args.output_len)
             batch.append(n / elapsed)
+        # every rank's weights are read each step, against the roofs of all the ranks' threads together
+        threads = torch.get_num_threads()
+        torch.set_num_threads(threads * len(ranks))
+        try:
+            econ = section(eng, args, decode={"tok_s": max(batch), "batch": args.batch,
+                                              "ctx": args.input_len + args.output_len // 2},
+                           step_bytes=float(sum(w for w, _ in ranks)), show=False)
+        finally:
+            torch.set_num_threads(threads)
     finally:
         llm.engine.shutdown()
     name = ", ".join(f"{k.split('_')[0][0]}p={v}" for k, v in layout.items()) or "one rank"
     return {"layout": name, **layout, "load_s": load_s,
             "ranks": [{"weight_bytes": w, "kv_bytes": kv} for w, kv in ranks],
-            "single_tok_s": max(single), "batch_out_tok_s": max(batch)}
+            "single_tok_s": max(single), "batch_out_tok_s": max(batch), "economics": econ, "dtype": str(eng.dtype)}
 
 
 def _make(engine_args, layout: dict, num_blocks: int):
@@ -91,5 +103,8 @@ def bench_parallel(args) -> dict:
         row["single_vs_one_rank"] = row["single_tok_s"] / base["single_tok_s"]
         print(f"{row['layout']:<10} {len(ranks):>5} {weights:>18} {kv:>14} {row['load_s']:>7.1f} "
               f"{row['single_tok_s']:>15.1f} {row['batch_out_tok_s']:>12.1f} {row['batch_vs_one_rank']:>11.2f}x")
+    for row in rows:
+        print(f"{row['layout']}:")
+        print_section(row["economics"], row.pop("dtype").removeprefix("torch."))
     return {"model": args.model, "input_len": args.input_len, "output_len": args.output_len, "batch": args.batch,
             "layouts": rows}

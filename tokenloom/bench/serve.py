@@ -139,7 +139,7 @@ async def _run(args) -> dict:
         from tokenloom.bench.chaos import run_chaos
 
         args.concurrency = levels[0] or n
-        return await run_chaos(args, model, vocab)
+        return await run_chaos(args, model, vocab, show)
     async with httpx.AsyncClient(headers=headers, timeout=httpx.Timeout(None, connect=30.0), limits=limits) as client:
         lengths = make_lengths(n, args.input_len, args.output_len, args.dist, args.seed)
         prompts = random_prompts(lengths, vocab, args.seed)

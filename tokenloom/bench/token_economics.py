@@ -70,9 +70,11 @@ def kv_dtype_of(engine) -> str:
 
 
 def section(engine, args, *, decode: dict | None = None, prefill: dict | None = None,
-            cost_tok_s: float | None = None, cost_what: str = "output tokens") -> dict:
+            cost_tok_s: float | None = None, cost_what: str = "output tokens", step_bytes: float | None = None,
+            show: bool = True) -> dict:
     """The economics of a bench run on `engine`. decode: {tok_s (all sequences), batch, ctx}; prefill: {tok_s,
-    prompt_len}; cost_tok_s: the rate the price is spread over (default: decode's)."""
+    prompt_len}; cost_tok_s: the rate the price is spread over (default: decode's); step_bytes: the weight bytes a
+    step reads where the engine's own model is not all of them (the ranks of a split model); show: print it."""
     roofs, raw = machine_roofs()
     cfg, dtype = engine.model_config, str(engine.dtype).removeprefix("torch.")
     kv_dtype = kv_dtype_of(engine)
@@ -80,21 +82,22 @@ def section(engine, args, *, decode: dict | None = None, prefill: dict | None = 
            "kv_bytes_per_token_stored": E.kv_bytes_per_token(cfg, kv_dtype)}
     if decode:
         b, ctx = max(1, int(decode["batch"])), int(decode["ctx"])
-        w = loaded_step_bytes(engine, b)
+        w = step_bytes if step_bytes is not None else loaded_step_bytes(engine, b)
         kv = E.kv_bytes_read(cfg, ctx, kv_dtype)
         d = E.shares(roofs, dtype, w / b + kv, E.decode_flops_per_token(cfg, ctx), decode["tok_s"])
         out["decode"] = {"batch": b, "ctx": ctx, "weight_bytes_per_step": w, "kv_bytes_per_token": kv, **d,
                          "weights_fit_in_llc": bool(roofs.llc_bytes and w < roofs.llc_bytes)}
     if prefill:
         p = max(1, int(prefill["prompt_len"]))
-        w = loaded_step_bytes(engine, 1)
+        w = step_bytes if step_bytes is not None else loaded_step_bytes(engine, 1)
         out["prefill"] = {"prompt_len": p, **E.shares(roofs, dtype, w / p, E.prefill_flops(cfg, p) / p,
                                                       prefill["tok_s"])}
     price, source = price_from_args(args)
     rate = cost_tok_s if cost_tok_s is not None else (decode or {}).get("tok_s", 0.0)
     out["cost"] = {"price_per_hour": price, "price_source": source, "tok_s": rate, "per": cost_what,
                    "usd_per_million_tokens": E.cost_per_million(price, rate)}
-    print_section(out, dtype)
+    if show:
+        print_section(out, dtype)
     return out
 
 
@@ -199,18 +202,26 @@ def remote_section(args, show: dict, out_tok_s: float, in_flight: float, ctx: in
     its model is (/api/show), bytes and FLOPs per token against this machine's roofs (the server's, when it runs
     here): weights = the model's size, read once per step of a batch of the requests in flight (Little's law:
     req/s x mean latency), KV in bf16."""
+    cfg, size = config_from_show(show)
+    return model_section(args, cfg, size, out_tok_s, in_flight, ctx)
+
+
+def model_section(args, cfg, weight_bytes: float, out_tok_s: float, batch: float, ctx: int,
+                  show: bool = True) -> dict:
+    """The economics of a model known by its architecture (cfg, or None) and stored size, not loaded here:
+    weights read once per step of `batch` sequences, KV in bf16; cost at out_tok_s."""
     roofs, raw = machine_roofs()
     out = {"roofs": {**roofs.to_dict(), "copy_bandwidth": raw.get("copy_bandwidth"), "threads": raw.get("threads")}}
-    cfg, size = config_from_show(show)
-    if cfg is not None and size and out_tok_s > 0:
-        batch = max(1.0, in_flight)
+    if cfg is not None and weight_bytes and out_tok_s > 0:
+        batch = max(1.0, batch)
         kv = E.kv_bytes_read(cfg, ctx, "bf16")
-        d = E.shares(roofs, "bfloat16", size / batch + kv, E.decode_flops_per_token(cfg, ctx), out_tok_s)
-        out["decode"] = {"batch": round(batch, 1), "ctx": ctx, "weight_bytes_per_step": size,
+        d = E.shares(roofs, "bfloat16", weight_bytes / batch + kv, E.decode_flops_per_token(cfg, ctx), out_tok_s)
+        out["decode"] = {"batch": round(batch, 1), "ctx": ctx, "weight_bytes_per_step": weight_bytes,
                          "kv_bytes_per_token": kv, **d,
-                         "weights_fit_in_llc": bool(roofs.llc_bytes and size < roofs.llc_bytes)}
+                         "weights_fit_in_llc": bool(roofs.llc_bytes and weight_bytes < roofs.llc_bytes)}
     price, source = price_from_args(args)
     out["cost"] = {"price_per_hour": price, "price_source": source, "tok_s": out_tok_s, "per": "output tokens",
                    "usd_per_million_tokens": E.cost_per_million(price, out_tok_s)}
-    print_section(out, "bfloat16")
+    if show:
+        print_section(out, "bfloat16")
     return out
