@@ -491,3 +491,23 @@ def test_gguf_blocks_load_without_a_float_copy(default_gguf, monkeypatch):
 
     outs = [SequenceForward(m, len(ids)).hidden(ids) for m in (direct, full)]
     assert torch.equal(outs[0], outs[1])
+
+
+def test_a_reopened_file_is_read_afresh_when_it_changed_and_its_metadata_is_the_callers(tmp_path):
+    """open_gguf keeps the last parsed headers (a model load opens its file three times); a file rewritten in place
+    with the same size and timestamp must still be read as it now is, and one caller's additions to the metadata
+    must not reach the next."""
+    from tokenloom.gguf.reader import open_gguf
+
+    path = tmp_path / "m.gguf"
+    t = np.ones((2, 32), dtype=np.float32)
+    _write_gguf(path, "llama", {"w": t}, {"general.name": "first"})
+    stamp = os.stat(path).st_mtime_ns
+    a = open_gguf(path)
+    assert a.metadata["general.name"] == "first"
+    a.metadata["tokenloom.added"] = 1
+    assert "tokenloom.added" not in open_gguf(path).metadata
+    _write_gguf(path, "llama", {"w": t}, {"general.name": "other"})  # same length: same size
+    os.utime(path, ns=(stamp, stamp))
+    assert os.stat(path).st_mtime_ns == stamp
+    assert open_gguf(path).metadata["general.name"] == "other"
