@@ -114,8 +114,8 @@ def bench_lora(args) -> dict:
     econ = section(eng, args, decode={"tok_s": best["lora"], "batch": args.batch,
                                       "ctx": args.input_len + args.output_len // 2})
     tmp.cleanup()
-    return {"economics": econ, "base_tok_s": best["base"], "base_layers_tok_s": best["base, layers"], "lora_tok_s": best["lora"],
+    return {"base_tok_s": best["base"], "base_layers_tok_s": best["base, layers"], "lora_tok_s": best["lora"],
             "lora_layers_tok_s": best["lora, layers"], "ratio": ratio, "ratio_adapter_rows_layers": ratio_rows_layers,
             "ratio_same_path": ratio_same_path, "steps_by_path": paths, "batch": args.batch,
             "adapters": args.num_adapters, "rank": args.rank, "base_decode_path": base_path,
-            "lora_decode_path": lora_path}
+            "lora_decode_path": lora_path, "economics": econ}

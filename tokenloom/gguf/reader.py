@@ -100,9 +100,14 @@ class _Header:
 class GGUFFile:
     """Metadata, tensor infos and the memory-mapped bytes of one GGUF file."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, header: "GGUFFile | None" = None):
+        """header: this file's header as parsed before (open_gguf checked it is unchanged): only mapped again."""
         self.path = path
         self.data = np.memmap(path, dtype=np.uint8, mode="c")
+        if header is not None:
+            self.version, self.header_bytes, self.tensors = header.version, header.header_bytes, header.tensors
+            self.metadata = dict(header.metadata)  # callers may add metadata of their own
+            return
         h = _Header(memoryview(self.data))
         if bytes(self.data[:4]) != b"GGUF":
             raise ValueError("no 'GGUF' magic")
@@ -157,18 +162,19 @@ def open_gguf(path: str | os.PathLike) -> GGUFFile:
     key = (stat.st_ino, stat.st_size, stat.st_mtime_ns)
     cached = _PARSED.get(path)
     # the same file, unchanged: its header's bytes are compared too (a timestamp can miss a quick rewrite)
-    if cached is None or cached[0] != key or cached[1] != _header_digest(path, cached[2].header_bytes):
-        parsed = _parse(path)
-        _PARSED.pop(path, None)
-        while len(_PARSED) >= 2:
-            _PARSED.pop(next(iter(_PARSED)))
-        cached = _PARSED[path] = (key, _header_digest(path, parsed.header_bytes), parsed)
-    opened = copy.copy(cached[2])  # callers may add metadata of their own; the cached header stays as read
-    opened.metadata = dict(cached[2].metadata)
+    if cached is not None and cached[0] == key and cached[1] == _header_digest(path, cached[2].header_bytes):
+        return GGUFFile(path, cached[2])
+    opened = _parse(path)
+    _PARSED.pop(path, None)
+    while len(_PARSED) >= 2:
+        _PARSED.pop(next(iter(_PARSED)))
+    header = copy.copy(opened)
+    header.data, header.metadata = None, dict(opened.metadata)  # the header only: no mapping kept alive
+    _PARSED[path] = (key, _header_digest(path, opened.header_bytes), header)
     return opened
 
 
-# path -> (file identity, header digest, parsed file): a model load opens its file for the weights, the quantized
+# path -> (file identity, header digest, parsed header): a model load opens its file for the weights, the quantized
 # layers and the tokenizer, and decoding a vocabulary takes ~0.15 s
 _PARSED: dict[str, tuple[tuple, bytes, GGUFFile]] = {}
 
