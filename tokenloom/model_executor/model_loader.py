@@ -16,9 +16,7 @@ from tokenloom.model_executor.models.registry import model_class, model_class_fo
 def build_model(cfg: ModelConfig, dtype: torch.dtype, device: torch.device, max_positions: int) -> CausalLM:
     with torch.device("meta"):
         model = model_class(cfg.architecture)(cfg, max_positions)
-    # torch.empty, not to_empty(): empty_like of a meta tensor runs torch's Python reference, whose first use imports
-    # sympy (~0.9 s of every cold start)
-    model = model.to(dtype)._apply(lambda t: torch.empty(t.shape, dtype=t.dtype, device=device))
+    model = model.to(dtype).to_empty(device=device)
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
     model.rotary = RotaryEmbedding(cfg, max_positions).to(device)
