@@ -141,11 +141,13 @@ def bench_disagg(args) -> dict:
 
 
 def _stored_bytes(path) -> float:
-    """The model's weights as stored: the GGUF file, or a folder's safetensors/bin files."""
+    """The model's weights as stored: the GGUF file, or a folder's safetensors files (as `tokenloom show`)."""
+    from tokenloom.loader.safetensors import safetensors_files
+
     path = Path(path)
     if path.is_file():
         return float(path.stat().st_size)
-    return float(sum(f.stat().st_size for f in path.glob("*") if f.suffix in (".safetensors", ".bin")))
+    return float(sum(f.stat().st_size for f in safetensors_files(path)))
 
 
 def _print(result: dict) -> None:
