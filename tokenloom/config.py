@@ -413,6 +413,8 @@ class EngineConfig:
     structured_output: StructuredOutputConfig = field(default_factory=StructuredOutputConfig)
     lora: LoRAConfig | None = None  # None: no adapters (LLM(..., enable_lora=True) sets one)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    # CUDA: every step eager, no decode graphs (vLLM's enforce_eager; TOKENLOOM_CUDA_GRAPHS=0 does the same)
+    enforce_eager: bool = False
 
 
 _DURATION_PART = re.compile(r"(-?\d+(?:\.\d+)?)(ms|s|m|h)?")

@@ -266,3 +266,54 @@ def test_default_model_perplexity_through_the_stack_matches_the_float_path():
         nll_layers = -lp.gather(1, torch.tensor(ids[1:])[:, None]).sum().item()
     ppl_fused, ppl_layers = (math.exp(n / (len(ids) - 1)) for n in (nll_fused, nll_layers))
     assert abs(ppl_fused / ppl_layers - 1) < 0.005, (ppl_fused, ppl_layers)
+
+
+TILE_CASES = [("int4-g32", "u4"), ("int8", "s8"), ("int4", "u4")]  # 4-bit groups of 32 and of 128; int8 per row
+
+
+def _one_decode_step(llm, prompts):
+    """Prefill the prompts, then schedule (not run) their first decode step: (engine, runner, InputBatch)."""
+    from tokenloom.worker.input_batch import InputBatch
+
+    eng, runner = llm.engine, llm.engine.runner
+    for p in prompts:
+        eng.add_request(p, SamplingParams(max_tokens=2, temperature=0, ignore_eos=True))
+    eng.step()
+    sched = eng.scheduler.schedule()
+    assert all(s.num_tokens == 1 for s in sched.scheduled)
+    return eng, runner, InputBatch.from_scheduled(sched.scheduled, runner.device)
+
+
+@pytest.mark.parametrize("quant,kind", TILE_CASES, ids=[q for q, _ in TILE_CASES])
+def test_wide_decode_batches_on_amx_tiles_are_as_exact_as_the_integer_kernels(tmp_path, quant, kind):
+    """Decode batches of TILE_ROWS rows or more meet quantized weights on AMX tiles (weights dequantized to
+    bfloat16 per step, bfloat16 activations, float32 sums: the function the layer path computes in prefill).
+    A 12-row step, from the same KV cache, through the tiles and through the integer kernels narrower batches
+    take, each against the same quantized model in float32 (one causal pass per row): the tiles' error is that
+    of the integer kernels, to within 5 % (mean) and 10 % (largest). On a CPU without AMX the stack says so."""
+    from tokenloom.model_executor.sequence_forward import SequenceForward
+
+    make_tiny("llama", tmp_path, hidden_size=128, intermediate_size=256)
+    llm = LLM(str(tmp_path), dtype="bfloat16", quantization=quant, num_blocks=256, block_size=4)
+    stack = llm.engine.runner.fused.stack
+    if llm.engine.runner.fused.tile_rows == 0:
+        pytest.skip("no AMX tiles on this CPU (or build): wide batches take the integer kernels")
+    assert any(k.startswith(kind) for k in llm.engine.runner.fused.kernels)
+    prompts = [[(7 * i + j) % 300 + 3 for j in range(5 + 9 * i)] for i in range(12)]
+    eng, runner, batch = _one_decode_step(llm, prompts)
+    step = (batch.input_ids, batch.positions, batch.block_tables, batch.query_lens)
+    saved, steps = runner.kv_cache.clone(), stack.tile_steps()
+    tiled = runner.fused.token_logits(*step)
+    assert stack.tile_steps() == steps + 1  # this step took the tiles
+    runner.kv_cache.copy_(saved)
+    stack.set_tile_rows(len(prompts) + 1)  # one row too many: the integer kernels
+    integer = runner.fused.token_logits(*step)
+    assert stack.tile_steps() == steps + 1
+    f32 = LLM(str(tmp_path), dtype="float32", quantization=quant, num_blocks=64, block_size=4).engine.model
+    with torch.inference_mode():
+        rows = [list(r.prompt_token_ids) + [t] for r, t in zip(eng.scheduler.running, batch.input_ids.tolist())]
+        ref = torch.cat([f32.compute_logits(SequenceForward(f32, len(r)).hidden(torch.tensor(r))[-1:]) for r in rows])
+    spread = ref.std(dim=-1, keepdim=True)
+    err_tiles, err_int = ((v - ref).abs() / spread for v in (tiled, integer))
+    assert err_tiles.mean() < 1.05 * err_int.mean(), (err_tiles.mean(), err_int.mean())
+    assert err_tiles.max() < 1.1 * err_int.max(), (err_tiles.max(), err_int.max())

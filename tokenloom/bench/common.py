@@ -8,6 +8,15 @@ import time
 import torch
 
 
+def decode_path(engine) -> str:
+    """How the engine's decode steps run: "layers", "fused" (the compiled stack), or "fused, AMX tiles from N
+    rows" (wide batches of quantized weights on the CPU's matrix tiles)."""
+    fused = getattr(getattr(engine, "runner", None), "fused", None)
+    if fused is None:
+        return "layers"
+    return f"fused, AMX tiles from {fused.tile_rows} rows" if fused.tile_rows else "fused"
+
+
 def make_lengths(n: int, mean_in: int, mean_out: int, dist: str, seed: int = 0) -> list[tuple[int, int]]:
     rng = random.Random(seed)
     out = []

@@ -5,7 +5,7 @@ import statistics
 
 import torch
 
-from tokenloom.bench.common import hf_generate_timed, load_hf_reference, random_prompts
+from tokenloom.bench.common import decode_path, hf_generate_timed, load_hf_reference, random_prompts
 from tokenloom.bench.token_economics import section
 
 
@@ -26,7 +26,7 @@ def bench_latency(args) -> dict:
         rates.append(out.decode_tokens_per_s)
     res = {"ttft_s": statistics.median(ttfts), "prefill_tok_s": args.input_len / statistics.median(ttfts),
            "decode_tok_s": statistics.median(rates), "weights": eng.config.quantization or "float",
-           "decode_path": "fused" if eng.runner.fused is not None else "layers"}
+           "decode_path": decode_path(eng)}
     print(f"model {eng.model_name}  dtype {str(eng.dtype).removeprefix('torch.')}  weights {res['weights']}  "
           f"decode path {res['decode_path']}  threads {torch.get_num_threads()}"
           f"  prompt {args.input_len}  output {args.output_len}  batch 1")

@@ -23,6 +23,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="int8, int4, nf4, gptq, awq (quantize weights at load); gguf (a GGUF file's own blocks: "
                         "the default for GGUF files unless --dtype is given); none (dequantize to --dtype)")
     g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--enforce-eager", action="store_true",
+                   help="CUDA: run every step eagerly, no CUDA graphs for decode steps (or TOKENLOOM_CUDA_GRAPHS=0)")
     g.add_argument("--threads", type=int, default=0, help="CPU threads for PyTorch (default: one per core)")
     g.add_argument("--speculative-config", type=speculative_config, default=None, metavar="JSON",
                    help='speculative decoding, e.g. \'{"method": "ngram", "num_speculative_tokens": 4}\', '

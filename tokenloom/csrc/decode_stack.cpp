@@ -18,6 +18,7 @@
 #include <string>
 #include <tuple>
 #include <vector>
+#include "amx_tiles.h"
 #include "attention_rows.h"
 #include "gemv_rows.h"
 #include "lora_rows.h"
@@ -163,6 +164,9 @@ struct Prep {
   std::vector<float> gsums_m;  // the same for up to four activation rows at once (dot_rows_m)
   int64_t sums_group = -1, M = 0, K = 0;
   bool have_bf16 = false;
+  std::vector<uint16_t> xp, wt;  // AMX: x as B operands, the dequantized rows (amx_tiles.h)
+  std::vector<float> tiles, tiles2;  // AMX products [M][16] of a chunk (gate_up: gate's and up's)
+  bool have_xp = false;
 };
 
 class DecodeStack {
@@ -218,6 +222,16 @@ class DecodeStack {
   }
 
   int64_t num_layers() const { return static_cast<int64_t>(layers_.size()); }
+  // Decode batches of at least `rows` rows take the AMX tiles (amx_tiles.h) for quantized weights; 0: never.
+  // Returns the setting in force: 0 where the build or the CPU has no AMX.
+  int64_t set_tile_rows(int64_t rows) {
+    TORCH_CHECK(rows >= 0, "decode_stack: tile rows must be >= 0");
+#ifdef TL_AMX
+    tile_rows_ = bf16_ && amx_usable() ? rows : 0;
+#endif
+    return tile_rows_;
+  }
+  int64_t tile_steps() const { return tile_steps_; }  // forward calls whose batch took the tiles
   void set_activation_bits(int64_t bits) {
     TORCH_CHECK(bits == 0 || bits == 8 || bits == 16, "decode_stack: activation bits are 0, 8 or 16");
     act_bits_ = bits;
@@ -287,6 +301,8 @@ class DecodeStack {
   // (vpdpwssd; the rounding is below bfloat16's, the default of bfloat16 models), 8 = int8 (vpdpbusd, as
   // llama.cpp; faster, ~1 % perplexity), 0 = float activations (float32 models)
   int64_t act_bits_;
+  int64_t tile_rows_ = 0;
+  mutable int64_t tile_steps_ = 0;
   torch::Tensor cos_, sin_, final_norm_;
   std::vector<Layer> layers_;
   Lin head_;
@@ -397,7 +413,31 @@ class DecodeStack {
     p.have_bf16 = false;
     p.q8.ready = false;
     p.q16.ready = false;
+    p.have_xp = false;
   }
+
+  // whether rows of `part` against M activation rows take the AMX tiles
+  bool tiled(const Part& part, int64_t M, int64_t K) const {
+    return tile_rows_ > 0 && M >= tile_rows_ && K % 32 == 0 && (part.kind == U4 || part.kind == U8 || part.kind == S8);
+  }
+
+#ifdef TL_AMX
+  // out[m * 16 + i] = row local + i (i < count) of `part` against activation row m, for every row of p
+  void tile_rows(const Part& part, Prep& p, int64_t local, int64_t count, int64_t K, float* out) const {
+    if (!p.have_xp) {
+      amx_pack_x(p.x, p.M, K, p.xp);  // bf16_: x holds bfloat16 values
+      amx_configure();  // per projection: torch's own AMX kernels may have loaded another shape since
+      p.have_xp = true;
+    }
+    const int64_t G = (K + part.group - 1) / part.group;
+    const TileWeights kind = part.kind == U4 ? TileWeights::U4 : part.kind == U8 ? TileWeights::U8 : TileWeights::S8;
+    const int64_t row_bytes = part.kind == U4 ? K / 2 : K;
+    amx_rows16(kind, part.qp + local * row_bytes, row_bytes, part.sp + local * G, part.op ? part.op + local * G : nullptr,
+               G, part.group, count, p.xp.data(), p.M, K, p.wt, out);
+  }
+#else
+  void tile_rows(const Part&, Prep&, int64_t, int64_t, int64_t, float*) const {}
+#endif
 
 #ifdef TL_VNNI
   void need_q16(Prep& p) const {  // callers check K % 64 == 0
@@ -647,6 +687,16 @@ class DecodeStack {
       int64_t local = c * 16;
       const Part& part = locate(lin, local);
       const int64_t count = std::min<int64_t>(16, part.rows - local);
+      if (tiled(part, M, K)) {
+        p.tiles.resize(M * 16);
+        tile_rows(part, p, local, count, K, p.tiles.data());
+        for (int64_t m = 0; m < M; ++m)
+          for (int64_t i = 0; i < count; ++i) {
+            const float r = p.tiles[m * 16 + i] + (part.bp ? part.bp[local + i] : 0.f);
+            y[m * N + c * 16 + i] = bf16_ ? round_bf16(r) : r;
+          }
+        continue;
+      }
       float v[4][16];
       for (int64_t m0 = 0; m0 < M; m0 += 4) {
         const int64_t mc = std::min<int64_t>(4, M - m0);
@@ -670,14 +720,21 @@ class DecodeStack {
       const Part& pg = locate(lin, g);
       const Part& pu = locate(lin, u);
       alignas(64) float gates[4][16], ups[4][16];
+      const bool tiles = tiled(pg, M, K) && tiled(pu, M, K);
+      if (tiles) {
+        p.tiles.resize(M * 16);
+        p.tiles2.resize(M * 16);
+        tile_rows(pg, p, g, 16, K, p.tiles.data());
+        tile_rows(pu, p, u, 16, K, p.tiles2.data());
+      }
       for (int64_t m = 0; m < M; ++m) {
         const int64_t m0 = m & ~int64_t(3);
-        if (m == m0) {  // four activation rows at a time
+        if (!tiles && m == m0) {  // four activation rows at a time
           dot_rows_m(pg, p, m0, std::min<int64_t>(4, M - m0), g, 16, K, gates);
           dot_rows_m(pu, p, m0, std::min<int64_t>(4, M - m0), u, 16, K, ups);
         }
-        float* gate = gates[m - m0];
-        float* up = ups[m - m0];
+        float* gate = tiles ? p.tiles.data() + m * 16 : gates[m - m0];
+        float* up = tiles ? p.tiles2.data() + m * 16 : ups[m - m0];
         for (int64_t j = 0; j < 16; ++j) {
           gate[j] += pg.bp ? pg.bp[g + j] : 0.f;
           up[j] += pu.bp ? pu.bp[u + j] : 0.f;
@@ -771,6 +828,7 @@ class DecodeStack {
       return &ls;
     };
 
+    if (tile_rows_ > 0 && B >= tile_rows_) ++tile_steps_;
 #pragma omp parallel num_threads(nt)
     {
       std::vector<float> x(x_in, x_in + B * Hd), h(B * Hd), attn(B * H * D), qf(G * D), scores;
@@ -853,6 +911,9 @@ class DecodeStack {
 #pragma omp single
         std::copy(h.begin(), h.end(), final_h.begin());
       }
+#ifdef TL_AMX
+      if (tile_rows_ > 0 && B >= tile_rows_) _tile_release();  // no tile state for the OS to save meanwhile
+#endif
     }
     if (!logits) out.copy_(torch::from_blob(final_h.data(), {B, Hd}, at::kFloat));
   }
@@ -874,6 +935,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("set_head", &DecodeStack::set_head)
       .def("num_layers", &DecodeStack::num_layers)
       .def("set_activation_bits", &DecodeStack::set_activation_bits)
+      .def("set_tile_rows", &DecodeStack::set_tile_rows)
+      .def("tile_steps", &DecodeStack::tile_steps)
       .def("kernel_counts", &DecodeStack::kernel_counts)
       .def("forward", &DecodeStack::forward, py::call_guard<py::gil_scoped_release>());
 #endif

@@ -35,6 +35,7 @@ class EngineArgs:
     tensor_parallel_size: int = 1  # vLLM's -tp / -pp / --distributed-executor-backend
     pipeline_parallel_size: int = 1
     distributed_executor_backend: str | None = None
+    enforce_eager: bool = False  # CUDA: no decode graphs (vLLM's --enforce-eager)
 
     @classmethod
     def from_namespace(cls, ns) -> "EngineArgs":

@@ -41,6 +41,7 @@ class LLM:
         pipeline_parallel_size: int = 1,
         distributed_executor_backend: str | None = None,
         pipeline_microbatches: int | None = None,
+        enforce_eager: bool = False,
     ):
         """speculative_config: speculative decoding under vLLM's names, e.g. {"method": "ngram",
         "num_speculative_tokens": 4}; see config.SpeculativeConfig. kv_release_interval_s: free KV blocks
@@ -48,7 +49,8 @@ class LLM:
         enable_lora: serve LoRA adapters (generate(..., lora_request=LoRARequest(name, id, path))), up to
         max_loras of them in one step, of rank up to max_lora_rank; max_cpu_loras kept in memory (config.LoRAConfig).
         tensor_parallel_size / pipeline_parallel_size: split the model over that many ranks, run as worker processes
-        ("mp", the default) or Ray actors ("ray") by distributed_executor_backend (config.ParallelConfig)."""
+        ("mp", the default) or Ray actors ("ray") by distributed_executor_backend (config.ParallelConfig).
+        enforce_eager: on CUDA, no CUDA graphs for decode steps (worker/cuda_graphs.py); nothing changes elsewhere."""
         self.engine = LLMEngine(
             EngineConfig(
                 model=model, dtype=dtype, device=device, seed=seed, quantization=quantization,
@@ -59,6 +61,7 @@ class LLM:
                 lora=LoRAConfig(max_loras, max_lora_rank, max_cpu_loras) if enable_lora else None,
                 parallel=ParallelConfig(tensor_parallel_size, pipeline_parallel_size, distributed_executor_backend,
                                         pipeline_microbatches=pipeline_microbatches),
+                enforce_eager=enforce_eager,
             )
         )
         self.tokenizer = self.engine.tokenizer

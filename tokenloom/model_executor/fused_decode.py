@@ -26,6 +26,12 @@ default (vpdpwssd; their rounding is below bfloat16's, perplexity unchanged), or
 TOKENLOOM_DECODE_ACT_BITS=8 (vpdpbusd, llama.cpp's choice: ~5-10 % faster here, ~1 % higher perplexity on
 SmolLM2). Block scales that are exact in float16 (all of the ggml formats') are read as float16: fewer bytes a
 token. `FusedDecoder.kernels` counts which kernel each weight block takes. float32 models keep float activations.
+Wide decode batches (TILE_ROWS rows or more; TOKENLOOM_TILE_ROWS sets it, 0 never) of a bfloat16 model on a CPU
+with AMX meet the quantized weights on its tiles instead (csrc/amx_tiles.h): each weight row is dequantized to
+bfloat16 once per step, and the products summed in float32, which is what the layer path computes in prefill.
+Below that width a row's result does not depend on the batch (the integer kernels give every row the same
+arithmetic); from it on, rows follow the tiles' arithmetic (`FusedDecoder.tile_rows`: the width in force, 0
+without AMX).
 Anything else (MoE, NF4, act-order GPTQ, raw Q2_K/Q3_K blocks, an int8 KV cache, a CPU without AVX-512) keeps
 the layer-by-layer path: `FusedDecoder.build` returns None and says why in `FusedDecoder.reason`.
 TOKENLOOM_FUSED_DECODE=0 turns it off.
@@ -107,6 +113,9 @@ def linear_parts(module, model_dtype: torch.dtype) -> list[tuple]:
 # have no better GEMM here (the layers dequantize them per call), so the stack takes every decode batch.
 DENSE_MAX_BATCH = 8
 QUANTIZED_MAX_BATCH = 1 << 16
+# Decode batches of this many rows or more meet quantized weights on AMX tiles where the CPU has them (bfloat16
+# models): each weight row dequantized once per step instead of a float epilogue per block and activation row.
+TILE_ROWS = 8
 
 
 class FusedDecoder:
@@ -122,6 +131,12 @@ class FusedDecoder:
         self._lora_ready: bool | None = None  # the LoRA factors were handed to the stack (None: not tried yet)
         self.lora_reason: str | None = None  # why the stack cannot take adapter rows
         self.adapter_rows = 0  # rows run with an adapter so far (tests and benchmarks)
+        rows = os.environ.get("TOKENLOOM_TILE_ROWS")
+        if rows is not None and not rows.isdigit():
+            raise TokenloomError(f"TOKENLOOM_TILE_ROWS must be a number of rows (0: never), not {rows!r}")
+        self.tile_rows = stack.set_tile_rows(int(rows) if rows else TILE_ROWS)  # 0: no AMX tiles here
+        if self.tile_rows > self.max_batch:  # dense weights: wide batches go to oneDNN, never to the stack
+            self.tile_rows = stack.set_tile_rows(0)
 
     @classmethod
     def build(cls, model, layer_caches, block_size: int) -> "FusedDecoder | None":

@@ -1,6 +1,7 @@
 """quantize_model: one entry point for every method (RTN int8/int4/nf4, calibrated GPTQ/AWQ, GGUF blocks)."""
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import torch
@@ -23,6 +24,8 @@ def quantize_model(model, method: str | QuantOptions = "int8", *, tokenizer=None
         opts = QuantOptions(method=name, **parsed)
     dtype = model_dtype(model)
     device = model.norm.weight.device
+    if device.type != "cpu" and opts.use_kernel:  # the kernels (tokenloom's gemv, torch's int8/int4 packs) are CPU
+        opts = dataclasses.replace(opts, use_kernel=False)  # ones: elsewhere dequantize + F.linear
     act = act_dtype or kernel_act_dtype(dtype, device)
     start = time.perf_counter()
     result = QuantizeResult(opts, 0.0)

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from tokenloom.kernels.transfer import to_device
 from tokenloom.sampling_params import SAMPLING_EPS, SamplingParams
 
 # A per-request logits processor (vLLM v0's signature): (the request's output token ids, its logits row [V]) ->
@@ -32,8 +33,13 @@ class SamplingRow:
     logits_processors: tuple[RequestLogitsProcessor, ...] = ()
 
 
+def _tensor(values, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """values made a tensor on the host, then put on `device` (on CUDA without waiting for the forward pass)."""
+    return to_device(torch.tensor(values, dtype=dtype, device="cpu"), device)
+
+
 def _index(ids: list[int], device: torch.device) -> torch.Tensor:
-    return torch.tensor(ids, dtype=torch.long, device=device)
+    return _tensor(ids, torch.long, device)
 
 
 def penalised(p: SamplingParams) -> bool:
@@ -58,18 +64,18 @@ class Penalties:
             return None
         seen = [rows[i].prompt_token_ids + rows[i].output_token_ids for i in idx]
         width = max(len(s) for s in seen)
-        tokens = torch.tensor([s + [s[0]] * (width - len(s)) for s in seen], dtype=torch.long, device=device)
+        tokens = _tensor([s + [s[0]] * (width - len(s)) for s in seen], torch.long, device)
         params = [rows[i].params for i in idx]
 
         def column(values):
-            return torch.tensor(values, dtype=torch.float32, device=device)[:, None]
+            return _tensor(values, torch.float32, device)[:, None]
 
         counts = None
         if any(p.presence_penalty != 0 or p.frequency_penalty != 0 for p in params):
             # Count each entry's token in the row's sorted output (padded with -1, never a token).
             outs = [rows[i].output_token_ids for i in idx]
             out_w = max(1, max(len(o) for o in outs))
-            out = torch.tensor([o + [-1] * (out_w - len(o)) for o in outs], dtype=torch.long, device=device)
+            out = _tensor([o + [-1] * (out_w - len(o)) for o in outs], torch.long, device)
             out = out.sort(-1).values
             counts = (torch.searchsorted(out, tokens, right=True) - torch.searchsorted(out, tokens)).float()
         return cls(_index(idx, device)[:, None], tokens, column([p.repetition_penalty for p in params]),
@@ -146,8 +152,8 @@ class SamplingMetadata:
             num_rows=len(rows), device=device, greedy=greedy, sampled=sampled,
             greedy_index=_index(greedy, device) if greedy else None,
             sampled_index=_index(sampled, device) if sampled else None,
-            temperature=torch.tensor(temps, dtype=torch.float32, device=device),
-            sampled_temperature=torch.tensor([temps[i] for i in sampled], dtype=torch.float32, device=device),
+            temperature=_tensor(temps, torch.float32, device),
+            sampled_temperature=_tensor([temps[i] for i in sampled], torch.float32, device),
             truncation=truncation, plain=plain,
             unseeded=[j for j, g in enumerate(gens) if g is None],
             seeded=[(j, g) for j, g in enumerate(gens) if g is not None],
@@ -155,7 +161,7 @@ class SamplingMetadata:
             banned=_banned(rows, device), logprob_rows=lp_rows, num_logprobs=[rows[i].params.logprobs for i in lp_rows],
             request_processors=[(i, r.output_token_ids, r.logits_processors) for i, r in enumerate(rows)
                                 if r.logits_processors],
-            token_bitmask=None if token_bitmask is None else token_bitmask.to(device),
+            token_bitmask=None if token_bitmask is None else to_device(token_bitmask, device),
             bitmask_rows=None if bitmask_rows is None else _index(bitmask_rows, device),
         )
 
@@ -169,8 +175,8 @@ def _truncation(params: list[SamplingParams], device: torch.device) -> tuple[lis
     ks = [params[j].top_k for j in cut]
     ps = [params[j].top_p for j in cut]
     return plain, Truncation(
-        cut, torch.tensor(ks, dtype=torch.long, device=device), torch.tensor(ps, dtype=torch.float32, device=device),
-        torch.tensor([params[j].min_p for j in cut], dtype=torch.float32, device=device), ks, ps)
+        cut, _tensor(ks, torch.long, device), _tensor(ps, torch.float32, device),
+        _tensor([params[j].min_p for j in cut], torch.float32, device), ks, ps)
 
 
 def _logit_bias(rows: list[SamplingRow], device: torch.device):
@@ -182,7 +188,7 @@ def _logit_bias(rows: list[SamplingRow], device: torch.device):
             v_ += r.params.logit_bias.values()
     if not r_:
         return None
-    return _index(r_, device), _index(c_, device), torch.tensor(v_, dtype=torch.float32, device=device)
+    return _index(r_, device), _index(c_, device), _tensor(v_, torch.float32, device)
 
 
 def _banned(rows: list[SamplingRow], device: torch.device):

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import torch
 
+from tokenloom.kernels.transfer import to_device
 from tokenloom.sample.metadata import Truncation
 
 CANDIDATES = 64  # logits every truncated row looks at first (more when a top_k is larger)
@@ -38,8 +39,9 @@ EXP_TINY = 2e-35
 
 
 def exp_nonpositive(neg: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """out = exp(neg) for neg <= 0 (logits minus their row maximum); 0 where neg is -inf (see EXP_MIN)."""
-    if float(neg.min()) >= EXP_MIN:
+    """out = exp(neg) for neg <= 0 (logits minus their row maximum); 0 where neg is -inf (see EXP_MIN). Off the
+    CPU, where exp has no slow path, always the plain exp (no read of the minimum back to the host)."""
+    if _off_host(neg) or float(neg.min()) >= EXP_MIN:
         return torch.exp(neg, out=out)
     torch.clamp(neg, min=EXP_MIN, out=out).exp_()
     return out.sub_(EXP_TINY).clamp_(min=0.0)
@@ -50,8 +52,14 @@ def reportable_logprobs(x: torch.Tensor) -> torch.Tensor:
     return x.nan_to_num(nan=LOGPROB_FLOOR, neginf=LOGPROB_FLOOR).clamp_(min=LOGPROB_FLOOR)
 
 
+def _off_host(x: torch.Tensor) -> bool:
+    """x is on an accelerator: a mask that may change nothing is applied anyway rather than checked first, which
+    would wait for the device to read the answer back."""
+    return x.device.type != "cpu"
+
+
 def index(ids: list[int], device: torch.device) -> torch.Tensor:
-    return torch.tensor(ids, dtype=torch.long, device=device)
+    return to_device(torch.tensor(ids, dtype=torch.long, device="cpu"), device)
 
 
 class Workspace:
@@ -117,7 +125,7 @@ class _FullRows:
         n, V = self.x.shape
         dev = self.x.device
         self.neg = torch.sub(self.x, self.vmax[:, None], out=ws(key + ".neg", n, V, device=dev))
-        if floor is not None and bool((floor > NEG_INF).any()):
+        if floor is not None and (_off_host(floor) or bool((floor > NEG_INF).any())):
             below = torch.lt(self.x, floor[:, None], out=ws(key + ".mask", n, V, torch.bool, device=dev))
             self.neg.masked_fill_(below, NEG_INF)
         self.w = exp_nonpositive(self.neg, ws(key + ".w", n, V, device=dev))
@@ -183,7 +191,7 @@ class _FullRows:
 
     def draw(self, thr: torch.Tensor | None, u: torch.Tensor) -> torch.Tensor:
         """Inverse-CDF draw over the whole rows, in token-id order, leaving out tokens with x < thr."""
-        if thr is not None and bool((thr > NEG_INF).any()):
+        if thr is not None and (_off_host(thr) or bool((thr > NEG_INF).any())):
             n, V = self.x.shape
             below = torch.lt(self.x, thr[:, None], out=self.ws(self.key + ".mask", n, V, torch.bool,
                                                                 device=self.x.device))

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
+from tokenloom.kernels.transfer import to_device
 from tokenloom.sample import ops
 from tokenloom.sample.logits_processors import LogitsProcessor, default_processors
 from tokenloom.sample.metadata import SamplingMetadata, SamplingRow
@@ -85,16 +86,16 @@ class Sampler:
 
     def _uniforms(self, md: SamplingMetadata) -> torch.Tensor:
         """One uniform number per sampled row: seeded rows from their own generator, the others from the engine's
-        (each drawn on its generator's device, then moved to the logits')."""
+        (each drawn on its generator's device, gathered on the host, then moved to the logits' in one copy)."""
         n, dev, g = len(md.sampled), md.device, self.generator
         if not md.seeded:
-            return torch.rand(n, generator=g, device=g.device).to(dev)
-        u = torch.empty(n, device=dev)
+            return to_device(torch.rand(n, generator=g, device=g.device).cpu(), dev)
+        u = torch.empty(n, device="cpu")  # filled on the host, then one copy
         if md.unseeded:
-            u[ops.index(md.unseeded, dev)] = torch.rand(len(md.unseeded), generator=g, device=g.device).to(dev)
+            u[ops.index(md.unseeded, u.device)] = torch.rand(len(md.unseeded), generator=g, device=g.device).cpu()
         for j, gen in md.seeded:
             u[j] = torch.rand(1, generator=gen, device=gen.device)[0]
-        return u
+        return to_device(u, dev)
 
     @staticmethod
     def _probs(md: SamplingMetadata, tokens: torch.Tensor, x: torch.Tensor | None, at: list[int] | None,

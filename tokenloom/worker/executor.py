@@ -2,11 +2,13 @@
 process today and several (tensor / pipeline parallel workers) later are interchangeable.
 
 UniProcExecutor loads the model in this process: weights (and quantization), the CPU fast paths, the KV cache
-sized for the device's free memory, the model runner, and (LoRA) the adapters' manager and slots.
+sized for the device's free memory, the model runner (on CUDA with its decode graphs, worker/cuda_graphs.py), and
+(LoRA) the adapters' manager and slots.
 """
 from __future__ import annotations
 
 import abc
+import logging
 import os
 
 import torch
@@ -17,6 +19,8 @@ from tokenloom.worker.kv_cache import kv_bytes_per_block, trim_heap
 from tokenloom.worker.model_loading import load_worker_model
 from tokenloom.worker.model_runner import ModelRunner
 from tokenloom.worker.outputs import ModelRunnerOutput
+
+log = logging.getLogger("tokenloom")
 
 KV_CACHE_MEMORY_SHARE = 0.25  # of the device's free memory, when no budget is given
 
@@ -103,7 +107,14 @@ class UniProcExecutor(Executor):
         cache_cfg = config.cache
         self.kv_block_bytes = kv_bytes_per_block(cfg, cache_cfg.block_size, dtype, cache_cfg.kv_cache_dtype) + extra
         self.num_blocks, self.max_model_len = self._size_kv_cache(config, cfg, device, self.kv_block_bytes)
-        self.runner = ModelRunner(self.model, config.cache, self.num_blocks, device, generator)
+        graphs = device.type == "cuda" and self._graphs_wanted(config, cfg, device)
+        # with CUDA graphs, one block more than the scheduler knows of: the pad rows' scratch block
+        self.runner = ModelRunner(self.model, config.cache, self.num_blocks + (1 if graphs else 0), device, generator)
+        if graphs:
+            from tokenloom.worker.cuda_graphs import DecodeGraphs
+
+            self.runner.graphs = DecodeGraphs(self.model, config.cache.block_size, self.num_blocks,
+                                              self.max_model_len, config.scheduler.max_num_seqs, device)
         self.num_lookahead_tokens = 0  # slots the scheduler keeps beyond each request for a draft model's K/V
         if config.speculative is not None:
             from tokenloom.worker.speculative import build_speculator
@@ -131,6 +142,16 @@ class UniProcExecutor(Executor):
             # the layers (wider batches, prefill) use oneDNN's packed copies
             for model in {id(m): m for m in (self.model, draft and draft.model) if m is not None}.values():
                 pack_linear_layers(model)
+
+    @staticmethod
+    def _graphs_wanted(config: EngineConfig, cfg: ModelConfig, device: torch.device) -> bool:
+        """Decode steps replayed from CUDA graphs (worker/cuda_graphs.py; CUDA only: never imported elsewhere)."""
+        from tokenloom.worker.cuda_graphs import off_reason
+
+        reason = off_reason(config, cfg, device)
+        if reason is not None:
+            log.info("CUDA graphs off (%s): every step runs eagerly", reason)
+        return reason is None
 
     @staticmethod
     def _size_kv_cache(config: EngineConfig, cfg: ModelConfig, device, block_bytes: int) -> tuple[int, int]:

@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from tokenloom.kernels.transfer import to_device
+
 
 @dataclass
 class SampleGroup:
@@ -59,11 +61,11 @@ class InputBatch:
                 samples.append(SampleGroup(req, rows, list(drafts)))
                 # n > 1: every completion draws its first token from its parent's row
                 samples += [SampleGroup(fork, rows[-1:]) for fork in req.forks]
-        ids = torch.tensor(input_ids, dtype=torch.long, device=device)
-        pos = torch.cat([torch.arange(s, e) for s, e in positions]).to(device)
+        ids = to_device(torch.tensor(input_ids, dtype=torch.long), device)
+        pos = to_device(torch.cat([torch.arange(s, e) for s, e in positions]), device)
         lora_ids = [item.request.lora_int_id for item in scheduled]
         return cls(ids, pos, query_lens, context_lens, tables, samples, prompt_lp, lora_ids,
-                   torch.tensor(prompt_lens, device=device))
+                   to_device(torch.tensor(prompt_lens), device))
 
     @property
     def sample_rows(self) -> list[int]:

@@ -38,6 +38,7 @@ from tokenloom.worker.outputs import ModelRunnerOutput
 # Rows of one token run beyond which logits() goes layer by layer: the compiled stack's kernels are
 # matrix-vector products, each row a pass over the weights.
 FUSED_MAX_ROWS = 16
+HOST = torch.device("cpu")
 
 
 class ModelRunner:
@@ -62,7 +63,8 @@ class ModelRunner:
         # decode batches up to this many sequences run as one compiled call (None: layer by layer only)
         self.fused = (FusedDecoder.build(model, self.layer_caches, self.block_size)
                       if device.type == "cpu" and compiled_decode else None)
-        self.steps_by_path = {"fused": 0, "layers": 0}  # which path each forward took (tests and benchmarks)
+        self.steps_by_path = {"fused": 0, "layers": 0, "graph": 0}  # which path each forward took (tests, benches)
+        self.graphs = None  # worker.cuda_graphs.DecodeGraphs, set by the executor on CUDA: decodes replayed
         self.speculator = None  # spec_decode.Speculator, set by the executor when speculative decoding is on
         self.lora = None  # lora.LoRAManager, set by the executor when LoRA is enabled
         self.microbatches = 1  # pipeline parallel: a step's sequences go through the stages in this many groups
@@ -71,8 +73,8 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, sched) -> ModelRunnerOutput:
         """Run one step of the scheduler output `sched`: its decodes (with any drafts to verify) through the
-        compiled stack when there is one, the rest (prefill chunks, prompt logprobs) layer by layer; then, when
-        speculating, the next drafts."""
+        compiled stack when there is one, the rest (prefill chunks, prompt logprobs) layer by layer (on CUDA, a
+        step of plain decodes replays a CUDA graph of the layers); then, when speculating, the next drafts."""
         start = time.perf_counter()
         spec = self.speculator
         if spec is not None:
@@ -84,7 +86,7 @@ class ModelRunner:
         fused, layers = self._split(sched.scheduled)
         if fused:
             self._run_fused(InputBatch.from_scheduled(fused, self.device), out)
-        if layers:
+        if layers and (self.graphs is None or not self._run_graph(layers, out)):
             if self.lora is not None:  # each adapter's requests side by side: its rows are one run
                 layers = sorted(layers, key=lambda item: item.request.lora_int_id)
             self._run_layers(InputBatch.from_scheduled(layers, self.device), out)
@@ -131,6 +133,20 @@ class ModelRunner:
                 at = {r: i for i, r in enumerate(heads)}
                 logits = logits[[at[r] for r in rows]]
             self._sample(batch, logits, out)
+
+    def _run_graph(self, scheduled: list, out: ModelRunnerOutput) -> bool:
+        """A pure-decode step replayed from a CUDA graph (worker/cuda_graphs.py); False: not this step (a prefill,
+        drafts, an adapter, too wide) or the capture failed, and the caller runs the layers."""
+        bucket = self.graphs.plan(scheduled)
+        if bucket is None:
+            return False
+        batch = InputBatch.from_scheduled(scheduled, HOST)  # packed into the graph's buffer with one copy
+        logits = self.graphs.logits(batch, bucket)
+        if logits is None:
+            return False
+        self.steps_by_path["graph"] += 1
+        self._sample(batch, logits, out)
+        return True
 
     def _layers_hidden(self, input_ids: torch.Tensor, positions: torch.Tensor, query_lens: list[int],
                        context_lens: list[int], block_tables: list[list[int]],

@@ -88,8 +88,9 @@ class Gemma2ForCausalLM(CausalLM):
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         x = self.embed_tokens(input_ids)
-        # the scale rounded to the model's dtype first, as transformers does (sqrt(640) is 25.25 in bfloat16)
-        return x * x.new_tensor(self.config.hidden_size**0.5)
+        # the scale rounded to the model's dtype first, as transformers does (sqrt(640) is 25.25 in bfloat16); as a
+        # Python number (the same products), so no host value is copied to the device mid-forward (CUDA graphs)
+        return x * torch.tensor(self.config.hidden_size**0.5, dtype=x.dtype).item()
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         x = self.embed(input_ids)

@@ -15,12 +15,15 @@ from tokenloom.model_executor.layers.attention.kv_cache import LayerKVCache
 from tokenloom.model_executor.layers.attention.metadata import (
     AttentionBatch,
     AttentionMetadata,
+    StaticDecodeMetadata,
     build_attention_metadata,
+    build_decode_metadata,
 )
 from tokenloom.model_executor.layers.attention.torch_backend import TorchAttentionBackend
 
 __all__ = ["AttentionBackend", "AttentionBatch", "AttentionMetadata", "CpuFusedAttentionBackend", "LayerKVCache",
-           "TorchAttentionBackend", "build_attention_metadata", "paged_attention", "select_backend"]
+           "StaticDecodeMetadata", "TorchAttentionBackend", "build_attention_metadata", "build_decode_metadata",
+           "paged_attention", "select_backend"]
 
 TORCH_BACKEND = TorchAttentionBackend()
 CPU_FUSED_BACKEND = CpuFusedAttentionBackend()

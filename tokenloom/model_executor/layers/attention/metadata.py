@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from tokenloom.kernels.transfer import to_device
+
 
 @dataclass
 class AttentionBatch:
@@ -74,7 +76,7 @@ def build_attention_metadata(
     table = torch.tensor([bt + [0] * (width - len(bt)) for bt in block_tables], dtype=torch.long)
     seq_of_token = torch.repeat_interleave(torch.arange(B), q_lens)
     tok_pos = torch.arange(T) - offsets[seq_of_token] + (torch.tensor(context_lens) - q_lens)[seq_of_token]
-    slot_mapping = (table[seq_of_token, tok_pos // block_size] * block_size + tok_pos % block_size).to(device)
+    slot_mapping = to_device(table[seq_of_token, tok_pos // block_size] * block_size + tok_pos % block_size, device)
 
     step = (query_lens, context_lens, block_tables, block_size, group_size, device)
     if B == 1 and context_lens[0] == query_lens[0] and (sliding_window is None or T <= sliding_window):
@@ -88,7 +90,7 @@ def build_attention_metadata(
     for seqs in groups:
         rows = None
         if len(groups) > 1:
-            rows = torch.cat([torch.arange(offsets[i], offsets[i] + query_lens[i]) for i in seqs]).to(device)
+            rows = to_device(torch.cat([torch.arange(offsets[i], offsets[i] + query_lens[i]) for i in seqs]), device)
         batches.append(_build_batch([query_lens[i] for i in seqs], [context_lens[i] for i in seqs],
                                     table[seqs] if len(groups) > 1 else table, rows, block_size, group_size,
                                     sliding_window, device))
@@ -120,6 +122,53 @@ def _build_batch(query_lens, context_lens, table, token_rows, block_size, group_
     mask = mask[:, None].expand(B, group_size, Q, L).reshape(B, 1, group_size * Q, L)
     key_start = (ctx_lens - sliding_window).clamp(min=0) if sliding_window is not None else torch.zeros_like(ctx_lens)
     return AttentionBatch(
-        token_rows, query_index.to(device), key_slots.to(device), mask.to(device), out_index.to(device), B, Q,
-        table.to(device), ctx_lens.to(device), key_start.to(device), block_size,
+        token_rows, *(to_device(t, device) for t in (query_index, key_slots, mask, out_index)), B, Q,
+        *(to_device(t, device) for t in (table, ctx_lens, key_start)), block_size,
     )
+
+
+class StaticDecodeMetadata(AttentionMetadata):
+    """A pure-decode step's metadata made by tensor ops alone from fixed-shape tensors (build_decode_metadata):
+    its shapes depend only on theirs, never on a value read back to the host, so the ops can be captured in a CUDA
+    graph and replayed with new values in those tensors (worker/cuda_graphs.py). Other windows' metadata is made
+    the same way, from the same tensors, on a layer's first call."""
+
+    def for_window(self, window: int | None) -> "AttentionMetadata":
+        if window == self.window:
+            return self
+        if window not in self.other_windows:
+            context_lens, table, block_size, group_size = self.step
+            batch = _decode_batch(context_lens, table, block_size, group_size, window)
+            self.other_windows[window] = StaticDecodeMetadata(self.slot_mapping, [batch], window=window,
+                                                              step=self.step)
+        return self.other_windows[window]
+
+
+def build_decode_metadata(positions: torch.Tensor, context_lens: torch.Tensor, block_table: torch.Tensor,
+                          block_size: int, group_size: int, sliding_window: int | None) -> AttentionMetadata:
+    """Metadata of B sequences decoding one token each, from tensors on the device: positions [B] of the new tokens,
+    context_lens [B] (position + 1), block_table [B, W] (padded with any block id). Every sequence attends over
+    W * block_size keys, the ones at or past its context length masked out, so W sets the cost, not the contexts.
+    A pad row (context 1, position 0) writes and reads the first slot of its table's first block."""
+    slot_mapping = (block_table.gather(1, (positions // block_size)[:, None])[:, 0] * block_size
+                    + positions % block_size)
+    batch = _decode_batch(context_lens, block_table, block_size, group_size, sliding_window)
+    return StaticDecodeMetadata(slot_mapping, [batch], window=sliding_window,
+                                step=(context_lens, block_table, block_size, group_size))
+
+
+def _decode_batch(context_lens: torch.Tensor, table: torch.Tensor, block_size: int, group_size: int,
+                  window: int | None) -> AttentionBatch:
+    """_build_batch's decode batch (one query row per sequence) over a fixed W * block_size keys."""
+    B, W = table.shape
+    key_pos = torch.arange(W * block_size, device=table.device)
+    key_slots = table[:, key_pos // block_size] * block_size + key_pos % block_size  # [B, L]
+    mask = key_pos[None, :] < context_lens[:, None]  # the query sits at position context_len - 1
+    if window is not None:
+        key_start = (context_lens - window).clamp(min=0)
+        mask &= key_pos[None, :] >= key_start[:, None]
+    else:
+        key_start = torch.zeros_like(context_lens)
+    mask = mask[:, None, None, :].expand(B, 1, group_size, W * block_size)
+    rows = torch.arange(B, device=table.device)
+    return AttentionBatch(None, rows, key_slots, mask, rows, B, 1, table, context_lens, key_start, block_size)
