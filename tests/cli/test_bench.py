@@ -85,8 +85,9 @@ def test_compare_without_llama_cpp_says_how_to_get_it(default_gguf, tmp_path):
         import llama_cpp  # noqa: F401
     except ImportError:
         assert_clean_error(proc, "llama-bench", "llama-cpp-python")
-    else:
-        assert proc.returncode == 0, proc.stderr
+    else:  # the binding measures, or (a build that dies on this CPU) says so in one line, tokenloom still standing
+        if proc.returncode != 0:
+            assert_clean_error(proc, "llama-cpp-python died of", "--llama-cpp-bin")
 
 
 def test_spec_json(default_gguf):

@@ -9,12 +9,14 @@ import torch
 
 
 def decode_path(engine) -> str:
-    """How the engine's decode steps run: "layers", "fused" (the compiled stack), or "fused, AMX tiles from N
-    rows" (wide batches of quantized weights on the CPU's matrix tiles)."""
+    """How the engine's decode steps run: "fused" (the compiled stack) or "layers"."""
+    return "layers" if getattr(getattr(engine, "runner", None), "fused", None) is None else "fused"
+
+
+def amx_tile_rows(engine) -> int:
+    """The decode batch width from which the compiled stack meets quantized weights on AMX tiles (0: never)."""
     fused = getattr(getattr(engine, "runner", None), "fused", None)
-    if fused is None:
-        return "layers"
-    return f"fused, AMX tiles from {fused.tile_rows} rows" if fused.tile_rows else "fused"
+    return fused.tile_rows if fused is not None else 0
 
 
 def make_lengths(n: int, mean_in: int, mean_out: int, dist: str, seed: int = 0) -> list[tuple[int, int]]:

@@ -13,10 +13,13 @@ Both run with the same thread count as tokenloom.
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
+import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -64,11 +67,30 @@ def latency(path: str, threads: int, prompt_len: int, output_len: int, repetitio
 
 
 def _latency_binding(path, threads, prompt_len, output_len, repetitions) -> dict:
-    try:
-        from llama_cpp import Llama
-    except ImportError:
+    """llama-cpp-python's figures, measured in a child process: a llama.cpp build that dies on this CPU (SIGILL
+    from a feature its build assumed, as 0.3.36's AMX kernels do on some machines) ends there, not in tokenloom."""
+    if importlib.util.find_spec("llama_cpp") is None:
         raise TokenloomError("--compare llama.cpp needs llama.cpp's llama-bench (--llama-cpp-bin DIR) or the "
-                             "llama-cpp-python package (pip install 'tokenloom[bench]')") from None
+                             "llama-cpp-python package (pip install 'tokenloom[bench]')")
+    args = json.dumps([path, threads, prompt_len, output_len, repetitions])
+    code = ("import json, sys; from tokenloom.bench.llamacpp import binding_latency; "
+            "print(json.dumps(binding_latency(*json.loads(sys.argv[1]))))")
+    try:
+        proc = subprocess.run([sys.executable, "-c", code, args], capture_output=True, text=True, timeout=1800)
+    except subprocess.TimeoutExpired:
+        raise TokenloomError("llama-cpp-python did not finish in 30 minutes") from None
+    if proc.returncode < 0:
+        raise TokenloomError(f"llama-cpp-python died of {signal.Signals(-proc.returncode).name} on this CPU; "
+                             "build llama.cpp's own tools for it and pass --llama-cpp-bin DIR")
+    if proc.returncode != 0:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or [f"exit status {proc.returncode}"]
+        raise TokenloomError(f"llama-cpp-python failed: {tail[0]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def binding_latency(path, threads, prompt_len, output_len, repetitions) -> dict:
+    """What _latency_binding's child process runs: prefill and decode timed through llama-cpp-python."""
+    from llama_cpp import Llama
     import random
 
     llm = Llama(model_path=path, n_threads=threads, n_threads_batch=threads, n_ctx=prompt_len + output_len + 8,

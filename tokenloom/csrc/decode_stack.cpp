@@ -167,6 +167,7 @@ struct Prep {
   std::vector<uint16_t> xp, wt;  // AMX: x as B operands, the dequantized rows (amx_tiles.h)
   std::vector<float> tiles, tiles2;  // AMX products [M][16] of a chunk (gate_up: gate's and up's)
   bool have_xp = false;
+  bool tiles_ok = false;  // this call may take the AMX tiles (a wide batch without drafts)
 };
 
 class DecodeStack {
@@ -417,8 +418,8 @@ class DecodeStack {
   }
 
   // whether rows of `part` against M activation rows take the AMX tiles
-  bool tiled(const Part& part, int64_t M, int64_t K) const {
-    return tile_rows_ > 0 && M >= tile_rows_ && K % 32 == 0 && (part.kind == U4 || part.kind == U8 || part.kind == S8);
+  bool tiled(const Part& part, const Prep& p, int64_t M, int64_t K) const {
+    return p.tiles_ok && M >= tile_rows_ && K % 32 == 0 && (part.kind == U4 || part.kind == U8 || part.kind == S8);
   }
 
 #ifdef TL_AMX
@@ -687,7 +688,7 @@ class DecodeStack {
       int64_t local = c * 16;
       const Part& part = locate(lin, local);
       const int64_t count = std::min<int64_t>(16, part.rows - local);
-      if (tiled(part, M, K)) {
+      if (tiled(part, p, M, K)) {
         p.tiles.resize(M * 16);
         tile_rows(part, p, local, count, K, p.tiles.data());
         for (int64_t m = 0; m < M; ++m)
@@ -720,7 +721,7 @@ class DecodeStack {
       const Part& pg = locate(lin, g);
       const Part& pu = locate(lin, u);
       alignas(64) float gates[4][16], ups[4][16];
-      const bool tiles = tiled(pg, M, K) && tiled(pu, M, K);
+      const bool tiles = tiled(pg, p, M, K) && tiled(pu, p, M, K);
       if (tiles) {
         p.tiles.resize(M * 16);
         p.tiles2.resize(M * 16);
@@ -811,6 +812,13 @@ class DecodeStack {
         for (int64_t c = c0; c < c1; ++c) units.push_back({b0, b1, h, c});
     }
     const int64_t U = static_cast<int64_t>(units.size()), P = first_part[B];
+    // The tiles' arithmetic differs from the integer kernels': a sequence's draft rows keep the latter, so that
+    // verifying drafts gives each row the logits of a one-token decode at its position, to the bit.
+    bool drafts = false;
+    for (int64_t b = 1; b < B && !drafts; ++b)
+      drafts = pos[b] == pos[b - 1] + 1 && std::equal(table + (b - 1) * table_stride, table + b * table_stride,
+                                                     table + b * table_stride);
+    const bool tiles = tile_rows_ > 0 && B >= tile_rows_ && !drafts;
     std::vector<float> qkv(B * QKV), attn_acc(P * G * D), attn_m(P * G), attn_l(P * G), o(B * Hd),
         act(B * I_), down(B * Hd);
     float* result = logits ? out.data_ptr<float>() : nullptr;
@@ -828,11 +836,12 @@ class DecodeStack {
       return &ls;
     };
 
-    if (tile_rows_ > 0 && B >= tile_rows_) ++tile_steps_;
+    if (tiles) ++tile_steps_;
 #pragma omp parallel num_threads(nt)
     {
       std::vector<float> x(x_in, x_in + B * Hd), h(B * Hd), attn(B * H * D), qf(G * D), scores;
       Prep prep;
+      prep.tiles_ok = tiles;
       LoraStep qkv_store, o_store, gu_store, down_store;
       const LoraStep *ls_qkv, *ls_o, *ls_gu, *ls_down;
       std::vector<float> gu_xa(lora ? B * lora_r : 0);
@@ -912,7 +921,7 @@ class DecodeStack {
         std::copy(h.begin(), h.end(), final_h.begin());
       }
 #ifdef TL_AMX
-      if (tile_rows_ > 0 && B >= tile_rows_) _tile_release();  // no tile state for the OS to save meanwhile
+      if (tiles) _tile_release();  // no tile state for the OS to save meanwhile
 #endif
     }
     if (!logits) out.copy_(torch::from_blob(final_h.data(), {B, Hd}, at::kFloat));
