@@ -401,7 +401,7 @@ inline void rows4_grouped(__m512i pattern, const float* dx, const float* xsums, 
   __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
   for (int64_t k = 0, b = 0; k < K; k += 64, b += 2) {
     const __m512 dxv = _mm512_permutexvar_ps(pattern, _mm512_castps128_ps512(load2(dx + b)));
-    const int64_t j0 = b / per, j1 = (b + 1) / per;
+    const int64_t j0 = per == 1 ? b : b / per, j1 = per == 1 ? b + 1 : (b + 1) / per;  // no division for groups of 32
     for (int r = 0; r < 4; ++r) {
       const __m512 sv = _mm512_permutexvar_ps(pattern, _mm512_castps128_ps512(scale_pair(s + r * G, j0, j1)));
       acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot(r, k)), _mm512_mul_ps(sv, dxv), acc[r]);
@@ -479,7 +479,7 @@ inline void rows4_grouped_m(const float* const* dx, const float* const* xsums, c
   for (int64_t k = 0, b = 0; k < K; k += 64, b += 2) {
     __m512 dxv[M];
     for (int m = 0; m < M; ++m) dxv[m] = _mm512_permutexvar_ps(pattern, _mm512_castps128_ps512(load2(dx[m] + b)));
-    const int64_t j0 = b / per, j1 = (b + 1) / per;
+    const int64_t j0 = per == 1 ? b : b / per, j1 = per == 1 ? b + 1 : (b + 1) / per;  // no division for groups of 32
     for (int r = 0; r < 4; ++r) {
       const auto w = load(r, k);
       const __m512 sv = _mm512_permutexvar_ps(pattern, _mm512_castps128_ps512(scale_pair(s + r * G, j0, j1)));
