@@ -31,7 +31,8 @@ with AMX meet the quantized weights on its tiles instead (csrc/amx_tiles.h): eac
 bfloat16 once per step, and the products summed in float32, which is what the layer path computes in prefill.
 Below that width a row's result does not depend on the batch (the integer kernels give every row the same
 arithmetic); from it on, rows follow the tiles' arithmetic (`FusedDecoder.tile_rows`: the width in force, 0
-without AMX).
+without AMX), except a sequence's draft rows, which keep the integer kernels so that verifying drafts gives each
+row its one-token decode's logits to the bit.
 Anything else (MoE, NF4, act-order GPTQ, raw Q2_K/Q3_K blocks, an int8 KV cache, a CPU without AVX-512) keeps
 the layer-by-layer path: `FusedDecoder.build` returns None and says why in `FusedDecoder.reason`.
 TOKENLOOM_FUSED_DECODE=0 turns it off.
@@ -132,7 +133,7 @@ class FusedDecoder:
         self.lora_reason: str | None = None  # why the stack cannot take adapter rows
         self.adapter_rows = 0  # rows run with an adapter so far (tests and benchmarks)
         rows = os.environ.get("TOKENLOOM_TILE_ROWS")
-        if rows is not None and not rows.isdigit():
+        if rows and not rows.isdigit():
             raise TokenloomError(f"TOKENLOOM_TILE_ROWS must be a number of rows (0: never), not {rows!r}")
         self.tile_rows = stack.set_tile_rows(int(rows) if rows else TILE_ROWS)  # 0: no AMX tiles here
         if self.tile_rows > self.max_batch:  # dense weights: wide batches go to oneDNN, never to the stack
