@@ -40,6 +40,19 @@ def _both_paths(llm, params, prompts=PROMPTS):
     return fused, layers
 
 
+def _one_decode_step(llm, prompts):
+    """Prefill the prompts, then schedule (not run) their first decode step: (engine, runner, InputBatch)."""
+    from tokenloom.worker.input_batch import InputBatch
+
+    eng, runner = llm.engine, llm.engine.runner
+    for p in prompts:
+        eng.add_request(p, SamplingParams(max_tokens=2, temperature=0, ignore_eos=True))
+    eng.step()
+    sched = eng.scheduler.schedule()
+    assert all(s.num_tokens == 1 for s in sched.scheduled)
+    return eng, runner, InputBatch.from_scheduled(sched.scheduled, runner.device)
+
+
 CASES = [
     ("llama", "float32", None, {}),
     ("llama", "bfloat16", None, {}),
@@ -78,17 +91,9 @@ def test_logits_and_cache_writes_equal_the_layer_path(tmp_path):
     """One decode step of three sequences of different lengths (one long enough for split key ranges): the
     logits of both paths, and the K/V each writes into the new token's slot."""
     llm = _llm(tmp_path, "llama", "float32")
-    eng, runner = llm.engine, llm.engine.runner
-    for p in PROMPTS:
-        eng.add_request(p, SamplingParams(max_tokens=3, temperature=0, ignore_eos=True))
-    eng.step()  # prefill
-    sched = eng.scheduler.schedule()  # the first decode step, run twice below
-    assert all(s.num_tokens == 1 for s in sched.scheduled)
+    _, runner, batch = _one_decode_step(llm, PROMPTS)  # the first decode step, run twice below
     cache = runner.kv_cache
     saved_cache = cache.clone()
-    from tokenloom.worker.input_batch import InputBatch
-
-    batch = InputBatch.from_scheduled(sched.scheduled, runner.device)
     fused_logits = runner.fused.token_logits(batch.input_ids, batch.positions, batch.block_tables, batch.query_lens)
     fused_cache = cache.clone()
     cache.copy_(saved_cache)
@@ -199,16 +204,10 @@ def test_integer_activations_stay_within_their_quantization_error(tmp_path, quan
     same argmax wherever the float path's top two are further apart than the bound."""
     make_tiny("llama", tmp_path, hidden_size=hidden, intermediate_size=hidden + 128)
     llm = LLM(str(tmp_path), dtype="bfloat16", quantization=quant, num_blocks=256, block_size=4)
-    eng, runner = llm.engine, llm.engine.runner
+    runner = llm.engine.runner
     runner.fused.stack.set_activation_bits(bits)
     assert any(k.startswith(kernel) for k in runner.fused.kernels), runner.fused.kernels
-    for p in PROMPTS:
-        eng.add_request(p, SamplingParams(max_tokens=2, temperature=0, ignore_eos=True))
-    eng.step()
-    sched = eng.scheduler.schedule()
-    from tokenloom.worker.input_batch import InputBatch
-
-    batch = InputBatch.from_scheduled(sched.scheduled, runner.device)
+    _, runner, batch = _one_decode_step(llm, PROMPTS)
     saved = runner.kv_cache.clone()
     int_logits = runner.fused.token_logits(batch.input_ids, batch.positions, batch.block_tables, batch.query_lens)
     runner.kv_cache.copy_(saved)
@@ -269,19 +268,6 @@ def test_default_model_perplexity_through_the_stack_matches_the_float_path():
 
 
 TILE_CASES = [("int4-g32", "u4"), ("int8", "s8"), ("int4", "u4")]  # 4-bit groups of 32 and of 128; int8 per row
-
-
-def _one_decode_step(llm, prompts):
-    """Prefill the prompts, then schedule (not run) their first decode step: (engine, runner, InputBatch)."""
-    from tokenloom.worker.input_batch import InputBatch
-
-    eng, runner = llm.engine, llm.engine.runner
-    for p in prompts:
-        eng.add_request(p, SamplingParams(max_tokens=2, temperature=0, ignore_eos=True))
-    eng.step()
-    sched = eng.scheduler.schedule()
-    assert all(s.num_tokens == 1 for s in sched.scheduled)
-    return eng, runner, InputBatch.from_scheduled(sched.scheduled, runner.device)
 
 
 @pytest.mark.parametrize("quant,kind", TILE_CASES, ids=[q for q, _ in TILE_CASES])

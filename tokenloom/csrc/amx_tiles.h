@@ -41,13 +41,18 @@ inline void amx_configure() {
   _tile_loadconfig(cfg);
 }
 
+// 0, 16, 32, ... 240: the scatter offsets (in 4-byte units) of 16 values 64 bytes apart, one tile row each
+inline __m512i lanes_times16() {
+  return _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                            _mm512_set1_epi32(16));
+}
+
 // x [M, K] (float32 holding bfloat16 values) as B operands: per block of 16 rows, [K / 2][16][2] bfloat16
 // (rows past M are zero); a row's 32 columns become 16 pairs, scattered 16 rows apart
 inline void amx_pack_x(const float* x, int64_t M, int64_t K, std::vector<uint16_t>& out) {
   const int64_t blocks = (M + 15) / 16;
   out.assign(blocks * K * 16, 0);
-  const __m512i pair_index = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
-                                                _mm512_set1_epi32(16));
+  const __m512i pair_index = lanes_times16();
   for (int64_t m = 0; m < M; ++m) {
     uint16_t* dst = out.data() + (m / 16) * K * 16 + (m % 16) * 2;
     const float* src = x + m * K;
@@ -142,8 +147,7 @@ inline void amx_rows16(TileWeights kind, const uint8_t* q, int64_t row_bytes, co
   for (int64_t mb0 = 0; mb0 < blocks; mb0 += 4) {
     const int64_t nb = std::min<int64_t>(4, blocks - mb0);
     amx_tile_products(wt.data(), xp, K, mb0, nb, c);
-    const __m512i row_index = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
-                                                 _mm512_set1_epi32(16));
+    const __m512i row_index = lanes_times16();
     for (int64_t i = 0; i < nb; ++i) {  // c[n][m] to out[m][n]: weight row n's 16 results scattered 16 apart
       const int64_t m0 = (mb0 + i) * 16, rows = std::min<int64_t>(16, M - m0);
       const __mmask16 keep = rows >= 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << rows) - 1);

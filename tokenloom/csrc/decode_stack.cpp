@@ -797,12 +797,14 @@ class DecodeStack {
     }
     struct Unit { int64_t b0, b1, h, chunk; };
     std::vector<Unit> units;
+    bool drafts = false;  // some sequence takes several rows
     for (int64_t b0 = 0, b1; b0 < B; b0 = b1) {
       const int64_t* t0 = table + b0 * table_stride;
       for (b1 = b0 + 1; b1 < B && pos[b1] == pos[b1 - 1] + 1 &&
                         std::equal(t0, t0 + table_stride, table + b1 * table_stride);
            ++b1) {
       }
+      drafts = drafts || b1 - b0 > 1;
       int64_t c0 = start[b0] / KEY_CHUNK, c1 = 0;
       for (int64_t b = b0; b < b1; ++b) {
         c0 = std::min(c0, start[b] / KEY_CHUNK);
@@ -814,10 +816,6 @@ class DecodeStack {
     const int64_t U = static_cast<int64_t>(units.size()), P = first_part[B];
     // The tiles' arithmetic differs from the integer kernels': a sequence's draft rows keep the latter, so that
     // verifying drafts gives each row the logits of a one-token decode at its position, to the bit.
-    bool drafts = false;
-    for (int64_t b = 1; b < B && !drafts; ++b)
-      drafts = pos[b] == pos[b - 1] + 1 && std::equal(table + (b - 1) * table_stride, table + b * table_stride,
-                                                     table + b * table_stride);
     const bool tiles = tile_rows_ > 0 && B >= tile_rows_ && !drafts;
     std::vector<float> qkv(B * QKV), attn_acc(P * G * D), attn_m(P * G), attn_l(P * G), o(B * Hd),
         act(B * I_), down(B * Hd);

@@ -170,7 +170,7 @@ def open_gguf(path: str | os.PathLike) -> GGUFFile:
         _PARSED.pop(next(iter(_PARSED)))
     header = copy.copy(opened)
     header.data, header.metadata = None, dict(opened.metadata)  # the header only: no mapping kept alive
-    _PARSED[path] = (key, _header_digest(path, opened.header_bytes), header)
+    _PARSED[path] = (key, _digest(opened.data[: opened.header_bytes]), header)  # the bytes just parsed
     return opened
 
 
@@ -181,7 +181,11 @@ _PARSED: dict[str, tuple[tuple, bytes, GGUFFile]] = {}
 
 def _header_digest(path: str, n: int) -> bytes:
     with open(path, "rb") as f:
-        return hashlib.blake2b(f.read(n), digest_size=16).digest()
+        return _digest(f.read(n))
+
+
+def _digest(data) -> bytes:
+    return hashlib.blake2b(data, digest_size=16).digest()
 
 
 def _parse(path: str) -> GGUFFile:
