@@ -153,3 +153,32 @@ def test_serve_chaos_json(default_gguf):
     finally:
         proc.kill()
         proc.wait()
+
+
+CRASHING_TOOL = """#!/bin/sh
+# as an llama.cpp build whose AMX kernels for repacked weights die of SIGILL: fine only with repacking off
+case "$*" in
+  *"--repack 0"*|*"--no-repack"*) echo "$*" >> "$(dirname "$0")/args" ;;
+  *) kill -ILL $$ ;;
+esac
+case "$0" in
+  *batched*) echo '{"pp": 16, "tg": 8, "pl": 4, "t": 2.0, "speed": 48.0, "speed_tg": 21.3}' ;;
+  *) echo '[{"avg_ts": 75.0}]' ;;
+esac
+"""
+
+
+def test_a_build_that_dies_with_repacked_weights_runs_again_without(tmp_path):
+    from tokenloom.bench import llamacpp
+
+    for name in ("llama-bench", "llama-batched-bench"):
+        (tmp_path / name).write_text(CRASHING_TOOL)
+        (tmp_path / name).chmod(0o755)
+    lat = llamacpp.latency("m.gguf", 2, 16, 8, 1, bin_dir=str(tmp_path))
+    assert lat["decode_tok_s"] == 75.0 and lat["via"] == "llama-bench, repacking off: the default died of SIGILL"
+    thr = llamacpp.batched("m.gguf", 2, 16, 8, 4, bin_dir=str(tmp_path))
+    assert thr["out_tok_s"] == 16.0 and "repacking off" in thr["via"]
+    assert len((tmp_path / "args").read_text().splitlines()) == 3  # every figure from the plain kernels
+    (tmp_path / "llama-bench").write_text("#!/bin/sh\nkill -ILL $$\n")  # dies either way: one clear error
+    with pytest.raises(Exception, match="died of SIGILL on this CPU, also with repacking off"):
+        llamacpp.latency("m.gguf", 2, 16, 8, 1, bin_dir=str(tmp_path))

@@ -62,8 +62,10 @@ def test_llamacpp_perplexity_matches_transformers_forward(tiny_llama, bos):
 
 
 def _llama_perplexity(gguf: str, text: Path, n_ctx: int, chunks: int) -> tuple[float, list[float]]:
+    # --no-repack: llama.cpp's plain CPU kernels, the same numerics on every CPU; builds with AMX kernels for
+    # repacked weights die of SIGILL on some machines (in llama.cpp, before any figure)
     proc = subprocess.run([str(LLAMA_PERPLEXITY), "-m", gguf, "-f", str(text), "-c", str(n_ctx), "--chunks",
-                           str(chunks), "-t", str(min(4, os.cpu_count() or 1))],
+                           str(chunks), "-t", str(min(4, os.cpu_count() or 1)), "--no-repack"],
                           capture_output=True, text=True, timeout=600)
     out = proc.stdout + proc.stderr
     final = re.search(r"Final estimate: PPL = ([0-9.]+)", out)

@@ -48,10 +48,29 @@ def _run(cmd: list[str], timeout: float) -> str:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     except (OSError, subprocess.TimeoutExpired) as exc:
         raise TokenloomError(f"llama.cpp did not run ({exc})") from None
+    if proc.returncode < 0:
+        raise _Died(signal.Signals(-proc.returncode).name)
     if proc.returncode != 0:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or [f"exit status {proc.returncode}"]
         raise TokenloomError(f"{Path(cmd[0]).name} failed: {tail[0]}")
     return proc.stdout
+
+
+class _Died(TokenloomError):
+    """llama.cpp killed by a signal, e.g. SIGILL from its AMX kernels for repacked weights on some machines."""
+
+
+def _run_tool(cmd: list[str], no_repack: list[str], timeout: float) -> tuple[str, str]:
+    """(stdout, note): llama.cpp's defaults first; a build whose repacked-weight kernels die on this CPU is run
+    again with repacking off (its plain kernels), and the figures say so."""
+    try:
+        return _run(cmd, timeout), ""
+    except _Died as died:
+        try:
+            return _run(cmd + no_repack, timeout), f", repacking off: the default died of {died}"
+        except _Died as again:
+            raise TokenloomError(f"{Path(cmd[0]).name} died of {again} on this CPU, also with repacking off; "
+                                 "build llama.cpp for this CPU and pass --llama-cpp-bin DIR") from None
 
 
 def latency(path: str, threads: int, prompt_len: int, output_len: int, repetitions: int,
@@ -60,9 +79,13 @@ def latency(path: str, threads: int, prompt_len: int, output_len: int, repetitio
     if tool := find_tool("llama-bench", bin_dir):
         # prefill from an empty context, then decode at the depth the prompt leaves (as tokenloom's decode runs)
         common = [tool, "-m", path, "-t", str(threads), "-r", str(repetitions), "-o", "json"]
-        pp = json.loads(_run(common + ["-p", str(prompt_len), "-n", "0"], timeout=1800))[0]["avg_ts"]
-        tg = json.loads(_run(common + ["-p", "0", "-n", str(output_len), "-d", str(prompt_len)], timeout=1800))
-        return {"prefill_tok_s": pp, "decode_tok_s": tg[0]["avg_ts"], "via": "llama-bench"}
+        no_repack = ["--repack", "0"]
+        pp, note = _run_tool(common + ["-p", str(prompt_len), "-n", "0"], no_repack, timeout=1800)
+        # both halves on the same kernels: once the defaults died, decode runs with repacking off from the start
+        tg, note2 = _run_tool(common + ["-p", "0", "-n", str(output_len), "-d", str(prompt_len)]
+                              + (no_repack if note else []), no_repack, timeout=1800)
+        return {"prefill_tok_s": json.loads(pp)[0]["avg_ts"], "decode_tok_s": json.loads(tg)[0]["avg_ts"],
+                "via": "llama-bench" + (note or note2)}
     return _latency_binding(path, threads, prompt_len, output_len, repetitions)
 
 
@@ -121,10 +144,10 @@ def batched(path: str, threads: int, prompt_len: int, output_len: int, num_seqs:
         raise TokenloomError("--compare llama.cpp for throughput needs llama.cpp's llama-batched-bench "
                              "(--llama-cpp-bin DIR; ../shared/tools/build-llamacpp.sh builds it)")
     ctx = num_seqs * (prompt_len + output_len) + 64
-    out = _run([tool, "-m", path, "-t", str(threads), "-c", str(ctx), "-b", "2048", "-ub", "512",
-                "-npp", str(prompt_len), "-ntg", str(output_len), "-npl", str(num_seqs), "--output-format", "jsonl"],
-               timeout=3600)
+    out, note = _run_tool([tool, "-m", path, "-t", str(threads), "-c", str(ctx), "-b", "2048", "-ub", "512",
+                           "-npp", str(prompt_len), "-ntg", str(output_len), "-npl", str(num_seqs),
+                           "--output-format", "jsonl"], ["--no-repack"], timeout=3600)
     row = next(json.loads(line) for line in out.splitlines() if line.startswith("{"))
     n_out = row["pl"] * row["tg"]
     return {"elapsed_s": row["t"], "out_tok_s": n_out / row["t"], "total_tok_s": row["speed"],
-            "decode_tok_s": row["speed_tg"], "via": "llama-batched-bench"}
+            "decode_tok_s": row["speed_tg"], "via": "llama-batched-bench" + note}
