@@ -415,6 +415,14 @@ class EngineConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     # CUDA: every step eager, no decode graphs (vLLM's enforce_eager; TOKENLOOM_CUDA_GRAPHS=0 does the same)
     enforce_eager: bool = False
+    # every request's output independent of what else is in the step: all token rows through the compiled CPU
+    # stack's row-wise kernels (worker/model_runner.py's _split_invariant), at a cost in prefill speed
+    batch_invariant: bool = False
+
+    def __post_init__(self):
+        if self.batch_invariant and self.parallel.world_size > 1:
+            raise TokenloomError("--batch-invariant runs on the compiled stack of one process: drop "
+                                 "--tensor-parallel-size / --pipeline-parallel-size")
 
 
 _DURATION_PART = re.compile(r"(-?\d+(?:\.\d+)?)(ms|s|m|h)?")

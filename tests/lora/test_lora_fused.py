@@ -85,4 +85,4 @@ def test_stack_checks_the_slots_it_is_given(tiny_llama, adapters):  # noqa: F811
     ids, pos = torch.tensor([5]), torch.tensor([3])
     with pytest.raises(RuntimeError, match="LoRA slot"):
         fused.stack.forward(fused.model.embed_tokens(ids), pos, torch.tensor([3]), torch.tensor([[0]]), 4,
-                            pos + 1, True, torch.empty(0, dtype=torch.long), torch.tensor([2]))
+                            pos + 1, True, torch.empty(0, dtype=torch.long), torch.tensor([2]), -1)

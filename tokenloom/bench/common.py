@@ -13,6 +13,19 @@ def decode_path(engine) -> str:
     return "layers" if getattr(getattr(engine, "runner", None), "fused", None) is None else "fused"
 
 
+def batch_invariant(engine) -> bool:
+    """Whether every step runs batch-invariant (--batch-invariant)."""
+    return bool(getattr(getattr(getattr(engine, "runner", None), "fused", None), "invariant", False))
+
+
+def path_note(engine) -> str:
+    """What the report header adds to the decode path: the AMX tiles' width, or batch-invariant steps."""
+    fused = getattr(getattr(engine, "runner", None), "fused", None)
+    if batch_invariant(engine):
+        return " (batch-invariant" + (", prompt rows on AMX tiles)" if fused.prompt_tiles else ")")
+    return f" (AMX tiles from {fused.tile_rows} rows)" if fused is not None and fused.tile_rows else ""
+
+
 def amx_tile_rows(engine) -> int:
     """The decode batch width from which the compiled stack meets quantized weights on AMX tiles (0: never)."""
     fused = getattr(getattr(engine, "runner", None), "fused", None)

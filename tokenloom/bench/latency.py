@@ -5,7 +5,7 @@ import statistics
 
 import torch
 
-from tokenloom.bench.common import decode_path, hf_generate_timed, load_hf_reference, random_prompts
+from tokenloom.bench.common import batch_invariant, decode_path, path_note, hf_generate_timed, load_hf_reference, random_prompts
 from tokenloom.bench.token_economics import section
 
 
@@ -26,9 +26,9 @@ def bench_latency(args) -> dict:
         rates.append(out.decode_tokens_per_s)
     res = {"ttft_s": statistics.median(ttfts), "prefill_tok_s": args.input_len / statistics.median(ttfts),
            "decode_tok_s": statistics.median(rates), "weights": eng.config.quantization or "float",
-           "decode_path": decode_path(eng)}
+           "decode_path": decode_path(eng), "batch_invariant": batch_invariant(eng)}
     print(f"model {eng.model_name}  dtype {str(eng.dtype).removeprefix('torch.')}  weights {res['weights']}  "
-          f"decode path {res['decode_path']}  threads {torch.get_num_threads()}"
+          f"decode path {res['decode_path']}{path_note(eng)}  threads {torch.get_num_threads()}"
           f"  prompt {args.input_len}  output {args.output_len}  batch 1")
     print(f"{'':14}{'TTFT ms':>10}{'prefill tok/s':>15}{'decode tok/s':>14}")
     print(f"{'tokenloom':14}{res['ttft_s'] * 1000:10.1f}{args.input_len / res['ttft_s']:15.1f}{res['decode_tok_s']:14.1f}")

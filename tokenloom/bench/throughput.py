@@ -5,8 +5,8 @@ import time
 
 import torch
 
-from tokenloom.bench.common import (amx_tile_rows, decode_path, hf_generate_timed, load_hf_reference, make_lengths, random_prompts,
-                                    summary)
+from tokenloom.bench.common import (amx_tile_rows, batch_invariant, decode_path, hf_generate_timed,
+                                    load_hf_reference, make_lengths, path_note, random_prompts, summary)
 from tokenloom.bench.token_economics import section
 from tokenloom.config import TokenloomError
 
@@ -43,11 +43,10 @@ def bench_throughput(args) -> dict:
     st = eng.stats()
     res = {"elapsed_s": elapsed, "req_s": len(outs) / elapsed, "out_tok_s": n_out / elapsed,
            "total_tok_s": (n_in + n_out) / elapsed, "decode_path": decode_path(eng),
-           "amx_tile_rows": amx_tile_rows(eng)}
-    tiles = f" (AMX tiles from {res['amx_tile_rows']} rows)" if res["amx_tile_rows"] else ""
+           "amx_tile_rows": amx_tile_rows(eng), "batch_invariant": batch_invariant(eng)}
     print(f"model {eng.model_name}  dtype {str(eng.dtype).removeprefix('torch.')}  {args.num_prompts} requests  "
           f"dist {args.dist}  input {n_in} tokens  output {n_out} tokens  max_num_seqs {args.max_num_seqs}  "
-          f"max_num_batched_tokens {args.max_num_batched_tokens}  decode path {res['decode_path']}{tiles}")
+          f"max_num_batched_tokens {args.max_num_batched_tokens}  decode path {res['decode_path']}{path_note(eng)}")
     print(f"tokenloom     {elapsed:7.2f} s  {res['req_s']:6.2f} req/s  {res['out_tok_s']:8.1f} output tok/s  "
           f"{res['total_tok_s']:8.1f} total tok/s")
     print(f"  TTFT ms   {summary(ttft)}")

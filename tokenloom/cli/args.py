@@ -25,6 +25,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--enforce-eager", action="store_true",
                    help="CUDA: run every step eagerly, no CUDA graphs for decode steps (or TOKENLOOM_CUDA_GRAPHS=0)")
+    g.add_argument("--batch-invariant", action="store_true",
+                   help="each request's output independent of what else runs with it (every token row on the "
+                        "compiled CPU stack's row-wise kernels; prefill slower)")
     g.add_argument("--threads", type=int, default=0, help="CPU threads for PyTorch (default: one per core)")
     g.add_argument("--speculative-config", type=speculative_config, default=None, metavar="JSON",
                    help='speculative decoding, e.g. \'{"method": "ngram", "num_speculative_tokens": 4}\', '

@@ -167,7 +167,7 @@ struct Prep {
   std::vector<uint16_t> xp, wt;  // AMX: x as B operands, the dequantized rows (amx_tiles.h)
   std::vector<float> tiles, tiles2;  // AMX products [M][16] of a chunk (gate_up: gate's and up's)
   bool have_xp = false;
-  bool tiles_ok = false;  // this call may take the AMX tiles (a wide batch without drafts)
+  int64_t tile_m = 0;  // the leading rows that take the AMX tiles (the rest the integer kernels)
 };
 
 class DecodeStack {
@@ -261,12 +261,15 @@ class DecodeStack {
   // logits of the rows in head_rows (ascending; empty: every row) [R, vocab]. Rows are independent tokens: a
   // sequence may take several consecutive rows (speculative drafts), each seeing the K/V its earlier rows wrote.
   // lora_slots [B] (or empty: every row the base model): each row's LoRA slot, -1 for the base model; a row with
-  // a slot gets its adapter's deltas in every projection set_lora gave factors for.
+  // a slot gets its adapter's deltas in every projection set_lora gave factors for. tiled_rows: how many leading
+  // rows take the AMX tiles for quantized weights, the others the integer kernels (where there are tiles: see
+  // set_tile_rows); -1: the stack's choice, every row of a batch of tile rows or more without drafts, else none.
   torch::Tensor forward(torch::Tensor x, torch::Tensor positions, torch::Tensor slots, torch::Tensor block_table,
                         int64_t block_size, torch::Tensor context_lens, bool logits, torch::Tensor head_rows,
-                        torch::Tensor lora_slots) {
+                        torch::Tensor lora_slots, int64_t tiled_rows) {
     TORCH_CHECK(x.dim() == 2 && x.size(1) == Hd_, "decode_stack: x must be [B, hidden]");
     TORCH_CHECK(!logits || head_.N > 0, "decode_stack: no LM head set");
+    TORCH_CHECK(tiled_rows <= x.size(0), "decode_stack: more tiled rows than rows");
     const int64_t B = x.size(0);
     auto xf = x.to(at::kFloat).contiguous();
     auto pos = positions.to(at::kLong).contiguous(), slot = slots.to(at::kLong).contiguous();
@@ -285,11 +288,11 @@ class DecodeStack {
     if (bf16_)
       run<c10::BFloat16>(B, xf.data_ptr<float>(), pos.data_ptr<int64_t>(), slot.data_ptr<int64_t>(),
                          table.data_ptr<int64_t>(), table.size(1), block_size, lens.data_ptr<int64_t>(), logits,
-                         row_ids, R, out, lora);
+                         row_ids, R, out, lora, tiled_rows);
     else
       run<float>(B, xf.data_ptr<float>(), pos.data_ptr<int64_t>(), slot.data_ptr<int64_t>(),
                  table.data_ptr<int64_t>(), table.size(1), block_size, lens.data_ptr<int64_t>(), logits, row_ids, R,
-                 out, lora);
+                 out, lora, tiled_rows);
     return out;
   }
 
@@ -417,16 +420,16 @@ class DecodeStack {
     p.have_xp = false;
   }
 
-  // whether rows of `part` against M activation rows take the AMX tiles
-  bool tiled(const Part& part, const Prep& p, int64_t M, int64_t K) const {
-    return p.tiles_ok && M >= tile_rows_ && K % 32 == 0 && (part.kind == U4 || part.kind == U8 || part.kind == S8);
+  // whether the first p.tile_m activation rows meet rows of `part` on the AMX tiles
+  static bool tiled(const Part& part, const Prep& p, int64_t K) {
+    return p.tile_m > 0 && K % 32 == 0 && (part.kind == U4 || part.kind == U8 || part.kind == S8);
   }
 
 #ifdef TL_AMX
-  // out[m * 16 + i] = row local + i (i < count) of `part` against activation row m, for every row of p
+  // out[m * 16 + i] = row local + i (i < count) of `part` against activation row m, for the first p.tile_m rows
   void tile_rows(const Part& part, Prep& p, int64_t local, int64_t count, int64_t K, float* out) const {
     if (!p.have_xp) {
-      amx_pack_x(p.x, p.M, K, p.xp);  // bf16_: x holds bfloat16 values
+      amx_pack_x(p.x, p.tile_m, K, p.xp);  // bf16_: x holds bfloat16 values
       amx_configure();  // per projection: torch's own AMX kernels may have loaded another shape since
       p.have_xp = true;
     }
@@ -434,7 +437,7 @@ class DecodeStack {
     const TileWeights kind = part.kind == U4 ? TileWeights::U4 : part.kind == U8 ? TileWeights::U8 : TileWeights::S8;
     const int64_t row_bytes = part.kind == U4 ? K / 2 : K;
     amx_rows16(kind, part.qp + local * row_bytes, row_bytes, part.sp + local * G, part.op ? part.op + local * G : nullptr,
-               G, part.group, count, p.xp.data(), p.M, K, p.wt, out);
+               G, part.group, count, p.xp.data(), p.tile_m, K, p.wt, out);
   }
 #else
   void tile_rows(const Part&, Prep&, int64_t, int64_t, int64_t, float*) const {}
@@ -688,18 +691,18 @@ class DecodeStack {
       int64_t local = c * 16;
       const Part& part = locate(lin, local);
       const int64_t count = std::min<int64_t>(16, part.rows - local);
-      if (tiled(part, p, M, K)) {
-        p.tiles.resize(M * 16);
+      const int64_t T = tiled(part, p, K) ? p.tile_m : 0;  // rows [0, T) on the tiles, the rest below
+      if (T) {
+        p.tiles.resize(T * 16);
         tile_rows(part, p, local, count, K, p.tiles.data());
-        for (int64_t m = 0; m < M; ++m)
+        for (int64_t m = 0; m < T; ++m)
           for (int64_t i = 0; i < count; ++i) {
             const float r = p.tiles[m * 16 + i] + (part.bp ? part.bp[local + i] : 0.f);
             y[m * N + c * 16 + i] = bf16_ ? round_bf16(r) : r;
           }
-        continue;
       }
       float v[4][16];
-      for (int64_t m0 = 0; m0 < M; m0 += 4) {
+      for (int64_t m0 = T; m0 < M; m0 += 4) {
         const int64_t mc = std::min<int64_t>(4, M - m0);
         dot_rows_m(part, p, m0, mc, local, count, K, v);
         for (int64_t m = m0; m < m0 + mc; ++m)
@@ -721,21 +724,22 @@ class DecodeStack {
       const Part& pg = locate(lin, g);
       const Part& pu = locate(lin, u);
       alignas(64) float gates[4][16], ups[4][16];
-      const bool tiles = tiled(pg, p, M, K) && tiled(pu, p, M, K);
-      if (tiles) {
-        p.tiles.resize(M * 16);
-        p.tiles2.resize(M * 16);
+      const int64_t T = tiled(pg, p, K) && tiled(pu, p, K) ? p.tile_m : 0;  // rows [0, T) on the tiles
+      if (T) {
+        p.tiles.resize(T * 16);
+        p.tiles2.resize(T * 16);
         tile_rows(pg, p, g, 16, K, p.tiles.data());
         tile_rows(pu, p, u, 16, K, p.tiles2.data());
       }
       for (int64_t m = 0; m < M; ++m) {
-        const int64_t m0 = m & ~int64_t(3);
-        if (!tiles && m == m0) {  // four activation rows at a time
+        const bool tile = m < T;
+        const int64_t m0 = T + ((m - T) & ~int64_t(3));
+        if (!tile && m == m0) {  // four activation rows at a time
           dot_rows_m(pg, p, m0, std::min<int64_t>(4, M - m0), g, 16, K, gates);
           dot_rows_m(pu, p, m0, std::min<int64_t>(4, M - m0), u, 16, K, ups);
         }
-        float* gate = tiles ? p.tiles.data() + m * 16 : gates[m - m0];
-        float* up = tiles ? p.tiles2.data() + m * 16 : ups[m - m0];
+        float* gate = tile ? p.tiles.data() + m * 16 : gates[m - m0];
+        float* up = tile ? p.tiles2.data() + m * 16 : ups[m - m0];
         for (int64_t j = 0; j < 16; ++j) {
           gate[j] += pg.bp ? pg.bp[g + j] : 0.f;
           up[j] += pu.bp ? pu.bp[u + j] : 0.f;
@@ -781,7 +785,7 @@ class DecodeStack {
   template <typename T>
   void run(int64_t B, const float* x_in, const int64_t* pos, const int64_t* slot, const int64_t* table,
            int64_t table_stride, int64_t block_size, const int64_t* lens, bool logits, const int64_t* head_rows,
-           int64_t R, torch::Tensor& out, const int64_t* lora) const {
+           int64_t R, torch::Tensor& out, const int64_t* lora, int64_t tiled_rows) const {
     const int64_t H = H_, KVH = KVH_, D = D_, G = H / KVH, Hd = Hd_, QKV = (H + 2 * KVH) * D;
     const float scale = 1.0f / std::sqrt(static_cast<float>(D));
     // Attention: each row's keys [start, len) are cut at multiples of KEY_CHUNK (so a row's result depends on its
@@ -814,9 +818,14 @@ class DecodeStack {
         for (int64_t c = c0; c < c1; ++c) units.push_back({b0, b1, h, c});
     }
     const int64_t U = static_cast<int64_t>(units.size()), P = first_part[B];
-    // The tiles' arithmetic differs from the integer kernels': a sequence's draft rows keep the latter, so that
-    // verifying drafts gives each row the logits of a one-token decode at its position, to the bit.
-    const bool tiles = tile_rows_ > 0 && B >= tile_rows_ && !drafts;
+    // Rows on the AMX tiles (quantized weights): tiled_rows >= 0 is the caller's split, its first rows there
+    // (batch-invariant steps: the prompt rows); else every row of a wide batch without drafts. The tiles'
+    // arithmetic differs from the integer kernels': a sequence's draft rows keep the latter, so that verifying
+    // drafts gives each row the logits of a one-token decode at its position, to the bit.
+    const int64_t tiled = tile_rows_ == 0 ? 0 : tiled_rows >= 0 ? tiled_rows : B >= tile_rows_ && !drafts ? B : 0;
+    int64_t head_T = head_rows ? 0 : std::min(tiled, R);  // the LM head's rows among the first `tiled`
+    while (head_rows && head_T < R && head_rows[head_T] < tiled) ++head_T;
+    const bool tiles = tiled > 0;
     std::vector<float> qkv(B * QKV), attn_acc(P * G * D), attn_m(P * G), attn_l(P * G), o(B * Hd),
         act(B * I_), down(B * Hd);
     float* result = logits ? out.data_ptr<float>() : nullptr;
@@ -839,7 +848,7 @@ class DecodeStack {
     {
       std::vector<float> x(x_in, x_in + B * Hd), h(B * Hd), attn(B * H * D), qf(G * D), scores;
       Prep prep;
-      prep.tiles_ok = tiles;
+      prep.tile_m = tiled;
       LoraStep qkv_store, o_store, gu_store, down_store;
       const LoraStep *ls_qkv, *ls_o, *ls_gu, *ls_down;
       std::vector<float> gu_xa(lora ? B * lora_r : 0);
@@ -913,6 +922,7 @@ class DecodeStack {
         for (int64_t i = 0; head_rows && i < R; ++i)  // ascending rows: compacting in place is safe
           std::copy_n(h.data() + head_rows[i] * Hd, Hd, h.data() + i * Hd);
         prepare(prep, h.data(), R, Hd);
+        prep.tile_m = head_T;
         gemv(head_, prep, result, R);
       } else {
 #pragma omp single

@@ -36,6 +36,7 @@ class EngineArgs:
     pipeline_parallel_size: int = 1
     distributed_executor_backend: str | None = None
     enforce_eager: bool = False  # CUDA: no decode graphs (vLLM's --enforce-eager)
+    batch_invariant: bool = False  # outputs independent of the batch (config.EngineConfig.batch_invariant)
 
     @classmethod
     def from_namespace(cls, ns) -> "EngineArgs":

@@ -42,6 +42,7 @@ class LLM:
         distributed_executor_backend: str | None = None,
         pipeline_microbatches: int | None = None,
         enforce_eager: bool = False,
+        batch_invariant: bool = False,
     ):
         """speculative_config: speculative decoding under vLLM's names, e.g. {"method": "ngram",
         "num_speculative_tokens": 4}; see config.SpeculativeConfig. kv_release_interval_s: free KV blocks
@@ -50,7 +51,8 @@ class LLM:
         max_loras of them in one step, of rank up to max_lora_rank; max_cpu_loras kept in memory (config.LoRAConfig).
         tensor_parallel_size / pipeline_parallel_size: split the model over that many ranks, run as worker processes
         ("mp", the default) or Ray actors ("ray") by distributed_executor_backend (config.ParallelConfig).
-        enforce_eager: on CUDA, no CUDA graphs for decode steps (worker/cuda_graphs.py); nothing changes elsewhere."""
+        enforce_eager: on CUDA, no CUDA graphs for decode steps (worker/cuda_graphs.py); nothing changes elsewhere.
+        batch_invariant: each request's output independent of the others in its steps (prefill slower)."""
         self.engine = LLMEngine(
             EngineConfig(
                 model=model, dtype=dtype, device=device, seed=seed, quantization=quantization,
@@ -62,6 +64,7 @@ class LLM:
                 parallel=ParallelConfig(tensor_parallel_size, pipeline_parallel_size, distributed_executor_backend,
                                         pipeline_microbatches=pipeline_microbatches),
                 enforce_eager=enforce_eager,
+                batch_invariant=batch_invariant,
             )
         )
         self.tokenizer = self.engine.tokenizer

@@ -32,7 +32,7 @@ def engine_config(args: EngineArgs) -> EngineConfig:
         scheduler=SchedulerConfig(kw["max_num_seqs"], kw["max_num_batched_tokens"], kw["max_model_len"]),
         speculative=SpeculativeConfig.parse(kw["speculative_config"]),
         lora=LoRAConfig(kw["max_loras"], kw["max_lora_rank"], kw["max_cpu_loras"]) if kw["enable_lora"] else None,
-        enforce_eager=kw.get("enforce_eager", False), **extra,
+        enforce_eager=kw.get("enforce_eager", False), batch_invariant=kw.get("batch_invariant", False), **extra,
     )
 
 

@@ -33,6 +33,9 @@ Below that width a row's result does not depend on the batch (the integer kernel
 arithmetic); from it on, rows follow the tiles' arithmetic (`FusedDecoder.tile_rows`: the width in force, 0
 without AMX), except a sequence's draft rows, which keep the integer kernels so that verifying drafts gives each
 row its one-token decode's logits to the bit.
+Batch-invariant engines (--batch-invariant: make_batch_invariant) give the stack every step, prefill included, and
+choose each row's kernels by what the row is: a prompt row takes the AMX tiles where there are (token_logits puts
+those rows first and tells the stack how many), every other row the integer kernels, whatever the batch.
 Anything else (MoE, NF4, act-order GPTQ, raw Q2_K/Q3_K blocks, an int8 KV cache, a CPU without AVX-512) keeps
 the layer-by-layer path: `FusedDecoder.build` returns None and says why in `FusedDecoder.reason`.
 TOKENLOOM_FUSED_DECODE=0 turns it off.
@@ -138,6 +141,18 @@ class FusedDecoder:
         self.tile_rows = stack.set_tile_rows(int(rows) if rows else TILE_ROWS)  # 0: no AMX tiles here
         if self.tile_rows > self.max_batch:  # dense weights: wide batches go to oneDNN, never to the stack
             self.tile_rows = stack.set_tile_rows(0)
+        self.invariant = False  # make_batch_invariant() was called
+        self.prompt_tiles = False  # batch-invariant: prompt rows take the AMX tiles
+
+    def make_batch_invariant(self) -> None:
+        """Every step's rows here, each computed by kernels chosen by what the row is, never by the batch: prompt
+        rows on the AMX tiles where the CPU has them (prefill at GEMM speed), the others (decodes, drafts, a
+        preempted request's outputs computed again) on the integer kernels, as are all rows without AMX. Dense
+        weights stay here too, whatever the batch width."""
+        self.invariant = True
+        self.prompt_tiles = self.tile_rows > 0
+        self.tile_rows = 0  # no decode batch switches to the tiles
+        self.max_batch = QUANTIZED_MAX_BATCH
 
     @classmethod
     def build(cls, model, layer_caches, block_size: int) -> "FusedDecoder | None":
@@ -237,16 +252,18 @@ class FusedDecoder:
     @torch.inference_mode()
     def logits(self, input_ids: torch.Tensor, positions: torch.Tensor, slot_mapping: torch.Tensor,
                block_table: torch.Tensor, context_lens: torch.Tensor,
-               head_rows: torch.Tensor | None = None, lora: LoRAMapping | None = None) -> torch.Tensor:
+               head_rows: torch.Tensor | None = None, lora: LoRAMapping | None = None,
+               tiled_rows: int = -1) -> torch.Tensor:
         """float32 logits [rows, vocab] of a batch of token rows, each with its position, slot, block table row
         and context length (a sequence may take consecutive rows: its drafts). Each row writes its K/V into its
         slot before any row attends, so a later row of a sequence sees the earlier ones. head_rows (ascending):
         the rows whose logits are wanted (default all). lora: which rows run which adapter slot (the LoRA
-        manager's mapping of the step, its slots loaded); None: every row the base model."""
+        manager's mapping of the step, its slots loaded); None: every row the base model. tiled_rows: the leading
+        rows that take the AMX tiles, where there are (-1: the stack's choice by batch width)."""
         x = self.model.embed_tokens(input_ids)
         rows = _EMPTY.long() if head_rows is None else head_rows
         return self.stack.forward(x, positions, slot_mapping, block_table, self.block_size, context_lens, True, rows,
-                                  self._lora_slots(lora, len(input_ids)))
+                                  self._lora_slots(lora, len(input_ids)), tiled_rows)
 
     def _lora_slots(self, lora: LoRAMapping | None, rows: int) -> torch.Tensor:
         """Each row's adapter slot (-1: the base model), or an empty tensor when no row has one."""
@@ -263,9 +280,10 @@ class FusedDecoder:
     @torch.inference_mode()
     def token_logits(self, input_ids: torch.Tensor, positions: torch.Tensor, block_tables: list[list[int]],
                      query_lens: list[int], head_rows: torch.Tensor | None = None,
-                     lora: LoRAMapping | None = None) -> torch.Tensor:
+                     lora: LoRAMapping | None = None, prompt_lens: torch.Tensor | None = None) -> torch.Tensor:
         """logits() for a flat batch as InputBatch lays it out: sequence i's query_lens[i] tokens at consecutive
-        positions, all attending causally over its block table."""
+        positions, all attending causally over its block table. prompt_lens (batch-invariant steps): each row's
+        prompt length, which tells its prompt rows from the rest."""
         bs = self.block_size
         width = max(len(t) for t in block_tables)
         table = torch.tensor([t + [0] * (width - len(t)) for t in block_tables], dtype=torch.long)
@@ -273,4 +291,20 @@ class FusedDecoder:
             table = table.repeat_interleave(torch.tensor(query_lens), dim=0)
         pos = positions.long()
         slots = table.gather(1, (pos // bs)[:, None])[:, 0] * bs + pos % bs
-        return self.logits(input_ids, pos, slots, table, pos + 1, head_rows, lora)
+        if not self.invariant:
+            return self.logits(input_ids, pos, slots, table, pos + 1, head_rows, lora)
+        prompt = pos < prompt_lens if self.prompt_tiles else torch.zeros_like(pos, dtype=torch.bool)
+        tiled = int(prompt.sum())
+        if tiled in (0, len(pos)):
+            return self.logits(input_ids, pos, slots, table, pos + 1, head_rows, lora, tiled)
+        # prompt rows first (rows are independent: every row's K/V is written before any row attends)
+        order = torch.cat([prompt.nonzero()[:, 0], (~prompt).nonzero()[:, 0]])
+        at = torch.empty_like(order)
+        at[order] = torch.arange(len(order))
+        wanted = torch.arange(len(pos)) if head_rows is None else head_rows
+        heads, back = at[wanted].sort()
+        lora_slots = self._lora_slots(lora, len(pos))
+        x = self.model.embed_tokens(input_ids[order])
+        logits = self.stack.forward(x, pos[order], slots[order], table[order], self.block_size, pos[order] + 1, True,
+                                    heads, lora_slots[order] if lora_slots.numel() else lora_slots, tiled)
+        return logits[back.argsort()]

@@ -58,6 +58,24 @@ def _off_host(x: torch.Tensor) -> bool:
     return x.device.type != "cpu"
 
 
+# Columns summed per partial sum by row_sum.
+ROW_SUM_CHUNK = 1024
+
+
+def row_sum(x: torch.Tensor) -> torch.Tensor:
+    """x.sum(-1) of [rows, V], each row's the same bits whatever the other rows: a plain sum over one row of a
+    large vocabulary is split between the threads, over many rows each is summed whole, so their rounding
+    differs. Here every row is summed in fixed chunks, then the chunk sums, each reduction too small to split."""
+    rows, V = x.shape
+    if V <= ROW_SUM_CHUNK:
+        return x.sum(-1)
+    whole = V - V % ROW_SUM_CHUNK
+    parts = x[:, :whole].reshape(rows, whole // ROW_SUM_CHUNK, ROW_SUM_CHUNK).sum(-1)
+    if whole < V:
+        parts = torch.cat([parts, x[:, whole:].sum(-1, keepdim=True)], 1)
+    return parts.sum(-1)
+
+
 def index(ids: list[int], device: torch.device) -> torch.Tensor:
     return to_device(torch.tensor(ids, dtype=torch.long, device="cpu"), device)
 
@@ -150,7 +168,7 @@ class _FullRows:
         x, neg, w = self.x, self.neg, self.w
         R, V = x.shape
         dev = x.device
-        target = top_p.double() * w.sum(-1).double()  # the mass the nucleus must reach
+        target = top_p.double() * row_sum(w).double()  # the mass the nucleus must reach
         thr = torch.empty(R, dtype=x.dtype, device=dev)
         todo = torch.arange(R, device=dev)
         for c in TOP_P_CANDIDATES:
@@ -242,11 +260,11 @@ def _truncated(ws: Workspace, x: torch.Tensor, at: list[int], tr: Truncation, u:
         pr_t = index(pr, dev)
         vp = vals[pr_t]
         wc = (vp - vmax[pr_t, None]).exp_().masked_fill_(vp < thr[pr_t, None], 0.0).double()
-        total = wc.sum(-1)
+        total = row_sum(wc)
         if nk:  # without top-k, the distribution to renormalise is the whole vocabulary's
             whole = _FullRows(ws, "nk", xf, nk, vmax[index(nk, dev)])
             at_pr = {j: n for n, j in enumerate(pr)}
-            total[index([at_pr[j] for j in nk], dev)] = whole.w.sum(-1).double()
+            total[index([at_pr[j] for j in nk], dev)] = row_sum(whole.w).double()
         n_keep = (wc.cumsum(-1) - wc < pf[pr_t, None].double() * total[:, None]).sum(-1).clamp_(min=1)
         thr[pr_t] = torch.maximum(thr[pr_t], vp.gather(1, (n_keep - 1)[:, None])[:, 0])
         if not complete:

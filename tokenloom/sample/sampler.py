@@ -109,7 +109,7 @@ class Sampler:
             xs = x[ops.index(at, x.device)]
             neg = xs - xs.amax(-1, keepdim=True)
             w = ops.exp_nonpositive(neg, neg).masked_fill_(xs < thr[:, None], 0.0)
-            probs[md.sampled_index] = w / w.sum(-1, keepdim=True)
+            probs[md.sampled_index] = w / ops.row_sum(w)[:, None]
         return probs
 
     def _logprobs(self, logits: torch.Tensor, md: SamplingMetadata, tokens: torch.Tensor,
@@ -125,7 +125,7 @@ class Sampler:
         m = lp.amax(-1, keepdim=True)
         exp = torch.sub(lp, m, out=self.ws("lp.exp", len(rows), V, device=logits.device))
         exp = ops.exp_nonpositive(exp, exp)
-        lse = m + exp.sum(-1, keepdim=True).log_()
+        lse = m + ops.row_sum(exp)[:, None].log_()
         chosen = ops.reportable_logprobs(lp.gather(1, tokens[rows_t][:, None]) - lse)[:, 0].tolist()
         top_n = max(md.num_logprobs)
         if top_n:

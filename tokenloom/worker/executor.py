@@ -109,7 +109,8 @@ class UniProcExecutor(Executor):
         self.num_blocks, self.max_model_len = self._size_kv_cache(config, cfg, device, self.kv_block_bytes)
         graphs = device.type == "cuda" and self._graphs_wanted(config, cfg, device)
         # with CUDA graphs, one block more than the scheduler knows of: the pad rows' scratch block
-        self.runner = ModelRunner(self.model, config.cache, self.num_blocks + (1 if graphs else 0), device, generator)
+        self.runner = ModelRunner(self.model, config.cache, self.num_blocks + (1 if graphs else 0), device, generator,
+                                  batch_invariant=config.batch_invariant)
         if graphs:
             from tokenloom.worker.cuda_graphs import DecodeGraphs
 

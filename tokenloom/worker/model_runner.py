@@ -22,7 +22,7 @@ import time
 
 import torch
 
-from tokenloom.config import CacheConfig, ModelConfig
+from tokenloom.config import CacheConfig, ModelConfig, TokenloomError
 from tokenloom.model_executor.forward_context import ForwardContext, set_forward_context
 from tokenloom.model_executor.fused_decode import FusedDecoder
 from tokenloom.model_executor.layers.attention import build_attention_metadata
@@ -43,10 +43,13 @@ HOST = torch.device("cpu")
 
 class ModelRunner:
     def __init__(self, model, cache_config: CacheConfig, num_blocks: int, device: torch.device,
-                 generator: torch.Generator, layer_caches: list | None = None, compiled_decode: bool = True):
+                 generator: torch.Generator, layer_caches: list | None = None, compiled_decode: bool = True,
+                 batch_invariant: bool = False):
         """layer_caches: run on these layers' caches (a layer-skip draft shares its target's) instead of
         allocating a KV cache of num_blocks blocks. compiled_decode False: every step layer by layer (a rank of a
-        parallel model, whose layers meet their peers' in collectives the compiled stack does not make)."""
+        parallel model, whose layers meet their peers' in collectives the compiled stack does not make).
+        batch_invariant: every token row (prefill too) through the compiled stack's row-wise kernels, so that a
+        request's output never depends on what else is in the step (see _split)."""
         self.model = model
         self.config: ModelConfig = model.config
         self.block_size = cache_config.block_size
@@ -63,6 +66,12 @@ class ModelRunner:
         # decode batches up to this many sequences run as one compiled call (None: layer by layer only)
         self.fused = (FusedDecoder.build(model, self.layer_caches, self.block_size)
                       if device.type == "cpu" and compiled_decode else None)
+        self.batch_invariant = batch_invariant
+        if batch_invariant:
+            if self.fused is None:
+                raise TokenloomError("--batch-invariant runs every step on the compiled CPU stack, which this model "
+                                     f"cannot take ({FusedDecoder.reason or device.type + ' device'})")
+            self.fused.make_batch_invariant()
         self.steps_by_path = {"fused": 0, "layers": 0, "graph": 0}  # which path each forward took (tests, benches)
         self.graphs = None  # worker.cuda_graphs.DecodeGraphs, set by the executor on CUDA: decodes replayed
         self.speculator = None  # spec_decode.Speculator, set by the executor when speculative decoding is on
@@ -101,6 +110,8 @@ class ModelRunner:
         speculation."""
         if self.fused is None:
             return [], scheduled
+        if self.batch_invariant:
+            return self._split_invariant(scheduled)
         fused, drafted, layers = [], [], []
         for item in scheduled:
             req = item.request
@@ -120,19 +131,37 @@ class ModelRunner:
                 layers.append(item)
         return fused, layers
 
+    def _split_invariant(self, scheduled: list) -> tuple[list, list]:
+        """Batch-invariant steps: every item on the stack, whose kernels give each row the same arithmetic
+        whatever the batch (weights row by row, attention cut at fixed key offsets; the AMX tiles, whose rounding
+        differs, are off). Only what the stack cannot compute stays on the layers: adapter rows it cannot take,
+        and the prompt of a LongRoPE model longer than its original context (long factors below it)."""
+        long_from = getattr(self.model.rotary, "long_from", 0)
+        fused, layers = [], []
+        for item in scheduled:
+            req = item.request
+            on_stack = (req.lora_request is None or self.fused.takes_lora()) and not (
+                long_from and req.num_prompt_tokens > long_from and req.num_computed_tokens < req.num_prompt_tokens)
+            (fused if on_stack else layers).append(item)
+        return fused, layers
+
     def _run_fused(self, batch: InputBatch, out: ModelRunnerOutput) -> None:
         self.steps_by_path["fused"] += 1
         rows = batch.sample_rows
-        heads = sorted(set(rows)) or [len(batch.input_ids) - 1]  # forks of n > 1 share their parent's row
+        spans = batch.prompt_logprob_spans  # batch-invariant steps: prompts run here too
+        heads = sorted(set(rows).union(*(range(o, o + n) for _, o, n, _ in spans)))
+        heads = heads or [len(batch.input_ids) - 1]  # forks of n > 1 share their parent's row
         head_rows = None if len(heads) == len(batch.input_ids) else torch.tensor(heads)
         lora = self.lora.mapping(batch.lora_ids, batch.query_lens) if self.lora is not None else None
         logits = self.fused.token_logits(batch.input_ids, batch.positions, batch.block_tables, batch.query_lens,
-                                         head_rows, lora)
+                                         head_rows, lora, batch.prompt_lens)
+        at = {r: i for i, r in enumerate(heads)}
+        out.prompt_logprobs = [
+            (req, start, self._prompt_logprobs(req, logits[at[o] : at[o] + n],
+                                               req.prompt_token_ids[start + 1 : start + n + 1]))
+            for req, o, n, start in spans]
         if rows:
-            if rows != heads:
-                at = {r: i for i, r in enumerate(heads)}
-                logits = logits[[at[r] for r in rows]]
-            self._sample(batch, logits, out)
+            self._sample(batch, logits if rows == heads else logits[[at[r] for r in rows]], out)
 
     def _run_graph(self, scheduled: list, out: ModelRunnerOutput) -> bool:
         """A pure-decode step replayed from a CUDA graph (worker/cuda_graphs.py); False: not this step (a prefill,
@@ -182,8 +211,9 @@ class ModelRunner:
     def _run_layers(self, batch: InputBatch, out: ModelRunnerOutput) -> None:
         hidden = self._layers_hidden(batch.input_ids, batch.positions, batch.query_lens, batch.context_lens,
                                      batch.block_tables, batch.lora_ids, batch.prompt_lens)
-        out.prompt_logprobs = [
-            (req, start, self._prompt_logprobs(req, hidden[o : o + n], req.prompt_token_ids[start + 1 : start + n + 1]))
+        out.prompt_logprobs += [
+            (req, start, self._prompt_logprobs(req, self.model.compute_logits(hidden[o : o + n]),
+                                               req.prompt_token_ids[start + 1 : start + n + 1]))
             for req, o, n, start in batch.prompt_logprob_spans
         ]
         if batch.samples:
@@ -275,8 +305,8 @@ class ModelRunner:
         hidden = self._layers_hidden(ids, pos, query_lens, [s + n for s, n in zip(starts, query_lens)], block_tables)
         return self.model.compute_logits(hidden[rows])
 
-    def _prompt_logprobs(self, req, hidden: torch.Tensor, next_tokens: list[int]) -> list[dict]:
-        logprobs = torch.log_softmax(self.model.compute_logits(hidden), dim=-1)
+    def _prompt_logprobs(self, req, logits: torch.Tensor, next_tokens: list[int]) -> list[dict]:
+        logprobs = torch.log_softmax(logits, dim=-1)
         next_ids = torch.tensor(next_tokens, device=logprobs.device)
         chosen = reportable_logprobs(logprobs.gather(1, next_ids[:, None])[:, 0]).tolist()
         top_n = req.params.prompt_logprobs
