@@ -133,9 +133,9 @@ class ModelRunner:
 
     def _split_invariant(self, scheduled: list) -> tuple[list, list]:
         """Batch-invariant steps: every item on the stack, whose kernels give each row the same arithmetic
-        whatever the batch (weights row by row, attention cut at fixed key offsets; the AMX tiles, whose rounding
-        differs, are off). Only what the stack cannot compute stays on the layers: adapter rows it cannot take,
-        and the prompt of a LongRoPE model longer than its original context (long factors below it)."""
+        whatever the batch (weights row by row, kernels chosen by the row's kind: FusedDecoder.make_batch_invariant;
+        attention cut at fixed key offsets). Only what the stack cannot compute stays on the layers: adapter rows
+        it cannot take, and the prompt of a LongRoPE model longer than its original context (long factors below it)."""
         long_from = getattr(self.model.rotary, "long_from", 0)
         fused, layers = [], []
         for item in scheduled:
