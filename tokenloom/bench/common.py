@@ -8,28 +8,32 @@ import time
 import torch
 
 
+def _fused(engine):
+    """The engine's compiled decode stack (model_executor.fused_decode.FusedDecoder), or None."""
+    return getattr(getattr(engine, "runner", None), "fused", None)
+
+
 def decode_path(engine) -> str:
     """How the engine's decode steps run: "fused" (the compiled stack) or "layers"."""
-    return "layers" if getattr(getattr(engine, "runner", None), "fused", None) is None else "fused"
+    return "layers" if _fused(engine) is None else "fused"
 
 
 def batch_invariant(engine) -> bool:
     """Whether every step runs batch-invariant (--batch-invariant)."""
-    return bool(getattr(getattr(getattr(engine, "runner", None), "fused", None), "invariant", False))
+    return _fused(engine) is not None and _fused(engine).invariant
 
 
 def path_note(engine) -> str:
     """What the report header adds to the decode path: the AMX tiles' width, or batch-invariant steps."""
-    fused = getattr(getattr(engine, "runner", None), "fused", None)
+    fused = _fused(engine)
     if batch_invariant(engine):
         return " (batch-invariant" + (", prompt rows on AMX tiles)" if fused.prompt_tiles else ")")
-    return f" (AMX tiles from {fused.tile_rows} rows)" if fused is not None and fused.tile_rows else ""
+    return f" (AMX tiles from {fused.tile_rows} rows)" if amx_tile_rows(engine) else ""
 
 
 def amx_tile_rows(engine) -> int:
     """The decode batch width from which the compiled stack meets quantized weights on AMX tiles (0: never)."""
-    fused = getattr(getattr(engine, "runner", None), "fused", None)
-    return fused.tile_rows if fused is not None else 0
+    return _fused(engine).tile_rows if _fused(engine) is not None else 0
 
 
 def make_lengths(n: int, mean_in: int, mean_out: int, dist: str, seed: int = 0) -> list[tuple[int, int]]:

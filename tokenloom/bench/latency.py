@@ -5,7 +5,8 @@ import statistics
 
 import torch
 
-from tokenloom.bench.common import batch_invariant, decode_path, path_note, hf_generate_timed, load_hf_reference, random_prompts
+from tokenloom.bench.common import (batch_invariant, decode_path, hf_generate_timed, load_hf_reference, path_note,
+                                    random_prompts)
 from tokenloom.bench.token_economics import section
 
 

@@ -51,9 +51,13 @@ def _run(cmd: list[str], timeout: float) -> str:
     if proc.returncode < 0:
         raise _Died(signal.Signals(-proc.returncode).name)
     if proc.returncode != 0:
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or [f"exit status {proc.returncode}"]
-        raise TokenloomError(f"{Path(cmd[0]).name} failed: {tail[0]}")
+        raise TokenloomError(f"{Path(cmd[0]).name} failed: {_last_line(proc)}")
     return proc.stdout
+
+
+def _last_line(proc: subprocess.CompletedProcess) -> str:
+    """What a failed process said last (stderr, else stdout), or its exit status."""
+    return ((proc.stderr or proc.stdout).strip().splitlines()[-1:] or [f"exit status {proc.returncode}"])[0]
 
 
 class _Died(TokenloomError):
@@ -106,8 +110,7 @@ def _latency_binding(path, threads, prompt_len, output_len, repetitions) -> dict
         raise TokenloomError(f"llama-cpp-python died of {signal.Signals(-proc.returncode).name} on this CPU; "
                              "build llama.cpp's own tools for it and pass --llama-cpp-bin DIR")
     if proc.returncode != 0:
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or [f"exit status {proc.returncode}"]
-        raise TokenloomError(f"llama-cpp-python failed: {tail[0]}")
+        raise TokenloomError(f"llama-cpp-python failed: {_last_line(proc)}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 

@@ -260,10 +260,15 @@ class FusedDecoder:
         the rows whose logits are wanted (default all). lora: which rows run which adapter slot (the LoRA
         manager's mapping of the step, its slots loaded); None: every row the base model. tiled_rows: the leading
         rows that take the AMX tiles, where there are (-1: the stack's choice by batch width)."""
+        return self._forward(input_ids, positions, slot_mapping, block_table, context_lens, head_rows,
+                             self._lora_slots(lora, len(input_ids)), tiled_rows)
+
+    def _forward(self, input_ids, positions, slot_mapping, block_table, context_lens, head_rows, lora_slots,
+                 tiled_rows: int) -> torch.Tensor:
         x = self.model.embed_tokens(input_ids)
         rows = _EMPTY.long() if head_rows is None else head_rows
         return self.stack.forward(x, positions, slot_mapping, block_table, self.block_size, context_lens, True, rows,
-                                  self._lora_slots(lora, len(input_ids)), tiled_rows)
+                                  lora_slots, tiled_rows)
 
     def _lora_slots(self, lora: LoRAMapping | None, rows: int) -> torch.Tensor:
         """Each row's adapter slot (-1: the base model), or an empty tensor when no row has one."""
@@ -304,7 +309,6 @@ class FusedDecoder:
         wanted = torch.arange(len(pos)) if head_rows is None else head_rows
         heads, back = at[wanted].sort()
         lora_slots = self._lora_slots(lora, len(pos))
-        x = self.model.embed_tokens(input_ids[order])
-        logits = self.stack.forward(x, pos[order], slots[order], table[order], self.block_size, pos[order] + 1, True,
-                                    heads, lora_slots[order] if lora_slots.numel() else lora_slots, tiled)
+        logits = self._forward(input_ids[order], pos[order], slots[order], table[order], pos[order] + 1, heads,
+                               lora_slots[order] if lora_slots.numel() else lora_slots, tiled)
         return logits[back.argsort()]
