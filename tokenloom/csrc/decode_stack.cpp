@@ -341,45 +341,60 @@ class DecodeStack {
     return true;
   }
 
-  // xa [B, R] of one projection's LoRA rows from its input x [B, K]. Shared xa: called by every thread, the
-  // (row, slice) dot products split between them without a barrier (nowait: the gemv that follows ends in one,
-  // and the expand comes after it). Per thread (`all`: each thread's own xa): every dot product, no sharing.
-  void lora_shrink(const LoraStep& ls, const float* x, int64_t B, bool all = false) const {
+  // xa [B, R] of one projection's adapter rows from its input x [B, K]. Shared xa: called by every thread, the
+  // (block of rows, slice) tasks split between them without a barrier (nowait: the gemv that follows ends in
+  // one). Per thread (`all`: each thread's own xa): every task, no sharing.
+  void lora_shrink(const LoraStep& ls, const float* x, bool all = false) const {
     const LoraFactors& f = *ls.f;
-    const int64_t S = f.S;
+    const LoraGroups& g = *ls.groups;
+    const int64_t S = f.S, tasks = static_cast<int64_t>(g.blocks.size()) * S;
+    auto task = [&](int64_t t) {
+      const LoraGroups::Block& bl = g.blocks[t / S];
+      f.shrink(x, g.rows.data() + bl.first, bl.n, bl.slot, t % S, ls.xa);
+    };
     if (all) {
-      for (int64_t t = 0; t < B * S; ++t)
-        if (ls.slot[t / S] >= 0) f.shrink(x + (t / S) * f.in, ls.slot[t / S], t % S, ls.xa + (t / S) * f.R);
+      for (int64_t t = 0; t < tasks; ++t) task(t);
       return;
     }
 #pragma omp for schedule(dynamic, 1) nowait
-    for (int64_t t = 0; t < B * S; ++t) {
-      const int64_t b = t / S;
-      if (ls.slot[b] >= 0) f.shrink(x + b * f.in, ls.slot[b], t % S, ls.xa + b * f.R);
+    for (int64_t t = 0; t < tasks; ++t) task(t);
+  }
+
+  // the deltas of outputs o .. o + 16 of every adapter row into delta [B][16]; has[b]: row b got one
+  void lora_deltas(const LoraStep& ls, int64_t o, float* delta, uint8_t* has) const {
+    const LoraGroups& g = *ls.groups;
+    __m512 d[4];
+    for (const LoraGroups::Block& bl : g.blocks) {
+      const int64_t* rows = g.rows.data() + bl.first;
+      const bool got = ls.f->expand(ls.xa, rows, bl.n, bl.slot, o, d);
+      for (int64_t r = 0; r < bl.n; ++r) {
+        has[rows[r]] = got;
+        if (got) _mm512_storeu_ps(delta + rows[r] * 16, d[r]);
+      }
     }
   }
 
-  // y[0..16) += row m's delta of outputs o..o+16, rounded as the torch path rounds y + delta
-  void lora_add16(const LoraStep* ls, int64_t m, int64_t o, float* y) const {
-    if (!ls || ls->slot[m] < 0) return;
-    __m512 delta;
-    if (!ls->f->expand16(ls->xa + m * ls->f->R, ls->slot[m], o, delta)) return;
-    _mm512_storeu_ps(y, _mm512_add_ps(_mm512_loadu_ps(y), delta));
+  // y[0..16) += a delta, rounded as the LoRA layer's output y + delta
+  void add_delta(float* y, const float* delta) const {
+    _mm512_storeu_ps(y, _mm512_add_ps(_mm512_loadu_ps(y), _mm512_loadu_ps(delta)));
     rnd(y, 16);
   }
 
-  // x [B, N] += y, rounded; each row with an adapter gets y + its delta (rounded as the LoRA layer's output) in
-  // y's place: every thread on its own copy of x, y shared and left as it is
-  void add_residual(float* x, const float* y, int64_t B, int64_t N, const LoraStep* ls) const {
-    for (int64_t b = 0; b < B; ++b) {
-      const bool lora = ls && ls->slot[b] >= 0;
-      for (int64_t k = 0; k < N; k += 16) {
-        alignas(64) float v[16];
-        _mm512_store_ps(v, _mm512_loadu_ps(y + b * N + k));
-        if (lora) lora_add16(ls, b, k, v);
-        _mm512_storeu_ps(x + b * N + k, _mm512_add_ps(_mm512_loadu_ps(x + b * N + k), _mm512_load_ps(v)));
-      }
+  // y [B, N] (shared, the projection's output) += each adapter row's delta, rounded: the threads split the
+  // 16-output chunks, and wait for each other at the end (y is read whole next)
+  void lora_expand(const LoraStep& ls, float* y, int64_t N) const {
+#pragma omp for schedule(static)
+    for (int64_t c = 0; c < N / 16; ++c) {
+      lora_deltas(ls, c * 16, ls.delta, ls.has);
+      for (int64_t b : ls.groups->rows)
+        if (ls.has[b]) add_delta(y + b * N + c * 16, ls.delta + b * 16);
     }
+  }
+
+  // x [B, N] += y, rounded: every thread on its own copy of x, y shared and left as it is
+  void add_residual(float* x, const float* y, int64_t B, int64_t N) const {
+    for (int64_t i = 0; i < B * N; i += 16)
+      _mm512_storeu_ps(x + i, _mm512_add_ps(_mm512_loadu_ps(x + i), _mm512_loadu_ps(y + i)));
     rnd(x, B * N);
   }
 
@@ -715,7 +730,8 @@ class DecodeStack {
   }
 
   // act [M, I] = silu(gate) * up from the fused gate_up weight: gate rows n.. and up rows I + n.. go to the same
-  // thread, 16 of each at a time; ls: the LoRA deltas to add to gate and up (lora_shrink done), or null
+  // thread, 16 of each at a time; ls: the LoRA deltas to add to gate and up (lora_shrink done, scratch for two
+  // sets of deltas), or null
   void gemv_glu(const Lin& lin, Prep& p, float* act, int64_t M, const LoraStep* ls = nullptr) const {
     const int64_t I = I_, K = lin.K, chunks = I / 16;
 #pragma omp for schedule(static)
@@ -730,6 +746,12 @@ class DecodeStack {
         p.tiles2.resize(T * 16);
         tile_rows(pg, p, g, 16, K, p.tiles.data());
         tile_rows(pu, p, u, 16, K, p.tiles2.data());
+      }
+      float* delta_up = ls ? ls->delta + M * 16 : nullptr;
+      uint8_t* has_up = ls ? ls->has + M : nullptr;
+      if (ls) {
+        lora_deltas(*ls, g, ls->delta, ls->has);
+        lora_deltas(*ls, u, delta_up, has_up);
       }
       for (int64_t m = 0; m < M; ++m) {
         const bool tile = m < T;
@@ -746,8 +768,8 @@ class DecodeStack {
         }
         rnd(gate, 16);
         rnd(up, 16);
-        lora_add16(ls, m, c * 16, gate);
-        lora_add16(ls, m, I + c * 16, up);
+        if (ls && ls->has[m]) add_delta(gate, ls->delta + m * 16);
+        if (ls && has_up[m]) add_delta(up, delta_up + m * 16);
         float* a = act + m * I + c * 16;
         _mm512_storeu_ps(a, silu16(_mm512_loadu_ps(gate)));
         rnd(a, 16);
@@ -833,15 +855,11 @@ class DecodeStack {
     int64_t lora_r = 0;  // the widest projection's rank rows: xa's row stride is each projection's own
     for (const auto& L : layers_)
       for (const auto& f : L.lora) lora_r = std::max(lora_r, f.R);
-    // shared shrink results of qkv, o and down, each its own: a thread may start the next projection's shrink
-    // while another still expands the last one's (gate_up's are per thread: see the MLP block)
-    std::vector<float> lora_xa(lora ? 3 * B * lora_r : 0);
-    // the projection's LoRA work this step, or null (no adapter rows, or no factors for it)
-    auto lora_step = [&](const Layer& L, Proj proj, LoraStep& ls, float* xa) -> const LoraStep* {
-      if (!lora || !L.lora[proj].defined()) return nullptr;
-      ls = {&L.lora[proj], lora, xa};
-      return &ls;
-    };
+    // the shrink results of qkv, o and down, shared (each of their expands ends in a barrier, so one buffer
+    // serves them in turn; gate_up's are per thread: see the MLP block), and the step's adapter rows by slot
+    std::vector<float> lora_xa(lora ? B * lora_r : 0);
+    LoraGroups groups;
+    if (lora) groups.build(lora, B);
 
     if (tiles) ++tile_steps_;
 #pragma omp parallel num_threads(nt)
@@ -851,20 +869,28 @@ class DecodeStack {
       prep.tile_m = tiled;
       LoraStep qkv_store, o_store, gu_store, down_store;
       const LoraStep *ls_qkv, *ls_o, *ls_gu, *ls_down;
-      std::vector<float> gu_xa(lora ? B * lora_r : 0);
-      float *xa_qkv = lora_xa.data(), *xa_o = xa_qkv + B * lora_r, *xa_down = xa_o + B * lora_r;
+      std::vector<float> gu_xa(lora ? B * lora_r : 0), delta(lora ? 2 * B * 16 : 0);
+      std::vector<uint8_t> has(lora ? 2 * B : 0);
+      // the projection's LoRA work this step, or null (no adapter rows, or no factors for it)
+      auto lora_step = [&](const Layer& L, Proj proj, LoraStep& ls, float* xa) -> const LoraStep* {
+        if (!lora || !L.lora[proj].defined()) return nullptr;
+        ls = {&L.lora[proj], &groups, xa, delta.data(), has.data()};
+        return &ls;
+      };
       for (const Layer& L : layers_) {
         // attention block
         rms_norm(x.data(), L.in_norm.data_ptr<float>(), h.data(), B, Hd);
         prepare(prep, h.data(), B, Hd);
-        // LoRA (lora_rows.h): each projection's shrink goes to the threads before its gemv, the expand comes
-        // after a barrier the stack has anyway, so adapter rows cost no barrier of their own
-        if ((ls_qkv = lora_step(L, PROJ_QKV, qkv_store, xa_qkv))) lora_shrink(*ls_qkv, h.data(), B);
+        // LoRA (lora_rows.h): each projection's shrink goes to the threads before its gemv (which ends in a
+        // barrier), and the threads split its expand by output chunks after it (one barrier more for qkv, o and
+        // down each: one thread expanding qkv alone, or every thread expanding o and down for its copy of x, cost
+        // more)
+        if ((ls_qkv = lora_step(L, PROJ_QKV, qkv_store, lora_xa.data()))) lora_shrink(*ls_qkv, h.data());
         gemv(L.qkv, prep, qkv.data(), B);
+        if (ls_qkv) lora_expand(*ls_qkv, qkv.data(), QKV);
 #pragma omp single
         for (int64_t b = 0; b < B; ++b) {
           float* row = qkv.data() + b * QKV;
-          for (int64_t n = 0; ls_qkv && n < QKV; n += 16) lora_add16(ls_qkv, b, n, row + n);
           head_norm(row, H, L.q_norm);
           head_norm(row + H * D, KVH, L.k_norm);
           rotate(row, H + KVH, pos[b]);  // q and k heads are adjacent
@@ -902,20 +928,22 @@ class DecodeStack {
           }
         rnd(attn.data(), B * H * D);
         prepare(prep, attn.data(), B, H * D);
-        if ((ls_o = lora_step(L, PROJ_O, o_store, xa_o))) lora_shrink(*ls_o, attn.data(), B);
+        if ((ls_o = lora_step(L, PROJ_O, o_store, lora_xa.data()))) lora_shrink(*ls_o, attn.data());
         gemv(L.o, prep, o.data(), B);
-        add_residual(x.data(), o.data(), B, Hd, ls_o);
+        if (ls_o) lora_expand(*ls_o, o.data(), Hd);
+        add_residual(x.data(), o.data(), B, Hd);
         // MLP block
         rms_norm(x.data(), L.post_norm.data_ptr<float>(), h.data(), B, Hd);
         prepare(prep, h.data(), B, Hd);
         // gate_up's deltas go in before the activation, inside its gemv: every thread computes the whole
         // shrink itself (a barrier costs more than these few dot products, and much more on a busy machine)
-        if ((ls_gu = lora_step(L, PROJ_GATE_UP, gu_store, gu_xa.data()))) lora_shrink(*ls_gu, h.data(), B, true);
+        if ((ls_gu = lora_step(L, PROJ_GATE_UP, gu_store, gu_xa.data()))) lora_shrink(*ls_gu, h.data(), true);
         gemv_glu(L.gate_up, prep, act.data(), B, ls_gu);
         prepare(prep, act.data(), B, I_);
-        if ((ls_down = lora_step(L, PROJ_DOWN, down_store, xa_down))) lora_shrink(*ls_down, act.data(), B);
+        if ((ls_down = lora_step(L, PROJ_DOWN, down_store, lora_xa.data()))) lora_shrink(*ls_down, act.data());
         gemv(L.down, prep, down.data(), B);
-        add_residual(x.data(), down.data(), B, Hd, ls_down);
+        if (ls_down) lora_expand(*ls_down, down.data(), Hd);
+        add_residual(x.data(), down.data(), B, Hd);
       }
       rms_norm(x.data(), final_norm_.data_ptr<float>(), h.data(), B, Hd);
       if (logits) {

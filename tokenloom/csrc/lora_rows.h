@@ -4,18 +4,22 @@
 // rows), b [slots, R, out] (B^T's rows, the scale folded in), in the model's dtype, and per slot and packed slice
 // (q/k/v, gate/up) the (first rank row, ranks, first output, outputs) in slices [slots, S, 4]. The stack shares
 // these tensors, so a slot the LoRA manager (re)loads is seen at the next step. float32 arithmetic, 16 outputs at
-// a time in the expand. Where in the stack's parallel region each part runs (no barrier of its own): see
-// DecodeStack::run.
+// a time in the expand, a slot's rows in blocks of four (each row's arithmetic that of the row alone, whatever
+// the batch). Where in the stack's parallel region each part runs: see DecodeStack::run.
 #pragma once
 #include <torch/extension.h>
 #include <c10/util/BFloat16.h>
+#include <algorithm>
 #include <cstdint>
+#include <type_traits>
+#include <vector>
 #include "attention_rows.h"
 
 #ifdef __AVX512F__
 namespace tl {
 
 struct LoraFactors {
+  static constexpr int64_t PREFETCH_AHEAD = 64;  // outputs: the expand prefetches this far ahead of its chunk
   torch::Tensor a, b, slices;  // held: the LoRA layer's buffers
   int64_t slots = 0, R = 0, S = 0, in = 0, out = 0;
   bool bf16 = false;
@@ -56,74 +60,134 @@ struct LoraFactors {
     return static_cast<const T*>(bp) + (slot * R + j) * out + o;
   }
 
-  // xa[r0 .. r0 + rn) = x . A_slot's rows r0.. for slice i: four rank rows per pass over x
-  template <typename T>
-  void shrink_slice(const float* x, int64_t slot, int64_t i, float* xa) const {
+  // the slice of the slot's factors whose outputs hold o, or null
+  const int64_t* slice_of(int64_t slot, int64_t o) const {
+    for (int64_t i = 0; i < S; ++i) {
+      const int64_t* p = slice(slot, i);
+      if (o >= p[2] && o < p[2] + p[3]) return p;
+    }
+    return nullptr;
+  }
+
+  // xa rows (xa + rows[r] * R) of NR rows of one slot, ranks of slice i: x rows (x + rows[r] * in) . A's rank
+  // rows. Each (row, rank) is one accumulator over `in` and one reduction, as a row alone; four ranks of NR rows
+  // at a time, so an A load serves every row and the chains do not wait on each other.
+  template <typename T, int NR>
+  void shrink_block(const float* x, const int64_t* rows, int64_t slot, int64_t i, float* xa) const {
     const int64_t* p = slice(slot, i);
     const int64_t r0 = p[0], rn = p[1];
+    const float* xr[NR];
+    for (int r = 0; r < NR; ++r) xr[r] = x + rows[r] * in;
     int64_t j = r0;
     for (; j + 4 <= r0 + rn; j += 4) {
       const T* a0 = a_rows<T>(slot, j);
-      __m512 s0 = _mm512_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
+      __m512 s[NR][4];
+      for (int r = 0; r < NR; ++r)
+        for (int q = 0; q < 4; ++q) s[r][q] = _mm512_setzero_ps();
       for (int64_t k = 0; k < in; k += 16) {
-        const __m512 vx = _mm512_loadu_ps(x + k);
-        s0 = _mm512_fmadd_ps(vx, Vec<T>::load(a0 + k), s0);
-        s1 = _mm512_fmadd_ps(vx, Vec<T>::load(a0 + in + k), s1);
-        s2 = _mm512_fmadd_ps(vx, Vec<T>::load(a0 + 2 * in + k), s2);
-        s3 = _mm512_fmadd_ps(vx, Vec<T>::load(a0 + 3 * in + k), s3);
+        const __m512 a[4] = {Vec<T>::load(a0 + k), Vec<T>::load(a0 + in + k), Vec<T>::load(a0 + 2 * in + k),
+                             Vec<T>::load(a0 + 3 * in + k)};
+        for (int r = 0; r < NR; ++r) {
+          const __m512 vx = _mm512_loadu_ps(xr[r] + k);
+          for (int q = 0; q < 4; ++q) s[r][q] = _mm512_fmadd_ps(vx, a[q], s[r][q]);
+        }
       }
-      xa[j] = _mm512_reduce_add_ps(s0);
-      xa[j + 1] = _mm512_reduce_add_ps(s1);
-      xa[j + 2] = _mm512_reduce_add_ps(s2);
-      xa[j + 3] = _mm512_reduce_add_ps(s3);
+      for (int r = 0; r < NR; ++r)
+        for (int q = 0; q < 4; ++q) xa[rows[r] * R + j + q] = _mm512_reduce_add_ps(s[r][q]);
     }
     for (; j < r0 + rn; ++j) {
       const T* a0 = a_rows<T>(slot, j);
-      __m512 s0 = _mm512_setzero_ps();
-      for (int64_t k = 0; k < in; k += 16) s0 = _mm512_fmadd_ps(_mm512_loadu_ps(x + k), Vec<T>::load(a0 + k), s0);
-      xa[j] = _mm512_reduce_add_ps(s0);
-    }
-  }
-
-  void shrink(const float* x, int64_t slot, int64_t i, float* xa) const {
-    if (bf16)
-      shrink_slice<c10::BFloat16>(x, slot, i, xa);
-    else
-      shrink_slice<float>(x, slot, i, xa);
-  }
-
-  // the delta of outputs o .. o + 16 (o a multiple of 16) from the row's xa; false where the slot's adapter has no
-  // factors for them
-  template <typename T>
-  bool expand16_t(const float* xa, int64_t slot, int64_t o, __m512& delta) const {
-    for (int64_t i = 0; i < S; ++i) {
-      const int64_t* p = slice(slot, i);
-      if (o < p[2] || o >= p[2] + p[3]) continue;
-      if (!p[1]) return false;
-      __m512 acc0 = _mm512_setzero_ps(), acc1 = acc0;  // two chains: the ranks' FMAs need not wait on each other
-      int64_t j = p[0];
-      for (; j + 2 <= p[0] + p[1]; j += 2) {
-        acc0 = _mm512_fmadd_ps(_mm512_set1_ps(xa[j]), Vec<T>::load(b_at<T>(slot, j, o)), acc0);
-        acc1 = _mm512_fmadd_ps(_mm512_set1_ps(xa[j + 1]), Vec<T>::load(b_at<T>(slot, j + 1, o)), acc1);
+      __m512 s[NR];
+      for (int r = 0; r < NR; ++r) s[r] = _mm512_setzero_ps();
+      for (int64_t k = 0; k < in; k += 16) {
+        const __m512 a = Vec<T>::load(a0 + k);
+        for (int r = 0; r < NR; ++r) s[r] = _mm512_fmadd_ps(_mm512_loadu_ps(xr[r] + k), a, s[r]);
       }
-      if (j < p[0] + p[1]) acc0 = _mm512_fmadd_ps(_mm512_set1_ps(xa[j]), Vec<T>::load(b_at<T>(slot, j, o)), acc0);
-      delta = _mm512_add_ps(acc0, acc1);
-      return true;
+      for (int r = 0; r < NR; ++r) xa[rows[r] * R + j] = _mm512_reduce_add_ps(s[r]);
     }
-    return false;
   }
 
-  bool expand16(const float* xa, int64_t slot, int64_t o, __m512& delta) const {
-    return bf16 ? expand16_t<c10::BFloat16>(xa, slot, o, delta) : expand16_t<float>(xa, slot, o, delta);
+  // the deltas of outputs o .. o + 16 (o a multiple of 16) of NR rows of one slot from their xa rows; false where
+  // the slot's adapter has no factors for them. Each row has two FMA chains over the ranks (even, odd), as a row
+  // alone; a B load serves every row.
+  template <typename T, int NR>
+  bool expand_block(const float* xa, const int64_t* rows, int64_t slot, int64_t o, __m512* delta) const {
+    const int64_t* p = slice_of(slot, o);
+    if (!p || !p[1]) return false;
+    const float* xr[NR];
+    __m512 acc0[NR], acc1[NR];
+    for (int r = 0; r < NR; ++r) xr[r] = xa + rows[r] * R, acc0[r] = acc1[r] = _mm512_setzero_ps();
+    int64_t j = p[0];
+    for (; j + 2 <= p[0] + p[1]; j += 2) {
+      // B's rank rows are as many streams as ranks, too many for the hardware prefetcher: the chunks ahead
+      _mm_prefetch(reinterpret_cast<const char*>(b_at<T>(slot, j, o + PREFETCH_AHEAD)), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(b_at<T>(slot, j + 1, o + PREFETCH_AHEAD)), _MM_HINT_T0);
+      const __m512 b0 = Vec<T>::load(b_at<T>(slot, j, o)), b1 = Vec<T>::load(b_at<T>(slot, j + 1, o));
+      for (int r = 0; r < NR; ++r) {
+        acc0[r] = _mm512_fmadd_ps(_mm512_set1_ps(xr[r][j]), b0, acc0[r]);
+        acc1[r] = _mm512_fmadd_ps(_mm512_set1_ps(xr[r][j + 1]), b1, acc1[r]);
+      }
+    }
+    if (j < p[0] + p[1]) {
+      const __m512 b0 = Vec<T>::load(b_at<T>(slot, j, o));
+      for (int r = 0; r < NR; ++r) acc0[r] = _mm512_fmadd_ps(_mm512_set1_ps(xr[r][j]), b0, acc0[r]);
+    }
+    for (int r = 0; r < NR; ++r) delta[r] = _mm512_add_ps(acc0[r], acc1[r]);
+    return true;
+  }
+
+  // f(a value of the factors' dtype, n as a compile-time constant) for n (1..4) rows: the two above's dispatch
+  template <typename F>
+  auto dispatch(int64_t n, F&& f) const {
+    auto by_rows = [&](auto t) {
+      switch (n) {
+        case 4: return f(t, std::integral_constant<int, 4>{});
+        case 3: return f(t, std::integral_constant<int, 3>{});
+        case 2: return f(t, std::integral_constant<int, 2>{});
+        default: return f(t, std::integral_constant<int, 1>{});
+      }
+    };
+    return bf16 ? by_rows(c10::BFloat16{}) : by_rows(float{});
+  }
+  void shrink(const float* x, const int64_t* rows, int64_t n, int64_t slot, int64_t i, float* xa) const {
+    dispatch(n, [&](auto t, auto nr) { shrink_block<decltype(t), decltype(nr)::value>(x, rows, slot, i, xa); });
+  }
+  bool expand(const float* xa, const int64_t* rows, int64_t n, int64_t slot, int64_t o, __m512* delta) const {
+    return dispatch(n, [&](auto t, auto nr) {
+      return expand_block<decltype(t), decltype(nr)::value>(xa, rows, slot, o, delta);
+    });
   }
 };
 
-// One projection's LoRA work in one step: its factors, the rows' slots (-1: the base model) and the shrink
-// results xa [rows, R]
+// A step's adapter rows by slot, in blocks of up to four rows of one slot (the unit of the shrink and expand)
+struct LoraGroups {
+  struct Block { int64_t slot, first, n; };  // rows[first .. first + n)
+  std::vector<int64_t> rows;
+  std::vector<Block> blocks;
+
+  void build(const int64_t* slots, int64_t B) {
+    rows.clear(), blocks.clear();
+    for (int64_t b = 0; b < B; ++b)
+      if (slots[b] >= 0) rows.push_back(b);
+    std::stable_sort(rows.begin(), rows.end(), [&](int64_t a, int64_t b) { return slots[a] < slots[b]; });
+    for (int64_t i = 0, n = static_cast<int64_t>(rows.size()); i < n;) {
+      int64_t e = i + 1;
+      while (e < n && e - i < 4 && slots[rows[e]] == slots[rows[i]]) ++e;
+      blocks.push_back({slots[rows[i]], i, e - i});
+      i = e;
+    }
+  }
+};
+
+// One projection's LoRA work in one step: its factors, the step's adapter rows, the shrink results xa [rows, R]
+// (shared, or the thread's own), and the thread's scratch for deltas: delta [rows][16], has [rows] (whether the
+// row got one)
 struct LoraStep {
   const LoraFactors* f;
-  const int64_t* slot;
+  const LoraGroups* groups;
   float* xa;
+  float* delta;
+  uint8_t* has;
 };
 
 }  // namespace tl
