@@ -126,10 +126,12 @@ def test_too_long_prompt_is_rejected_not_truncated(tiny_llama):
 
 @pytest.mark.parametrize("D,window", [(16, None), (64, None), (64, 6)])
 @pytest.mark.parametrize("kernels", [True, False])
-def test_paged_attention_matches_contiguous(D, window, kernels, monkeypatch, kernel_calls):
+@pytest.mark.parametrize("int8", [False, True], ids=["plain", "int8"])
+def test_paged_attention_matches_contiguous(D, window, kernels, int8, monkeypatch, kernel_calls):
     """Attention through scattered blocks equals plain causal attention over contiguous K/V: a mixed step (the
-    decodes through the fused CPU kernel, or torch's path) and a pure decode step. The kernel case skips, saying
-    why, where the kernels are not built, and checks that they really ran."""
+    decodes through the fused CPU kernel, or torch's path) and a pure decode step; with an int8 cache, over the
+    K/V it holds (values the int8 quantization keeps as they are). The kernel case skips, saying why, where the
+    kernels are not built, and checks that they really ran."""
     from tokenloom.kernels import cpu_ops
 
     if kernels:
@@ -142,14 +144,18 @@ def test_paged_attention_matches_contiguous(D, window, kernels, monkeypatch, ker
     H, KVH, bs = 6, 2, 4
     # a prefill chunk after a cached prefix, decodes, a fresh prefill
     lens_ctx, lens_q = [13, 1, 9, 22, 7], [5, 1, 9, 1, 1]
-    _check_paged_attention(lens_ctx, lens_q, H, KVH, D, bs, window)
-    _check_paged_attention([13, 30, 2], [1, 1, 1], H, KVH, D, bs, window)
+    _check_paged_attention(lens_ctx, lens_q, H, KVH, D, bs, window, int8)
+    _check_paged_attention([13, 30, 2], [1, 1, 1], H, KVH, D, bs, window, int8)
     if kernels:
         assert calls.get("paged_decode_attention", 0) == 2  # the decodes of each step
 
 
-def _check_paged_attention(lens_ctx, lens_q, H, KVH, D, bs, window):
+def _check_paged_attention(lens_ctx, lens_q, H, KVH, D, bs, window, int8=False):
     from tokenloom.model_executor.layers.attention import LayerKVCache, build_attention_metadata, paged_attention
+
+    def held(x):  # what an int8 cache holds of x: quantizing that again gives it back (up to one ulp of scale)
+        q, scale = LayerKVCache._quantize(x)
+        return q.float() * scale[..., None]
 
     num_blocks = 40
     perm = torch.randperm(num_blocks).tolist()
@@ -158,19 +164,22 @@ def _check_paged_attention(lens_ctx, lens_q, H, KVH, D, bs, window):
         n = -(-c // bs)
         tables.append(perm[pos : pos + n])
         pos += n
-    k_cache = torch.zeros(num_blocks * bs, KVH, D)
+    k_cache = torch.zeros(num_blocks * bs, KVH, D, dtype=torch.int8 if int8 else torch.float32)
     v_cache = torch.zeros_like(k_cache)
+    scales = [torch.zeros(num_blocks * bs, KVH) for _ in range(2)] if int8 else [None, None]
+    cache = LayerKVCache(k_cache, v_cache, *scales)
     full_k = [torch.randn(c, KVH, D) for c in lens_ctx]
     full_v = [torch.randn(c, KVH, D) for c in lens_ctx]
+    if int8:
+        full_k, full_v = [held(x) for x in full_k], [held(x) for x in full_v]
     for t, kk, vv, c, q in zip(tables, full_k, full_v, lens_ctx, lens_q):  # the cached prefix is already there
-        for p in range(c - q):
-            slot = t[p // bs] * bs + p % bs
-            k_cache[slot], v_cache[slot] = kk[p], vv[p]
+        slots = torch.tensor([t[p // bs] * bs + p % bs for p in range(c - q)], dtype=torch.long)
+        cache.write(slots, kk[: c - q], vv[: c - q])
     q_all = [torch.randn(q, H, D) for q in lens_q]
     meta = build_attention_metadata(lens_q, lens_ctx, tables, bs, H // KVH, window, torch.device("cpu"))
     new_k = torch.cat([kk[c - q :] for kk, c, q in zip(full_k, lens_ctx, lens_q)])
     new_v = torch.cat([vv[c - q :] for vv, c, q in zip(full_v, lens_ctx, lens_q)])
-    out = paged_attention(torch.cat(q_all), new_k, new_v, LayerKVCache(k_cache, v_cache), meta, D**-0.5)
+    out = paged_attention(torch.cat(q_all), new_k, new_v, cache, meta, D**-0.5)
     refs = []
     for qq, kk, vv, c, q in zip(q_all, full_k, full_v, lens_ctx, lens_q):
         kk, vv = kk.repeat_interleave(H // KVH, 1), vv.repeat_interleave(H // KVH, 1)

@@ -64,14 +64,14 @@ def _check_invariant(make_llm, prompts, params):
 
 
 @needs_stack
-@pytest.mark.parametrize("quant", ["int4-g32", "int8"])
-def test_tiny_model_requests_together_equal_each_alone(tmp_path, quant):
+@pytest.mark.parametrize("quant,kv", [("int4-g32", "auto"), ("int8", "auto"), ("int4-g32", "int8")])
+def test_tiny_model_requests_together_equal_each_alone(tmp_path, quant, kv):
     make_tiny("llama", tmp_path, hidden_size=128, intermediate_size=256)
     prompts, params = _prompts(12, 300), _params(12, 10)
 
     def make_llm(**kw):
         return LLM(str(tmp_path), dtype="bfloat16", quantization=quant, batch_invariant=True, num_blocks=512,
-                   block_size=4, **kw)
+                   block_size=4, kv_cache_dtype=kv, **kw)
 
     runner = _check_invariant(make_llm, prompts, params)
     fused = runner.fused

@@ -84,17 +84,46 @@ inline void for_each_key(const int64_t* blocks, int64_t block_size, int64_t s0, 
   }
 }
 
+// One KV head's rows in the paged cache, as attend_part reads them: load(slot, c) gives values c*16 .. c*16 + 15
+// of the head's row at `slot` as float32; bytes(slot) is where that row starts (prefetches read whole slots from
+// the first head's); at_head(h, D) is head h's reader from head 0's. Plain rows: the values themselves, in the
+// model's dtype or float32.
+template <typename T>
+struct KvHead {
+  const T* p;  // the head's first value in slot 0
+  int64_t stride;  // values per slot (every head's)
+  __m512 load(int64_t slot, int64_t c) const { return Vec<T>::load(p + slot * stride + c * 16); }
+  const char* bytes(int64_t slot) const { return reinterpret_cast<const char*>(p + slot * stride); }
+  KvHead at_head(int64_t h, int64_t D) const { return {p + h * D, stride}; }  // from head 0's reader
+};
+
+// int8 rows with a float32 scale per (slot, head), dequantized as the layer path reads them: (q * scale) rounded
+// to the model's dtype R
+template <typename R>
+struct KvHeadInt8 {
+  const int8_t* p;
+  const float* scale;  // the head's scale in slot 0
+  int64_t stride, scale_stride;  // values, scales per slot
+  __m512 load(int64_t slot, int64_t c) const {
+    const __m128i q = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + slot * stride + c * 16));
+    const __m512 v = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q));
+    return Vec<R>::round(_mm512_mul_ps(v, _mm512_set1_ps(scale[slot * scale_stride])));
+  }
+  const char* bytes(int64_t slot) const { return reinterpret_cast<const char*>(p + slot * stride); }
+  KvHeadInt8 at_head(int64_t h, int64_t D) const { return {p + h * D, scale + h, stride, scale_stride}; }
+};
+
 // Ask for the K and V rows (all heads: `row_bytes` each) of the block `ahead` blocks after the one holding
 // context position `pos`: a sequence's blocks lie anywhere in the pool, so the hardware prefetchers cannot see
 // the next one coming.
-template <typename T>
+template <typename KV>
 inline void prefetch_block(const int64_t* blocks, int64_t block_size, int64_t pos, int64_t ahead, int64_t end,
-                           const T* kc, const T* vc, int64_t slot_stride, int64_t row_bytes) {
+                           const KV& kc, const KV& vc, int64_t row_bytes) {
   const int64_t first = (pos / block_size + ahead) * block_size;
   if (first >= end) return;
   const int64_t base = blocks[first / block_size] * block_size, rows = std::min(block_size, end - first);
-  const char* k = reinterpret_cast<const char*>(kc + base * slot_stride);
-  const char* v = reinterpret_cast<const char*>(vc + base * slot_stride);
+  const char* k = kc.bytes(base);
+  const char* v = vc.bytes(base);
   for (int64_t byte = 0; byte < rows * row_bytes; byte += 64) {
     _mm_prefetch(k + byte, _MM_HINT_T0);
     _mm_prefetch(v + byte, _MM_HINT_T1);
@@ -102,27 +131,27 @@ inline void prefetch_block(const int64_t* blocks, int64_t block_size, int64_t po
 }
 
 // One (sequence, KV head): the GT query heads sharing it (GT = 0: a run-time count, up to 16) against the
-// context positions s0 .. s0 + n - 1 (n >= 1). Two passes over the cache rows: scores, then the softmax-weighted
-// sum of values, one 16-wide slice of the head at a time so that every accumulator stays in a register. The
-// result is unnormalised (flash-decoding's partial): acc[g * D + d] = sum_j e^(s_j - m_g) v_j, with the max m_g
-// and the sum l_g of the weights, so that parts over different key ranges merge exactly. The first head of a
-// sequence prefetches whole rows (every head's K and V), which the other heads then find in cache.
-template <typename T, int GT>
-void attend_part(const float* qf, int64_t G_rt, int64_t D, const T* kc, const T* vc, int64_t slot_stride,
-                 const int64_t* blocks, int64_t block_size, int64_t s0, int64_t n, float* scores, float* acc_out,
-                 float* m_out, float* l_out, int64_t prefetch_bytes) {
+// context positions s0 .. s0 + n - 1 (n >= 1), K and V read through KvHead or KvHeadInt8. Two passes over the
+// cache rows: scores, then the softmax-weighted sum of values, one 16-wide slice of the head at a time so that
+// every accumulator stays in a register. The result is unnormalised (flash-decoding's partial): acc[g * D + d] =
+// sum_j e^(s_j - m_g) v_j, with the max m_g and the sum l_g of the weights, so that parts over different key
+// ranges merge exactly. The first head of a sequence prefetches whole rows (every head's K and V: prefetch_bytes
+// each), which the other heads then find in cache.
+template <typename KV, int GT>
+void attend_part(const float* qf, int64_t G_rt, int64_t D, const KV& kc, const KV& vc, const int64_t* blocks,
+                 int64_t block_size, int64_t s0, int64_t n, float* scores, float* acc_out, float* m_out,
+                 float* l_out, int64_t prefetch_bytes) {
   constexpr int GMAX = GT ? GT : 16;
   const int64_t G = GT ? GT : G_rt, C = D / 16;
   for_each_key(blocks, block_size, s0, n, [&](int64_t slot, int64_t j) {
     if (prefetch_bytes && j == 0)  // two blocks in flight: the next one, and the one after it
-      prefetch_block(blocks, block_size, s0, 1, s0 + n, kc, vc, slot_stride, prefetch_bytes);
+      prefetch_block(blocks, block_size, s0, 1, s0 + n, kc, vc, prefetch_bytes);
     if (prefetch_bytes && (j == 0 || (s0 + j) % block_size == 0))
-      prefetch_block(blocks, block_size, s0 + j, 2, s0 + n, kc, vc, slot_stride, prefetch_bytes);
-    const T* k = kc + slot * slot_stride;
+      prefetch_block(blocks, block_size, s0 + j, 2, s0 + n, kc, vc, prefetch_bytes);
     __m512 a[GMAX];
     for (int64_t g = 0; g < G; ++g) a[g] = _mm512_setzero_ps();
     for (int64_t c = 0; c < C; ++c) {
-      const __m512 kk = Vec<T>::load(k + c * 16);
+      const __m512 kk = kc.load(slot, c);
       for (int64_t g = 0; g < G; ++g) a[g] = _mm512_fmadd_ps(_mm512_loadu_ps(qf + g * D + c * 16), kk, a[g]);
     }
     for (int64_t g = 0; g < G; ++g) scores[g * n + j] = _mm512_reduce_add_ps(a[g]);
@@ -132,7 +161,7 @@ void attend_part(const float* qf, int64_t G_rt, int64_t D, const T* kc, const T*
     __m512 acc[GMAX];
     for (int64_t g = 0; g < G; ++g) acc[g] = _mm512_setzero_ps();
     for_each_key(blocks, block_size, s0, n, [&](int64_t slot, int64_t j) {
-      const __m512 vv = Vec<T>::load(vc + slot * slot_stride + c * 16);
+      const __m512 vv = vc.load(slot, c);
       for (int64_t g = 0; g < G; ++g) acc[g] = _mm512_fmadd_ps(_mm512_set1_ps(scores[g * n + j]), vv, acc[g]);
     });
     for (int64_t g = 0; g < G; ++g) _mm512_storeu_ps(acc_out + g * D + c * 16, acc[g]);
@@ -140,11 +169,12 @@ void attend_part(const float* qf, int64_t G_rt, int64_t D, const T* kc, const T*
 }
 
 // attend_part over GT's dispatch: the compile-time head counts 1..8, else a run-time count
-template <typename T>
-void attend_part_any(const float* qf, int64_t G, int64_t D, const T* kc, const T* vc, int64_t slot_stride,
-                     const int64_t* blocks, int64_t block_size, int64_t s0, int64_t n, float* scores, float* acc,
-                     float* m, float* l, int64_t prefetch_bytes) {
-#define TL_ATTEND(GT) attend_part<T, GT>(qf, G, D, kc, vc, slot_stride, blocks, block_size, s0, n, scores, acc, m, l, prefetch_bytes)
+template <typename KV>
+void attend_part_any(const float* qf, int64_t G, int64_t D, const KV& kc, const KV& vc, const int64_t* blocks,
+                     int64_t block_size, int64_t s0, int64_t n, float* scores, float* acc, float* m, float* l,
+                     int64_t prefetch_bytes) {
+#define TL_ATTEND(GT) \
+  attend_part<KV, GT>(qf, G, D, kc, vc, blocks, block_size, s0, n, scores, acc, m, l, prefetch_bytes)
   switch (G) {
     case 1: TL_ATTEND(1); break;
     case 2: TL_ATTEND(2); break;

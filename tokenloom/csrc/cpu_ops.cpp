@@ -18,11 +18,11 @@ namespace {
 
 using namespace tl;
 
-template <typename T>
-void decode_attention_impl(const T* q, int64_t q_stride, const T* kc, const T* vc, int64_t slot_stride,
-                           const int64_t* table, int64_t table_stride, int64_t block_size, const int64_t* lens,
-                           const int64_t* starts, T* out, int64_t B, int64_t H, int64_t KVH, int64_t D,
-                           float scale) {
+// kc, vc: KV head readers (attention_rows.h) at head 0; row_bytes: a slot's bytes (every head's K or V)
+template <typename T, typename KV>
+void decode_attention_impl(const T* q, int64_t q_stride, KV kc, KV vc, int64_t row_bytes, const int64_t* table,
+                           int64_t table_stride, int64_t block_size, const int64_t* lens, const int64_t* starts,
+                           T* out, int64_t B, int64_t H, int64_t KVH, int64_t D, float scale) {
   const int64_t G = H / KVH, C = D / 16;
   // one task per sequence, its KV heads in turn: a slot's heads are adjacent in memory and read together
   at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
@@ -38,10 +38,9 @@ void decode_attention_impl(const T* q, int64_t q_stride, const T* kc, const T* v
                            _mm512_mul_ps(Vec<T>::load(q + b * q_stride + (h * G + g) * D + c * 16),
                                          _mm512_set1_ps(scale)));
       const int64_t* blocks = table + b * table_stride;
-      const int64_t pf = h == 0 ? slot_stride * static_cast<int64_t>(sizeof(T)) : 0;
       acc.resize(G * D);
-      attend_part_any<T>(qf.data(), G, D, kc + h * D, vc + h * D, slot_stride, blocks, block_size, s0, n,
-                         scores.data(), acc.data(), m, l, pf);
+      attend_part_any(qf.data(), G, D, kc.at_head(h, D), vc.at_head(h, D), blocks, block_size, s0, n,
+                      scores.data(), acc.data(), m, l, h == 0 ? row_bytes : 0);
       merge_parts<T>(acc.data(), m, l, 1, G, D, 0, out + (b * H + h * G) * D);
     }
   });
@@ -101,16 +100,32 @@ void rotary_impl(T* x, int64_t x_stride, const T* cos, const T* sin, int64_t M, 
 // q [B, H, D] (rows may be strided), caches [S, KVH, D], block_table [B, max_blocks], lens/starts [B]
 torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
                                      torch::Tensor block_table, int64_t block_size, torch::Tensor lens,
-                                     torch::Tensor starts, double scale) {
+                                     torch::Tensor starts, double scale, c10::optional<torch::Tensor> k_scale,
+                                     c10::optional<torch::Tensor> v_scale) {
   const int64_t B = q.size(0), H = q.size(1), D = q.size(2), KVH = k_cache.size(1);
+  const bool int8 = k_scale.has_value();
   TORCH_CHECK(q.stride(2) == 1 && q.stride(1) == D && k_cache.is_contiguous() && v_cache.is_contiguous());
-  TORCH_CHECK(D % 16 == 0 && H % KVH == 0 && H / KVH <= 16 && k_cache.scalar_type() == q.scalar_type());
+  TORCH_CHECK(D % 16 == 0 && H % KVH == 0 && H / KVH <= 16 &&
+              k_cache.scalar_type() == (int8 ? at::kChar : q.scalar_type()));
+  TORCH_CHECK(!int8 || (v_scale && k_scale->scalar_type() == at::kFloat && v_scale->scalar_type() == at::kFloat &&
+                        k_scale->is_contiguous() && v_scale->is_contiguous() &&
+                        k_scale->numel() == k_cache.size(0) * KVH && v_scale->numel() == k_scale->numel()),
+              "paged_decode_attention: an int8 cache's scales are float32 [slots, kv_heads]");
   auto table = block_table.contiguous();
   auto out = torch::empty({B, H * D}, q.options());
-  TL_DISPATCH(q.scalar_type(), decode_attention_impl<scalar>(
-      q.data_ptr<scalar>(), q.stride(0), k_cache.data_ptr<scalar>(), v_cache.data_ptr<scalar>(), KVH * D,
-      table.data_ptr<int64_t>(), table.size(1), block_size, lens.data_ptr<int64_t>(), starts.data_ptr<int64_t>(),
-      out.data_ptr<scalar>(), B, H, KVH, D, static_cast<float>(scale)));
+  TL_DISPATCH(q.scalar_type(), {
+    auto run = [&](auto kc, auto vc, int64_t row_bytes) {
+      decode_attention_impl<scalar>(q.data_ptr<scalar>(), q.stride(0), kc, vc, row_bytes, table.data_ptr<int64_t>(),
+                                    table.size(1), block_size, lens.data_ptr<int64_t>(), starts.data_ptr<int64_t>(),
+                                    out.data_ptr<scalar>(), B, H, KVH, D, static_cast<float>(scale));
+    };
+    if (int8)
+      run(KvHeadInt8<scalar>{k_cache.data_ptr<int8_t>(), k_scale->data_ptr<float>(), KVH * D, KVH},
+          KvHeadInt8<scalar>{v_cache.data_ptr<int8_t>(), v_scale->data_ptr<float>(), KVH * D, KVH}, KVH * D);
+    else
+      run(KvHead<scalar>{k_cache.data_ptr<scalar>(), KVH * D}, KvHead<scalar>{v_cache.data_ptr<scalar>(), KVH * D},
+          KVH * D * static_cast<int64_t>(sizeof(scalar)));
+  });
   return out;
 }
 

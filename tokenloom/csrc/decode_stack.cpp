@@ -99,6 +99,7 @@ enum Proj : int64_t { PROJ_QKV = 0, PROJ_O = 1, PROJ_GATE_UP = 2, PROJ_DOWN = 3 
 
 struct Layer {
   torch::Tensor in_norm, post_norm, q_norm, k_norm, k_cache, v_cache;  // norms float32; caches [S, KVH, D]
+  torch::Tensor k_scale, v_scale;  // an int8 cache's float32 scales [S, KVH], else empty
   Lin qkv, o, gate_up, down;
   LoraFactors lora[4];  // by Proj: the adapters' factors of the projections LoRA wraps (lora_rows.h)
 };
@@ -187,7 +188,8 @@ class DecodeStack {
 
   void add_layer(torch::Tensor in_norm, torch::Tensor post_norm, torch::Tensor q_norm, torch::Tensor k_norm,
                  std::vector<PartSpec> qkv, std::vector<PartSpec> o, std::vector<PartSpec> gate_up,
-                 std::vector<PartSpec> down, torch::Tensor k_cache, torch::Tensor v_cache) {
+                 std::vector<PartSpec> down, torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor k_scale,
+                 torch::Tensor v_scale) {
     Layer L;
     L.in_norm = in_norm.to(at::kFloat).contiguous();
     L.post_norm = post_norm.to(at::kFloat).contiguous();
@@ -199,12 +201,22 @@ class DecodeStack {
     L.down = make_lin(down, I_);
     TORCH_CHECK(L.qkv.N == (H_ + 2 * KVH_) * D_ && L.o.N == Hd_ && L.gate_up.N == 2 * I_ && L.down.N == Hd_,
                 "decode_stack: layer shapes");
-    const auto cache_type = bf16_ ? at::kBFloat16 : at::kFloat;
+    const bool int8 = k_scale.numel() > 0;
+    const auto cache_type = int8 ? at::kChar : bf16_ ? at::kBFloat16 : at::kFloat;
     for (const auto& c : {k_cache, v_cache})
       TORCH_CHECK(c.scalar_type() == cache_type && c.is_contiguous() && c.dim() == 3 && c.size(1) == KVH_ &&
-                  c.size(2) == D_, "decode_stack: KV cache must be [slots, kv_heads, head_dim] in the model dtype");
+                  c.size(2) == D_, "decode_stack: KV cache must be [slots, kv_heads, head_dim] in the model dtype "
+                  "(int8 with scales)");
+    for (const auto& sc : {k_scale, v_scale})
+      TORCH_CHECK(!int8 || (sc.scalar_type() == at::kFloat && sc.is_contiguous() && sc.dim() == 2 &&
+                            sc.size(0) == k_cache.size(0) && sc.size(1) == KVH_),
+                  "decode_stack: an int8 KV cache's scales must be float32 [slots, kv_heads]");
+    TORCH_CHECK(layers_.empty() || layers_[0].k_scale.numel() == k_scale.numel(),
+                "decode_stack: every layer's KV cache of one kind");
     L.k_cache = k_cache;
     L.v_cache = v_cache;
+    L.k_scale = k_scale;
+    L.v_scale = v_scale;
     layers_.push_back(std::move(L));
   }
 
@@ -799,6 +811,31 @@ class DecodeStack {
     }
   }
 
+  // a token's K and V rows (every KV head) into the cache at `slot`: as the model's dtype, or, in an int8 cache,
+  // quantized per head as the layer path's LayerKVCache.write does (symmetric, scale max|x| / 127, ties to even)
+  template <typename T>
+  void write_kv(const Layer& L, int64_t slot, const float* k, const float* v) const {
+    const int64_t n = KVH_ * D_;
+    if (!L.k_scale.numel()) {
+      T* kc = L.k_cache.data_ptr<T>() + slot * n;
+      T* vc = L.v_cache.data_ptr<T>() + slot * n;
+      for (int64_t i = 0; i < n; ++i) kc[i] = static_cast<T>(k[i]), vc[i] = static_cast<T>(v[i]);
+      return;
+    }
+    const std::tuple<const float*, const torch::Tensor*, const torch::Tensor*> planes[] = {
+        {k, &L.k_cache, &L.k_scale}, {v, &L.v_cache, &L.v_scale}};
+    for (auto [x, cache, scales] : planes)
+      for (int64_t h = 0; h < KVH_; ++h) {
+        const float* xh = x + h * D_;
+        float amax = 0.f;
+        for (int64_t i = 0; i < D_; ++i) amax = std::max(amax, std::fabs(xh[i]));
+        const float s = std::max(amax, 1e-8f) / 127.0f;
+        int8_t* q = cache->template data_ptr<int8_t>() + slot * n + h * D_;
+        for (int64_t i = 0; i < D_; ++i) q[i] = static_cast<int8_t>(std::nearbyint(xh[i] / s));
+        scales->template data_ptr<float>()[slot * KVH_ + h] = s;
+      }
+  }
+
   void head_norm(float* v, int64_t heads, const torch::Tensor& w) const {
     if (!w.numel()) return;
     rms_norm(v, w.data_ptr<float>(), v, heads, D_);
@@ -894,32 +931,34 @@ class DecodeStack {
           head_norm(row, H, L.q_norm);
           head_norm(row + H * D, KVH, L.k_norm);
           rotate(row, H + KVH, pos[b]);  // q and k heads are adjacent
-          T* kc = L.k_cache.data_ptr<T>() + slot[b] * KVH * D;
-          T* vc = L.v_cache.data_ptr<T>() + slot[b] * KVH * D;
-          for (int64_t i = 0; i < KVH * D; ++i) {
-            kc[i] = static_cast<T>(row[H * D + i]);
-            vc[i] = static_cast<T>(row[(H + KVH) * D + i]);
-          }
+          write_kv<T>(L, slot[b], row + H * D, row + (H + KVH) * D);
         }
-        const T* kcache = L.k_cache.data_ptr<T>();
-        const T* vcache = L.v_cache.data_ptr<T>();
+        // the units' attention through the cache's rows (kc, vc: a KV head reader at head 0; row_bytes: a slot's)
+        auto attend = [&](auto kc, auto vc, int64_t row_bytes) {
 #pragma omp for schedule(dynamic, 1)
-        for (int64_t u = 0; u < U; ++u) {
-          const Unit& un = units[u];
-          const int64_t pf = un.h == 0 ? KVH * D * static_cast<int64_t>(sizeof(T)) : 0;
-          for (int64_t b = un.b0; b < un.b1; ++b) {
-            const int64_t s0 = std::max(un.chunk * KEY_CHUNK, start[b]);
-            const int64_t s1 = std::min((un.chunk + 1) * KEY_CHUNK, lens[b]);
-            if (s1 <= s0) continue;
-            const int64_t part = first_part[b] + un.h * parts_of[b] + un.chunk - start[b] / KEY_CHUNK;
-            const float* q = qkv.data() + b * QKV + un.h * G * D;
-            for (int64_t i = 0; i < G * D; ++i) qf[i] = q[i] * scale;
-            scores.resize(G * (s1 - s0));
-            attend_part_any<T>(qf.data(), G, D, kcache + un.h * D, vcache + un.h * D, KVH * D,
-                               table + b * table_stride, block_size, s0, s1 - s0, scores.data(),
-                               attn_acc.data() + part * G * D, attn_m.data() + part * G, attn_l.data() + part * G, pf);
+          for (int64_t u = 0; u < U; ++u) {
+            const Unit& un = units[u];
+            const auto kh = kc.at_head(un.h, D), vh = vc.at_head(un.h, D);
+            for (int64_t b = un.b0; b < un.b1; ++b) {
+              const int64_t s0 = std::max(un.chunk * KEY_CHUNK, start[b]);
+              const int64_t s1 = std::min((un.chunk + 1) * KEY_CHUNK, lens[b]);
+              if (s1 <= s0) continue;
+              const int64_t part = first_part[b] + un.h * parts_of[b] + un.chunk - start[b] / KEY_CHUNK;
+              const float* q = qkv.data() + b * QKV + un.h * G * D;
+              for (int64_t i = 0; i < G * D; ++i) qf[i] = q[i] * scale;
+              scores.resize(G * (s1 - s0));
+              attend_part_any(qf.data(), G, D, kh, vh, table + b * table_stride, block_size, s0, s1 - s0,
+                              scores.data(), attn_acc.data() + part * G * D, attn_m.data() + part * G,
+                              attn_l.data() + part * G, un.h == 0 ? row_bytes : 0);
+            }
           }
-        }
+        };
+        if (L.k_scale.numel())
+          attend(KvHeadInt8<T>{L.k_cache.data_ptr<int8_t>(), L.k_scale.data_ptr<float>(), KVH * D, KVH},
+                 KvHeadInt8<T>{L.v_cache.data_ptr<int8_t>(), L.v_scale.data_ptr<float>(), KVH * D, KVH}, KVH * D);
+        else
+          attend(KvHead<T>{L.k_cache.data_ptr<T>(), KVH * D}, KvHead<T>{L.v_cache.data_ptr<T>(), KVH * D},
+                 KVH * D * static_cast<int64_t>(sizeof(T)));
         for (int64_t b = 0; b < B; ++b)  // every thread merges the parts into its own copy
           for (int64_t hh = 0; hh < KVH; ++hh) {
             const int64_t p0 = first_part[b] + hh * parts_of[b];

@@ -10,7 +10,9 @@ on its own copy of the residual stream; six barriers a layer, nothing allocated 
 
 It reads the model's own weights where they are (shared, not copied: quantized records, float matrices) and the
 engine's paged KV cache, and writes each new token's K/V there, so the layer-by-layer path (prefill, wide
-batches, prompt logprobs) and this one interleave freely. In a bfloat16 model, activations are rounded to
+batches, prompt logprobs) and this one interleave freely. An int8 KV cache (--kv-cache-dtype int8) is read and
+written as the layer path does: quantized per (token, head) with a float32 scale, dequantized to the model's
+dtype as attention reads it. In a bfloat16 model, activations are rounded to
 bfloat16 wherever the layer-by-layer path materialises a bfloat16 tensor, so the two compute the same function up
 to float32 summation order (tests/model_executor/test_fused_decode.py holds them to that).
 
@@ -36,7 +38,7 @@ row its one-token decode's logits to the bit.
 Batch-invariant engines (--batch-invariant: make_batch_invariant) give the stack every step, prefill included, and
 choose each row's kernels by what the row is: a prompt row takes the AMX tiles where there are (token_logits puts
 those rows first and tells the stack how many), every other row the integer kernels, whatever the batch.
-Anything else (MoE, NF4, act-order GPTQ, raw Q2_K/Q3_K blocks, an int8 KV cache, a CPU without AVX-512) keeps
+Anything else (MoE, NF4, act-order GPTQ, raw Q2_K/Q3_K blocks, a CPU without AVX-512) keeps
 the layer-by-layer path: `FusedDecoder.build` returns None and says why in `FusedDecoder.reason`.
 TOKENLOOM_FUSED_DECODE=0 turns it off.
 
@@ -177,8 +179,8 @@ class FusedDecoder:
             raise Unsupported("mixture-of-experts layers")
         if cfg.head_dim % 16 or cfg.hidden_size % 16 or cfg.intermediate_size % 16:
             raise Unsupported("head, hidden or MLP size not a multiple of 16")
-        if any(c is None or c.k_scale is not None for c in layer_caches):
-            raise Unsupported("int8 KV cache")
+        if any(c is None for c in layer_caches):
+            raise Unsupported("no KV cache")
         # The stack computes these models' layers; subclasses of theirs that are models of their own (Gemma's extra
         # norms, GeGLU, soft-capping, per-layer windows) run layer by layer.
         known = {"CausalLM", "LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
@@ -213,7 +215,8 @@ class FusedDecoder:
                 _EMPTY if q_norm is None else q_norm.weight.detach(),
                 _EMPTY if k_norm is None else k_norm.weight.detach(),
                 parts(attn.qkv_proj), parts(attn.o_proj), parts(mlp.gate_up_proj), parts(mlp.down_proj),
-                cache.k, cache.v)
+                cache.k, cache.v, _EMPTY if cache.k_scale is None else cache.k_scale,
+                _EMPTY if cache.v_scale is None else cache.v_scale)
         stack.set_head(model.norm.weight.detach(), linear_parts(model.lm_head, dtype))
         return stack, bool(kinds & {DENSE_F32, DENSE_BF16})
 
