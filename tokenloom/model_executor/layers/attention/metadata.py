@@ -32,6 +32,15 @@ class AttentionBatch:
     key_start: torch.Tensor  # [B] first position attended (sliding window), else 0
     block_size: int
     key_rows: torch.Tensor | None = None  # [B*KVH*L] rows of the cache viewed as [slot*KVH, D]; made by layer 0
+    additive_mask: torch.Tensor | None = None  # mask as SDPA adds it (0 / -inf, q's dtype); made by layer 0
+
+    def sdpa_mask(self, dtype: torch.dtype) -> torch.Tensor:
+        """The mask as an additive one, made once for the step's layers: given the boolean mask, SDPA converts
+        it itself in every call (a `where` over [B, G*Q, L] per layer, 40 % of a long chunked prefill)."""
+        if self.additive_mask is None or self.additive_mask.dtype != dtype:
+            self.additive_mask = torch.zeros(self.mask.shape, dtype=dtype, device=self.mask.device).masked_fill_(
+                ~self.mask, float("-inf"))
+        return self.additive_mask
 
 
 @dataclass
