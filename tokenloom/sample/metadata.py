@@ -38,7 +38,8 @@ def _tensor(values, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     return to_device(torch.tensor(values, dtype=dtype, device="cpu"), device)
 
 
-def _index(ids: list[int], device: torch.device) -> torch.Tensor:
+def index(ids: list[int], device: torch.device) -> torch.Tensor:
+    """Row or column ids as a long tensor on `device` (the sampler's gathers and scatters)."""
     return _tensor(ids, torch.long, device)
 
 
@@ -78,7 +79,7 @@ class Penalties:
             out = _tensor([o + [-1] * (out_w - len(o)) for o in outs], torch.long, device)
             out = out.sort(-1).values
             counts = (torch.searchsorted(out, tokens, right=True) - torch.searchsorted(out, tokens)).float()
-        return cls(_index(idx, device)[:, None], tokens, column([p.repetition_penalty for p in params]),
+        return cls(index(idx, device)[:, None], tokens, column([p.repetition_penalty for p in params]),
                    column([p.presence_penalty for p in params]), column([p.frequency_penalty for p in params]), counts)
 
 
@@ -150,8 +151,8 @@ class SamplingMetadata:
         lp_rows = [i for i, r in enumerate(rows) if r.params.logprobs is not None]
         return cls(
             num_rows=len(rows), device=device, greedy=greedy, sampled=sampled,
-            greedy_index=_index(greedy, device) if greedy else None,
-            sampled_index=_index(sampled, device) if sampled else None,
+            greedy_index=index(greedy, device) if greedy else None,
+            sampled_index=index(sampled, device) if sampled else None,
             temperature=_tensor(temps, torch.float32, device),
             sampled_temperature=_tensor([temps[i] for i in sampled], torch.float32, device),
             truncation=truncation, plain=plain,
@@ -162,7 +163,7 @@ class SamplingMetadata:
             request_processors=[(i, r.output_token_ids, r.logits_processors) for i, r in enumerate(rows)
                                 if r.logits_processors],
             token_bitmask=None if token_bitmask is None else to_device(token_bitmask, device),
-            bitmask_rows=None if bitmask_rows is None else _index(bitmask_rows, device),
+            bitmask_rows=None if bitmask_rows is None else index(bitmask_rows, device),
         )
 
 
@@ -188,7 +189,7 @@ def _logit_bias(rows: list[SamplingRow], device: torch.device):
             v_ += r.params.logit_bias.values()
     if not r_:
         return None
-    return _index(r_, device), _index(c_, device), _tensor(v_, torch.float32, device)
+    return index(r_, device), index(c_, device), _tensor(v_, torch.float32, device)
 
 
 def _banned(rows: list[SamplingRow], device: torch.device):
@@ -198,4 +199,4 @@ def _banned(rows: list[SamplingRow], device: torch.device):
             ban = list(r.eos_token_ids) + list(r.params.stop_token_ids or ())
             r_ += [i] * len(ban)
             c_ += ban
-    return (_index(r_, device), _index(c_, device)) if r_ else None
+    return (index(r_, device), index(c_, device)) if r_ else None

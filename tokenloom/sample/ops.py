@@ -18,8 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from tokenloom.kernels.transfer import to_device
-from tokenloom.sample.metadata import Truncation
+from tokenloom.sample.metadata import Truncation, index
 
 CANDIDATES = 64  # logits every truncated row looks at first (more when a top_k is larger)
 TOP_P_CANDIDATES = (512,)  # partial top-ks tried for a top-p boundary beyond the first candidates
@@ -74,10 +73,6 @@ def row_sum(x: torch.Tensor) -> torch.Tensor:
     if whole < V:
         parts = torch.cat([parts, x[:, whole:].sum(-1, keepdim=True)], 1)
     return parts.sum(-1)
-
-
-def index(ids: list[int], device: torch.device) -> torch.Tensor:
-    return to_device(torch.tensor(ids, dtype=torch.long, device="cpu"), device)
 
 
 class Workspace:

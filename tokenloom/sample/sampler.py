@@ -22,7 +22,7 @@ import torch
 from tokenloom.kernels.transfer import to_device
 from tokenloom.sample import ops
 from tokenloom.sample.logits_processors import LogitsProcessor, default_processors
-from tokenloom.sample.metadata import SamplingMetadata, SamplingRow
+from tokenloom.sample.metadata import SamplingMetadata, SamplingRow, index
 from tokenloom.sample.ops import Workspace, select_rows
 
 __all__ = ["Sampler", "SamplerOutput", "SamplingMetadata", "SamplingRow"]
@@ -92,7 +92,7 @@ class Sampler:
             return to_device(torch.rand(n, generator=g, device=g.device).cpu(), dev)
         u = torch.empty(n, device="cpu")  # filled on the host, then one copy
         if md.unseeded:
-            u[ops.index(md.unseeded, u.device)] = torch.rand(len(md.unseeded), generator=g, device=g.device).cpu()
+            u[index(md.unseeded, u.device)] = torch.rand(len(md.unseeded), generator=g, device=g.device).cpu()
         for j, gen in md.seeded:
             u[j] = torch.rand(1, generator=gen, device=gen.device)[0]
         return to_device(u, dev)
@@ -106,7 +106,7 @@ class Sampler:
         if md.greedy:
             probs[md.greedy_index, tokens[md.greedy_index]] = 1.0
         if md.sampled:
-            xs = x[ops.index(at, x.device)]
+            xs = x[index(at, x.device)]
             neg = xs - xs.amax(-1, keepdim=True)
             w = ops.exp_nonpositive(neg, neg).masked_fill_(xs < thr[:, None], 0.0)
             probs[md.sampled_index] = w / ops.row_sum(w)[:, None]
@@ -120,7 +120,7 @@ class Sampler:
         if not rows:
             return out
         V = logits.shape[1]
-        rows_t = ops.index(rows, logits.device)
+        rows_t = index(rows, logits.device)
         lp = select_rows(self.ws, "lp", logits, rows)
         m = lp.amax(-1, keepdim=True)
         exp = torch.sub(lp, m, out=self.ws("lp.exp", len(rows), V, device=logits.device))
