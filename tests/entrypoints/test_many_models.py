@@ -24,7 +24,7 @@ PROMPT = "The loom is"
 pytestmark = pytest.mark.slow
 
 
-def _pool(routes=None, **config):
+def _pool(routes=None, load_delay_s=0.0, **config):
     from tokenloom.engine.async_engine import AsyncEngine
     from tokenloom.entrypoints.engine_args import EngineArgs
     from tokenloom.entrypoints.model_pool import ModelPool, ModelSources, PoolConfig
@@ -35,8 +35,9 @@ def _pool(routes=None, **config):
     base = EngineArgs(**ENGINE)
     loads = []
 
-    def load(variant, source):
+    def load(variant, source):  # on the pool's loading thread
         loads.append(variant.name)
+        time.sleep(load_delay_s)  # a load as slow as a larger model's, where a test needs one to be under way
         return AsyncEngine(dataclasses.replace(base, model=source, **variant.overrides).create_llm().engine).start()
 
     pool = ModelPool(PoolConfig(**config), factory=load, estimate=estimate_weight_bytes,
@@ -329,8 +330,10 @@ def test_serve_cli_models_dir_routes_sighup_and_expiry(tiny_llama, tmp_path):
 
 
 def test_a_client_gone_mid_load_leaves_no_orphan_engine():
-    """The load a request started finishes without it, and the model then expires as if it had been used."""
-    server = _pool()
+    """The load a request started finishes without it, and the model then expires as if it had been used. The
+    load takes at least 2 s, so the client's 0.3 s timeout always falls inside it (the default model alone can
+    load faster than that)."""
+    server = _pool(load_delay_s=2.0)
     url = server.url
     try:
         with pytest.raises(httpx.TimeoutException):
