@@ -20,7 +20,8 @@ def decode_path(engine) -> str:
 
 def batch_invariant(engine) -> bool:
     """Whether every step runs batch-invariant (--batch-invariant)."""
-    return _fused(engine) is not None and _fused(engine).invariant
+    fused = _fused(engine)
+    return fused is not None and fused.invariant
 
 
 def path_note(engine) -> str:
@@ -33,7 +34,8 @@ def path_note(engine) -> str:
 
 def amx_tile_rows(engine) -> int:
     """The decode batch width from which the compiled stack meets quantized weights on AMX tiles (0: never)."""
-    return _fused(engine).tile_rows if _fused(engine) is not None else 0
+    fused = _fused(engine)
+    return fused.tile_rows if fused is not None else 0
 
 
 def make_lengths(n: int, mean_in: int, mean_out: int, dist: str, seed: int = 0) -> list[tuple[int, int]]:

@@ -113,6 +113,19 @@ struct KvHeadInt8 {
   KvHeadInt8 at_head(int64_t h, int64_t D) const { return {p + h * D, scale + h, stride, scale_stride}; }
 };
 
+// f(K reader, V reader, a slot's bytes) at head 0 of a paged cache [slots, KVH, D]: int8 rows with float32 scales
+// [slots, KVH] where k_scale is given (read as the model's dtype T), else rows of T
+template <typename T, typename F>
+void with_kv_heads(const void* k, const void* v, const float* k_scale, const float* v_scale, int64_t KVH,
+                   int64_t D, F&& f) {
+  if (k_scale)
+    f(KvHeadInt8<T>{static_cast<const int8_t*>(k), k_scale, KVH * D, KVH},
+      KvHeadInt8<T>{static_cast<const int8_t*>(v), v_scale, KVH * D, KVH}, KVH * D);
+  else
+    f(KvHead<T>{static_cast<const T*>(k), KVH * D}, KvHead<T>{static_cast<const T*>(v), KVH * D},
+      KVH * D * static_cast<int64_t>(sizeof(T)));
+}
+
 // Ask for the K and V rows (all heads: `row_bytes` each) of the block `ahead` blocks after the one holding
 // context position `pos`: a sequence's blocks lie anywhere in the pool, so the hardware prefetchers cannot see
 // the next one coming.

@@ -119,12 +119,8 @@ torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache, tor
                                     table.size(1), block_size, lens.data_ptr<int64_t>(), starts.data_ptr<int64_t>(),
                                     out.data_ptr<scalar>(), B, H, KVH, D, static_cast<float>(scale));
     };
-    if (int8)
-      run(KvHeadInt8<scalar>{k_cache.data_ptr<int8_t>(), k_scale->data_ptr<float>(), KVH * D, KVH},
-          KvHeadInt8<scalar>{v_cache.data_ptr<int8_t>(), v_scale->data_ptr<float>(), KVH * D, KVH}, KVH * D);
-    else
-      run(KvHead<scalar>{k_cache.data_ptr<scalar>(), KVH * D}, KvHead<scalar>{v_cache.data_ptr<scalar>(), KVH * D},
-          KVH * D * static_cast<int64_t>(sizeof(scalar)));
+    with_kv_heads<scalar>(k_cache.data_ptr(), v_cache.data_ptr(), int8 ? k_scale->data_ptr<float>() : nullptr,
+                          int8 ? v_scale->data_ptr<float>() : nullptr, KVH, D, run);
   });
   return out;
 }

@@ -827,11 +827,16 @@ class DecodeStack {
     for (auto [x, cache, scales] : planes)
       for (int64_t h = 0; h < KVH_; ++h) {
         const float* xh = x + h * D_;
-        float amax = 0.f;
-        for (int64_t i = 0; i < D_; ++i) amax = std::max(amax, std::fabs(xh[i]));
-        const float s = std::max(amax, 1e-8f) / 127.0f;
+        __m512 amax = _mm512_setzero_ps();
+        for (int64_t i = 0; i < D_; i += 16) amax = _mm512_max_ps(amax, _mm512_abs_ps(_mm512_loadu_ps(xh + i)));
+        const float s = std::max(_mm512_reduce_max_ps(amax), 1e-8f) / 127.0f;
+        const __m512 vs = _mm512_set1_ps(s);
         int8_t* q = cache->template data_ptr<int8_t>() + slot * n + h * D_;
-        for (int64_t i = 0; i < D_; ++i) q[i] = static_cast<int8_t>(std::nearbyint(xh[i] / s));
+        for (int64_t i = 0; i < D_; i += 16) {  // x / s (a true division), rounded to the nearest, ties to even
+          const __m512 r = _mm512_roundscale_ps(_mm512_div_ps(_mm512_loadu_ps(xh + i), vs),
+                                                _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+          _mm_storeu_si128(reinterpret_cast<__m128i*>(q + i), _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(r)));
+        }
         scales->template data_ptr<float>()[slot * KVH_ + h] = s;
       }
   }
@@ -953,12 +958,9 @@ class DecodeStack {
             }
           }
         };
-        if (L.k_scale.numel())
-          attend(KvHeadInt8<T>{L.k_cache.data_ptr<int8_t>(), L.k_scale.data_ptr<float>(), KVH * D, KVH},
-                 KvHeadInt8<T>{L.v_cache.data_ptr<int8_t>(), L.v_scale.data_ptr<float>(), KVH * D, KVH}, KVH * D);
-        else
-          attend(KvHead<T>{L.k_cache.data_ptr<T>(), KVH * D}, KvHead<T>{L.v_cache.data_ptr<T>(), KVH * D},
-                 KVH * D * static_cast<int64_t>(sizeof(T)));
+        const bool int8 = L.k_scale.numel() > 0;
+        with_kv_heads<T>(L.k_cache.data_ptr(), L.v_cache.data_ptr(), int8 ? L.k_scale.data_ptr<float>() : nullptr,
+                         int8 ? L.v_scale.data_ptr<float>() : nullptr, KVH, D, attend);
         for (int64_t b = 0; b < B; ++b)  // every thread merges the parts into its own copy
           for (int64_t hh = 0; hh < KVH; ++hh) {
             const int64_t p0 = first_part[b] + hh * parts_of[b];

@@ -12,9 +12,9 @@ It reads the model's own weights where they are (shared, not copied: quantized r
 engine's paged KV cache, and writes each new token's K/V there, so the layer-by-layer path (prefill, wide
 batches, prompt logprobs) and this one interleave freely. An int8 KV cache (--kv-cache-dtype int8) is read and
 written as the layer path does: quantized per (token, head) with a float32 scale, dequantized to the model's
-dtype as attention reads it. In a bfloat16 model, activations are rounded to
-bfloat16 wherever the layer-by-layer path materialises a bfloat16 tensor, so the two compute the same function up
-to float32 summation order (tests/model_executor/test_fused_decode.py holds them to that).
+dtype as attention reads it. In a bfloat16 model, activations are rounded to bfloat16 wherever the
+layer-by-layer path materialises a bfloat16 tensor, so the two compute the same function up to float32
+summation order (tests/model_executor/test_fused_decode.py holds them to that).
 
 What it covers: the Llama decoder and its Qwen2 (q/k/v bias), Qwen3 (q/k norms) and Phi-3 variants, sliding
 windows; LongRoPE through the rotary tables by position, which give every token from the prompt's last on its
