@@ -326,13 +326,20 @@ def test_draft_with_another_vocabulary_is_refused(tiny, tmp_path):
 
 
 @pytest.mark.slow
-def test_draft_rows_equal_one_token_decodes():
+@pytest.mark.parametrize("int8_tiles", ["1", "0"], ids=["amx-int8", "avx512"])
+def test_draft_rows_equal_one_token_decodes(monkeypatch, int8_tiles):
     """The compiled stack verifying a sequence's drafts as extra rows (the 4- and 8-bit kernels that meet several
-    activation rows per weight load) gives each row the logits a one-token decode at that position gives, to the
-    bit: so verifying never changes a greedy token."""
+    activation rows per weight load: the AMX int8 tiles, up to 16 rows a pass in groups of 4, or the AVX-512
+    kernels) gives each row the logits a one-token decode at that position gives, to the bit: so verifying never
+    changes a greedy token."""
+    monkeypatch.setenv("TOKENLOOM_AMX_INT8", int8_tiles)
     llm = LLM("smollm2-135m", num_blocks=64)  # the GGUF file's own Q4_1 / Q8_0 blocks
     fused = llm.engine.runner.fused
-    assert {"u4-i16+f16", "u8-i16+f16"} <= set(fused.kernels)  # the multi-row kernels' formats
+    kernels = set(fused.kernels)
+    if int8_tiles == "1" and not {"u4-amx8+f16", "u8-amx8+f16"} <= kernels:
+        pytest.skip(f"no AMX int8 tiles on this CPU (kernels: {kernels})")
+    if int8_tiles == "0":
+        assert {"u4-i16+f16", "u8-i16+f16"} <= kernels  # the multi-row kernels' formats
     torch.manual_seed(0)
     ids = torch.randint(0, 49152, (300,))
     table = [list(range(20))]
@@ -344,7 +351,7 @@ def test_draft_rows_equal_one_token_decodes():
         rows(s, 16)
     cache = llm.engine.runner.kv_cache
     saved = cache.clone()
-    for n in (2, 3, 5, 9):
+    for n in (2, 3, 5, 9, 12):
         multi = rows(288, n)
         cache.copy_(saved)
         single = torch.cat([rows(288 + j, 1) for j in range(n)])

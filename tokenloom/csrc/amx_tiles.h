@@ -38,6 +38,7 @@ inline void amx_configure() {
     std::memcpy(cfg + 16 + 2 * t, &colsb, 2);
     cfg[48 + t] = 16;
   }
+  asm volatile("" ::: "memory");  // the compiler does not see ldtilecfg read cfg: keep the stores above
   _tile_loadconfig(cfg);
 }
 

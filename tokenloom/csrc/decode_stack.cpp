@@ -18,6 +18,7 @@
 #include <string>
 #include <tuple>
 #include <vector>
+#include "amx_int8.h"
 #include "amx_tiles.h"
 #include "attention_rows.h"
 #include "gemv_rows.h"
@@ -38,6 +39,7 @@ struct Part {
   const uint8_t* qp;
   const float *sp, *op, *bp;
   const uint16_t *sp16 = nullptr, *op16 = nullptr;
+  std::shared_ptr<const Amx8Weights> amx8;  // the rows in the AMX int8 tiles' order (amx_int8.h), or null
 };
 
 // a float16 copy of t (float32), if every value survives the round trip
@@ -54,7 +56,8 @@ struct Lin {
   int64_t N = 0, K = 0;
 };
 
-Lin make_lin(const std::vector<PartSpec>& specs, int64_t K) {
+// int8_tiles: 4- and 8-bit parts in groups of 32 get their AMX int8 copy (their integer rows take the tiles)
+Lin make_lin(const std::vector<PartSpec>& specs, int64_t K, bool int8_tiles) {
   Lin lin;
   lin.K = K;
   for (const auto& s : specs) {
@@ -88,6 +91,11 @@ Lin make_lin(const std::vector<PartSpec>& specs, int64_t K) {
         p.sp16 = reinterpret_cast<const uint16_t*>(s16.data_ptr());
         p.op16 = o16.numel() ? reinterpret_cast<const uint16_t*>(o16.data_ptr()) : nullptr;
       }
+    }
+    if (int8_tiles && (p.kind == U4 || p.kind == U8) && p.group == 32 && K % 64 == 0) {
+      auto w = std::make_shared<Amx8Weights>();
+      w->build(p.kind == U4, p.qp, p.sp, p.op, p.sp16, p.op16, p.rows, K);
+      p.amx8 = w;
     }
     lin.N += p.rows;
     lin.parts.push_back(std::move(p));
@@ -168,6 +176,10 @@ struct Prep {
   std::vector<uint16_t> xp, wt;  // AMX: x as B operands, the dequantized rows (amx_tiles.h)
   std::vector<float> tiles, tiles2;  // AMX products [M][16] of a chunk (gate_up: gate's and up's)
   bool have_xp = false;
+  std::vector<int8_t> x2;  // AMX int8: the integer rows as A operands (amx8_split_rows)
+  bool have_x2 = false;
+  int64_t tile_config = 0;  // the tiles' shapes in force: 0 unknown, -1 bf16 products, g > 0 int8 groups of g rows
+  std::vector<float> amx_out, amx_out2;  // their products [rows][16] of a chunk (gate_up: gate's and up's)
   int64_t tile_m = 0;  // the leading rows that take the AMX tiles (the rest the integer kernels)
 };
 
@@ -195,10 +207,10 @@ class DecodeStack {
     L.post_norm = post_norm.to(at::kFloat).contiguous();
     L.q_norm = q_norm.numel() ? q_norm.to(at::kFloat).contiguous() : q_norm;
     L.k_norm = k_norm.numel() ? k_norm.to(at::kFloat).contiguous() : k_norm;
-    L.qkv = make_lin(qkv, Hd_);
-    L.o = make_lin(o, H_ * D_);
-    L.gate_up = make_lin(gate_up, Hd_);
-    L.down = make_lin(down, I_);
+    L.qkv = make_lin(qkv, Hd_, int8_tiles_);
+    L.o = make_lin(o, H_ * D_, int8_tiles_);
+    L.gate_up = make_lin(gate_up, Hd_, int8_tiles_);
+    L.down = make_lin(down, I_, int8_tiles_);
     TORCH_CHECK(L.qkv.N == (H_ + 2 * KVH_) * D_ && L.o.N == Hd_ && L.gate_up.N == 2 * I_ && L.down.N == Hd_,
                 "decode_stack: layer shapes");
     const bool int8 = k_scale.numel() > 0;
@@ -231,7 +243,7 @@ class DecodeStack {
 
   void set_head(torch::Tensor final_norm, std::vector<PartSpec> head) {
     final_norm_ = final_norm.to(at::kFloat).contiguous();
-    head_ = make_lin(head, Hd_);
+    head_ = make_lin(head, Hd_, int8_tiles_);
   }
 
   int64_t num_layers() const { return static_cast<int64_t>(layers_.size()); }
@@ -244,7 +256,18 @@ class DecodeStack {
 #endif
     return tile_rows_;
   }
-  int64_t tile_steps() const { return tile_steps_; }  // forward calls whose batch took the tiles
+  int64_t tile_steps() const { return tile_steps_; }
+  // Integer rows of 4- and 8-bit weights in groups of 32 take the AMX int8 tiles (amx_int8.h), where the CPU has
+  // them and activations are int16 (set_activation_bits); set before the layers are added. Returns the setting in
+  // force.
+  bool set_int8_tiles(bool on) {
+    TORCH_CHECK(layers_.empty(), "decode_stack: set_int8_tiles before add_layer");
+    int8_tiles_ = false;
+#if defined(TL_AMX) && defined(TL_AMX8)
+    int8_tiles_ = on && act_bits_ == 16 && amx_usable();
+#endif
+    return int8_tiles_;
+  }  // forward calls whose batch took the tiles
   void set_activation_bits(int64_t bits) {
     TORCH_CHECK(bits == 0 || bits == 8 || bits == 16, "decode_stack: activation bits are 0, 8 or 16");
     act_bits_ = bits;
@@ -318,6 +341,7 @@ class DecodeStack {
   // llama.cpp; faster, ~1 % perplexity), 0 = float activations (float32 models)
   int64_t act_bits_;
   int64_t tile_rows_ = 0;
+  bool int8_tiles_ = false;
   mutable int64_t tile_steps_ = 0;
   torch::Tensor cos_, sin_, final_norm_;
   std::vector<Layer> layers_;
@@ -445,6 +469,8 @@ class DecodeStack {
     p.q8.ready = false;
     p.q16.ready = false;
     p.have_xp = false;
+    p.have_x2 = false;
+    p.tile_config = 0;  // torch's own AMX kernels may have loaded other shapes since
   }
 
   // whether the first p.tile_m activation rows meet rows of `part` on the AMX tiles
@@ -457,8 +483,11 @@ class DecodeStack {
   void tile_rows(const Part& part, Prep& p, int64_t local, int64_t count, int64_t K, float* out) const {
     if (!p.have_xp) {
       amx_pack_x(p.x, p.tile_m, K, p.xp);  // bf16_: x holds bfloat16 values
-      amx_configure();  // per projection: torch's own AMX kernels may have loaded another shape since
       p.have_xp = true;
+    }
+    if (p.tile_config != -1) {  // (a batch-invariant step's other rows may take the int8 tiles in between)
+      amx_configure();
+      p.tile_config = -1;
     }
     const int64_t G = (K + part.group - 1) / part.group;
     const TileWeights kind = part.kind == U4 ? TileWeights::U4 : part.kind == U8 ? TileWeights::U8 : TileWeights::S8;
@@ -484,6 +513,29 @@ class DecodeStack {
   }
 #endif
 
+  // whether the part's integer rows take the AMX int8 tiles (their copy is made for int16 activations)
+  bool int8_tiled(const Part& part) const { return part.amx8 && act_bits_ == 16; }
+
+#ifdef TL_AMX8
+  // out[(m - m0) * 16 + i] = row local + i of `part` (a chunk of 16 rows with its int8 tile copy) against
+  // activation row m, for the rows m0..M (the step's integer rows: m0 is the same for every chunk)
+  void int8_tile_rows(const Part& part, Prep& p, int64_t m0, int64_t M, int64_t local, int64_t K, float* out) const {
+    const int64_t rows = M - m0, g = std::min<int64_t>(4, rows), B = K / 32, padded = (rows + g - 1) / g * g;
+    if (!p.have_x2) {
+      need_q16(p);
+      amx8_split_rows(p.q16.plain.data() + m0 * K, rows, padded, K, p.x2);
+      p.have_x2 = true;
+    }
+    if (p.tile_config != g) {
+      amx8_configure(g);
+      p.tile_config = g;
+    }
+    for (int64_t a = 0; a < rows; a += 4 * g)  // up to four groups of g rows per pass over the weights
+      amx8_chunk(*part.amx8, local / 16, p.x2.data() + a * 256, padded, std::min(4 * g, rows - a), g, K,
+                 p.q16.scale.data() + (m0 + a) * B, p.q16.sums.data() + (m0 + a) * B, out + a * 16);
+  }
+#endif
+
   // which four-row kernel a block of rows takes (rows left over, and other formats: one row at a time)
   enum Path { ROW, INT16, INT8, BF16_U4 };
   Path path_of(const Part& part, int64_t K) const {
@@ -500,6 +552,7 @@ class DecodeStack {
   std::string kernel_name(const Part& part, int64_t K) const {
     static const char* kinds[] = {"f32", "bf16", "u8", "s8", "u4"};
     const std::string f16 = part.sp16 ? "+f16" : "";
+    if (int8_tiled(part)) return std::string(kinds[part.kind]) + "-amx8" + (part.amx8->half ? "+f16" : "");
     switch (path_of(part, K)) {
       case INT16: return std::string(kinds[part.kind]) + "-i16" + f16;
       case INT8: return std::string(kinds[part.kind]) + "-i8" + f16;
@@ -728,6 +781,18 @@ class DecodeStack {
             y[m * N + c * 16 + i] = bf16_ ? round_bf16(r) : r;
           }
       }
+#ifdef TL_AMX8
+      if (T < M && int8_tiled(part)) {
+        p.amx_out.resize((M - T) * 16);
+        int8_tile_rows(part, p, T, M, local, K, p.amx_out.data());
+        for (int64_t m = T; m < M; ++m)
+          for (int64_t i = 0; i < count; ++i) {
+            const float r = p.amx_out[(m - T) * 16 + i] + (part.bp ? part.bp[local + i] : 0.f);
+            y[m * N + c * 16 + i] = bf16_ ? round_bf16(r) : r;
+          }
+        continue;
+      }
+#endif
       float v[4][16];
       for (int64_t m0 = T; m0 < M; m0 += 4) {
         const int64_t mc = std::min<int64_t>(4, M - m0);
@@ -759,6 +824,16 @@ class DecodeStack {
         tile_rows(pg, p, g, 16, K, p.tiles.data());
         tile_rows(pu, p, u, 16, K, p.tiles2.data());
       }
+      bool int8_tiles = false;  // the integer rows' gate and up from the AMX int8 tiles
+#ifdef TL_AMX8
+      if (T < M && int8_tiled(pg) && int8_tiled(pu)) {
+        int8_tiles = true;
+        p.amx_out.resize((M - T) * 16);
+        p.amx_out2.resize((M - T) * 16);
+        int8_tile_rows(pg, p, T, M, g, K, p.amx_out.data());
+        int8_tile_rows(pu, p, T, M, u, K, p.amx_out2.data());
+      }
+#endif
       float* delta_up = ls ? ls->delta + M * 16 : nullptr;
       uint8_t* has_up = ls ? ls->has + M : nullptr;
       if (ls) {
@@ -768,12 +843,12 @@ class DecodeStack {
       for (int64_t m = 0; m < M; ++m) {
         const bool tile = m < T;
         const int64_t m0 = T + ((m - T) & ~int64_t(3));
-        if (!tile && m == m0) {  // four activation rows at a time
+        if (!tile && !int8_tiles && m == m0) {  // four activation rows at a time
           dot_rows_m(pg, p, m0, std::min<int64_t>(4, M - m0), g, 16, K, gates);
           dot_rows_m(pu, p, m0, std::min<int64_t>(4, M - m0), u, 16, K, ups);
         }
-        float* gate = tile ? p.tiles.data() + m * 16 : gates[m - m0];
-        float* up = tile ? p.tiles2.data() + m * 16 : ups[m - m0];
+        float* gate = tile ? p.tiles.data() + m * 16 : int8_tiles ? p.amx_out.data() + (m - T) * 16 : gates[m - m0];
+        float* up = tile ? p.tiles2.data() + m * 16 : int8_tiles ? p.amx_out2.data() + (m - T) * 16 : ups[m - m0];
         for (int64_t j = 0; j < 16; ++j) {
           gate[j] += pg.bp ? pg.bp[g + j] : 0.f;
           up[j] += pu.bp ? pu.bp[u + j] : 0.f;
@@ -998,7 +1073,7 @@ class DecodeStack {
         std::copy(h.begin(), h.end(), final_h.begin());
       }
 #ifdef TL_AMX
-      if (tiles) _tile_release();  // no tile state for the OS to save meanwhile
+      if (tiles || int8_tiles_) _tile_release();  // no tile state for the OS to save meanwhile
 #endif
     }
     if (!logits) out.copy_(torch::from_blob(final_h.data(), {B, Hd}, at::kFloat));
@@ -1023,6 +1098,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("set_activation_bits", &DecodeStack::set_activation_bits)
       .def("set_tile_rows", &DecodeStack::set_tile_rows)
       .def("tile_steps", &DecodeStack::tile_steps)
+      .def("set_int8_tiles", &DecodeStack::set_int8_tiles)
       .def("kernel_counts", &DecodeStack::kernel_counts)
       .def("forward", &DecodeStack::forward, py::call_guard<py::gil_scoped_release>());
 #endif

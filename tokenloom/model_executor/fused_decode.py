@@ -27,7 +27,13 @@ on integer dot products, as llama.cpp does, against the activations quantized pe
 default (vpdpwssd; their rounding is below bfloat16's, perplexity unchanged), or to int8 with
 TOKENLOOM_DECODE_ACT_BITS=8 (vpdpbusd, llama.cpp's choice: ~5-10 % faster here, ~1 % higher perplexity on
 SmolLM2). Block scales that are exact in float16 (all of the ggml formats') are read as float16: fewer bytes a
-token. `FusedDecoder.kernels` counts which kernel each weight block takes. float32 models keep float activations.
+token. On a CPU with AMX (Sapphire Rapids on), 4- and 8-bit weights in groups of 32 meet the int16 activations on
+the int8 tiles instead (csrc/amx_int8.h; TOKENLOOM_AMX_INT8=0 keeps the AVX-512 kernels): exact int32 block dots
+for up to 16 rows per pass over the weights, so a sequence's speculative drafts cost ~0.1-0.15 of a one-token
+step each instead of ~0.45, and the one-token step itself is ~15 % faster (the weights are kept a second time, in
+the tiles' order: ~0.6 bytes per 4-bit weight more memory). Every integer row of every step takes them, so a
+draft row and a one-token decode compute one function. `FusedDecoder.kernels` counts which kernel each weight
+block takes. float32 models keep float activations.
 Wide decode batches (TILE_ROWS rows or more; TOKENLOOM_TILE_ROWS sets it, 0 never) of a bfloat16 model on a CPU
 with AMX meet the quantized weights on its tiles instead (csrc/amx_tiles.h): each weight row is dequantized to
 bfloat16 once per step, and the products summed in float32, which is what the layer path computes in prefill.
@@ -76,6 +82,11 @@ class Unsupported(Exception):
 
 def enabled() -> bool:
     return os.environ.get("TOKENLOOM_FUSED_DECODE", "1") not in ("0", "false", "no")
+
+
+def int8_tiles_enabled() -> bool:
+    """Integer rows on the AMX int8 tiles where the CPU has them (TOKENLOOM_AMX_INT8=0: the AVX-512 kernels)."""
+    return os.environ.get("TOKENLOOM_AMX_INT8", "1") != "0"
 
 
 def lora_enabled() -> bool:
@@ -199,6 +210,7 @@ class FusedDecoder:
             if bits not in ("0", "8", "16"):
                 raise TokenloomError(f"TOKENLOOM_DECODE_ACT_BITS must be 0, 8 or 16, not {bits!r}")
             stack.set_activation_bits(int(bits))
+        stack.set_int8_tiles(int8_tiles_enabled())
         kinds = set()
 
         def parts(module):
@@ -249,7 +261,8 @@ class FusedDecoder:
 
     @property
     def kernels(self) -> dict[str, int]:
-        """How many weight blocks take each kernel ("u4-vnni+f16", "u8-vnni", "s8-vnni", "u4-bf16", "row")."""
+        """How many weight blocks take each kernel: "u4-amx8+f16" (AMX int8 tiles), "u4-i16+f16", "u8-i8",
+        "s8-i16" (AVX-512 integer kernels), "u4-bf16", "row"; "+f16": the block scales read as float16."""
         return dict(self.stack.kernel_counts())
 
     @torch.inference_mode()
