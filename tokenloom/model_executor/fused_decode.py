@@ -34,9 +34,9 @@ step each instead of ~0.45, and the one-token step itself is ~15 % faster (the w
 the tiles' order: ~0.6 bytes per 4-bit weight more memory). Every integer row of every step takes them, so a
 draft row and a one-token decode compute one function. `FusedDecoder.kernels` counts which kernel each weight
 block takes. float32 models keep float activations.
-Wide decode batches (TILE_ROWS rows or more; TOKENLOOM_TILE_ROWS sets it, 0 never) of a bfloat16 model on a CPU
-with AMX meet the quantized weights on its tiles instead (csrc/amx_tiles.h): each weight row is dequantized to
-bfloat16 once per step, and the products summed in float32, which is what the layer path computes in prefill.
+Wide decode batches (TILE_ROWS rows or more, TILE_ROWS_INT8 with the int8 tiles; TOKENLOOM_TILE_ROWS sets it, 0
+never) of a bfloat16 model on a CPU with AMX meet the quantized weights on its bfloat16 tiles instead
+(csrc/amx_tiles.h): each weight row is dequantized to bfloat16 once per step, and the products summed in float32, which is what the layer path computes in prefill.
 Below that width a row's result does not depend on the batch (the integer kernels give every row the same
 arithmetic); from it on, rows follow the tiles' arithmetic (`FusedDecoder.tile_rows`: the width in force, 0
 without AMX), except a sequence's draft rows, which keep the integer kernels so that verifying drafts gives each
@@ -133,6 +133,9 @@ QUANTIZED_MAX_BATCH = 1 << 16
 # Decode batches of this many rows or more meet quantized weights on AMX tiles where the CPU has them (bfloat16
 # models): each weight row dequantized once per step instead of a float epilogue per block and activation row.
 TILE_ROWS = 8
+# With the AMX int8 tiles taking the narrower batches, the bfloat16 tiles pay from about this width (measured on
+# SmolLM2-135M Q4_1: equal at ~18 rows, the int8 tiles 16 % faster at 8 rows, the bfloat16 ones 25 % at 32)
+TILE_ROWS_INT8 = 18
 
 
 class FusedDecoder:
@@ -140,7 +143,7 @@ class FusedDecoder:
 
     reason: str | None = None  # why the last build() gave None
 
-    def __init__(self, stack, model, block_size: int, has_dense: bool):
+    def __init__(self, stack, model, block_size: int, has_dense: bool, int8_tiles: bool = False):
         self.stack, self.model, self.block_size = stack, model, block_size
         limit = os.environ.get("TOKENLOOM_FUSED_MAX_BATCH")
         self.max_batch = int(limit) if limit else DENSE_MAX_BATCH if has_dense else QUANTIZED_MAX_BATCH
@@ -151,7 +154,9 @@ class FusedDecoder:
         rows = os.environ.get("TOKENLOOM_TILE_ROWS")
         if rows and not rows.isdigit():
             raise TokenloomError(f"TOKENLOOM_TILE_ROWS must be a number of rows (0: never), not {rows!r}")
-        self.tile_rows = stack.set_tile_rows(int(rows) if rows else TILE_ROWS)  # 0: no AMX tiles here
+        self.int8_tiles = int8_tiles  # integer rows on the AMX int8 tiles
+        default = TILE_ROWS_INT8 if int8_tiles else TILE_ROWS
+        self.tile_rows = stack.set_tile_rows(int(rows) if rows else default)  # 0: no AMX tiles here
         if self.tile_rows > self.max_batch:  # dense weights: wide batches go to oneDNN, never to the stack
             self.tile_rows = stack.set_tile_rows(0)
         self.invariant = False  # make_batch_invariant() was called
@@ -171,8 +176,8 @@ class FusedDecoder:
     def build(cls, model, layer_caches, block_size: int) -> "FusedDecoder | None":
         cls.reason = None
         try:
-            stack, has_dense = cls._build_stack(model, layer_caches)
-            return cls(stack, model, block_size, has_dense)
+            stack, has_dense, int8_tiles = cls._build_stack(model, layer_caches)
+            return cls(stack, model, block_size, has_dense, int8_tiles)
         except Unsupported as exc:
             cls.reason = str(exc)
             log.info("tokenloom: decode runs layer by layer (%s)", exc)
@@ -210,7 +215,7 @@ class FusedDecoder:
             if bits not in ("0", "8", "16"):
                 raise TokenloomError(f"TOKENLOOM_DECODE_ACT_BITS must be 0, 8 or 16, not {bits!r}")
             stack.set_activation_bits(int(bits))
-        stack.set_int8_tiles(int8_tiles_enabled())
+        int8_tiles = stack.set_int8_tiles(int8_tiles_enabled())
         kinds = set()
 
         def parts(module):
@@ -230,7 +235,7 @@ class FusedDecoder:
                 cache.k, cache.v, _EMPTY if cache.k_scale is None else cache.k_scale,
                 _EMPTY if cache.v_scale is None else cache.v_scale)
         stack.set_head(model.norm.weight.detach(), linear_parts(model.lm_head, dtype))
-        return stack, bool(kinds & {DENSE_F32, DENSE_BF16})
+        return stack, bool(kinds & {DENSE_F32, DENSE_BF16}), int8_tiles
 
     def takes_lora(self) -> bool:
         """Whether rows with a LoRA adapter may run here. The LoRA layers wrap the model after the stack is built,
