@@ -321,3 +321,34 @@ def test_wide_decode_batches_on_amx_tiles_are_as_exact_as_the_integer_kernels(tm
     err_tiles, err_int = ((v - ref).abs() / spread for v in (tiled, integer))
     assert err_tiles.mean() < 1.05 * err_int.mean(), (err_tiles.mean(), err_int.mean())
     assert err_tiles.max() < 1.1 * err_int.max(), (err_tiles.max(), err_int.max())
+
+
+@pytest.mark.parametrize("quant", ["int4-g32", "int4-b8-g32", "int4-g32-sym"])
+def test_amx_int8_tiles_compute_what_the_avx512_kernels_compute(tmp_path, monkeypatch, quant):
+    """Where the CPU has AMX int8 tiles, the integer rows of 4- and 8-bit weights in groups of 32 take them
+    (amx_int8.h): the same int16 activations and exact int32 block dots as the AVX-512 kernels, scaled and summed
+    in another order. A decode step of three sequences, and nine rows of one sequence (drafts: groups of four
+    rows), through both: logits within bfloat16 rounding of each other (an intermediate value rounding the
+    other way), the argmax equal wherever the top two are clearly apart. vocab 1000: the LM head's last chunk of
+    16 rows is partial (int8 per row here, the tiles for its 8-bit blocks in the default model)."""
+    make_tiny("llama", tmp_path, hidden_size=128, intermediate_size=320, vocab_size=1000)
+    logits = {}
+    for on in ("1", "0"):
+        monkeypatch.setenv("TOKENLOOM_AMX_INT8", on)
+        llm = LLM(str(tmp_path), dtype="bfloat16", quantization=quant, num_blocks=256, block_size=4)
+        fused = llm.engine.runner.fused
+        tiled = [k for k in fused.kernels if "-amx8" in k]
+        if on == "1" and not tiled:
+            pytest.skip(f"no AMX int8 tiles on this CPU: {fused.kernels}")
+        assert bool(tiled) == (on == "1") and fused.int8_tiles == (on == "1"), fused.kernels
+        _, runner, batch = _one_decode_step(llm, PROMPTS)
+        step = fused.token_logits(batch.input_ids, batch.positions, batch.block_tables, batch.query_lens)
+        rows = fused.token_logits(torch.arange(50, 59), torch.arange(9), [list(range(200, 203))], [9])
+        logits[on] = torch.cat([step, rows])
+    a, b = logits["1"], logits["0"]
+    spread = b.std(dim=-1, keepdim=True)
+    error = (a - b).abs() / spread
+    assert error.max() < 0.03 and error.mean() < 0.002, (error.max(), error.mean())
+    top2 = b.topk(2, dim=-1).values
+    clear = (top2[:, 0] - top2[:, 1]) > 0.06 * spread[:, 0]
+    assert torch.equal(a.argmax(-1)[clear], b.argmax(-1)[clear])
