@@ -5,9 +5,9 @@ open-ended chat, at batch 1 and batch 8.
 Every method's engine is loaded first; then rounds go over tasks and methods in turn, the methods' order reversed
 every other round. A noisy machine only ever slows a run down, so each decode tok/s figure is its best round; a
 speedup is the median over rounds of the method's rate over none's in the same round (run next to each other,
-they share the machine's mood). Decode tok/s at
-batch 1 is per request, after its first token; at batch 8 it is the batch's output tokens over the time after
-the last first token. Greedy decoding, so every method must produce the same text (checked: `identical`).
+they share the machine's mood). Decode tok/s at batch 1 is per request, after its first token, the mean over
+four requests of each task; at batch 8 it is the batch's output tokens over the time after the last first token.
+Greedy decoding, so every method must produce the same text (checked: `identical`).
 """
 from __future__ import annotations
 
@@ -25,6 +25,9 @@ METHODS = {
     "layer_skip": {"method": "layer_skip"},
     "self": {"method": "self", "draft_quantization": "int4"},
 }
+
+# requests per task at batch 1, run one after the other (one answer of a 135M model may copy its input or not)
+SOLO_REQUESTS = 4
 
 CODE = '''def summarize(records, key):
     totals = {}
@@ -139,7 +142,7 @@ def bench_spec(args) -> dict:
             for name, spec in methods.items()}
     some = next(iter(llms.values()))
     batches = [int(b) for b in args.batch.split(",")]
-    work = tasks(max(batches), args.seed)
+    work = tasks(max(*batches, SOLO_REQUESTS), args.seed)
     if args.tasks:
         work = {t: work[t] for t in args.tasks.split(",")}
     prompts = {t: [some.chat_prompt_ids([{"role": "user", "content": m}]) for m in msgs]
@@ -154,8 +157,8 @@ def bench_spec(args) -> dict:
                 for m, llm in (list(llms.items()) if rnd % 2 == 0 else list(llms.items())[::-1]):
                     llm.engine.reset_prefix_cache()
                     before = llm.engine.stats()
-                    if b == 1:  # two requests one after the other, their mean
-                        runs = [_run(llm, [p], args.output_len) for p in prompts[t][:2]]
+                    if b == 1:  # requests one after the other, their mean
+                        runs = [_run(llm, [p], args.output_len) for p in prompts[t][:SOLO_REQUESTS]]
                         rate = statistics.mean(r[0] for r in runs)
                         outs = [o for r in runs for o in r[1]]
                     else:
