@@ -70,12 +70,12 @@ struct Amx8Weights {
 
 namespace tl {
 
-// tiles 0-3: C, 4 rows per activation row (see amx8_split_rows) x 16 int32, for up to four groups of `rows`
+// tiles 0-3 and 6-7: C, 4 rows per activation row (see amx8_split_rows) x 16 int32, one per group of `rows`
 // activation rows (at most 4); 4: A, the group's rows x 64 int8; 5: B, 16 x 64 bytes (two blocks of 16 weight rows)
 inline void amx8_configure(int64_t rows) {
   alignas(64) uint8_t cfg[64] = {};
   cfg[0] = 1;  // palette 1
-  for (int t = 0; t < 6; ++t) {
+  for (int t = 0; t < 8; ++t) {
     const uint16_t colsb = 64;
     std::memcpy(cfg + 16 + 2 * t, &colsb, 2);
     cfg[48 + t] = static_cast<uint8_t>(t == 5 ? 16 : 4 * rows);
@@ -138,12 +138,35 @@ inline void amx8_epilogue(const Amx8Weights& W, int64_t c, int64_t b, const int3
   }
 }
 
+// C tile t = 0 + A x B (tile numbers are immediates: one case per C tile)
+inline void amx8_zero_dot(int t) {
+  switch (t) {
+    case 0: _tile_zero(0); _tile_dpbsud(0, 4, 5); break;
+    case 1: _tile_zero(1); _tile_dpbsud(1, 4, 5); break;
+    case 2: _tile_zero(2); _tile_dpbsud(2, 4, 5); break;
+    case 3: _tile_zero(3); _tile_dpbsud(3, 4, 5); break;
+    case 6: _tile_zero(6); _tile_dpbsud(6, 4, 5); break;
+    default: _tile_zero(7); _tile_dpbsud(7, 4, 5); break;
+  }
+}
+
+inline void amx8_store(int t, int32_t* ct) {
+  switch (t) {
+    case 0: _tile_stored(0, ct, 64); break;
+    case 1: _tile_stored(1, ct, 64); break;
+    case 2: _tile_stored(2, ct, 64); break;
+    case 3: _tile_stored(3, ct, 64); break;
+    case 6: _tile_stored(6, ct, 64); break;
+    default: _tile_stored(7, ct, 64); break;
+  }
+}
+
 // out[m * 16 + w] (m < M <= 4 g, g: the configured rows of a group) = weight row w of chunk c against activation
 // row m: sum over blocks of s[w, b] dx[m, b] (exact int32 dot) + o[w, b] xs[m, b]. xa from amx8_split_rows (its
 // row stride `padded`; the M rows from the first wanted, and rows past M to the end of the last group readable);
-// dx, xs [M][blocks]: the activations' block scales and block sums (quantize_x). Up to two groups, the products of
-// 64 columns are stored while the next 64 columns' run (tiles 0-1 and 2-3 in turn): a tile store waits for its
-// product, and the next product for the store when they share a tile.
+// dx, xs [M][blocks]: the activations' block scales and block sums (quantize_x). Up to three groups, the products
+// of 64 columns are stored (and scaled) while the next 64 columns' run, in the other set of C tiles: a tile store
+// waits for its product, and a product for the store of its tile.
 inline void amx8_chunk(const Amx8Weights& W, int64_t c, const int8_t* xa, int64_t padded, int64_t M, int64_t g,
                        int64_t K, const float* dx, const float* xs, float* out) {
   alignas(64) uint8_t bt[2][1024];
@@ -151,70 +174,29 @@ inline void amx8_chunk(const Amx8Weights& W, int64_t c, const int8_t* xa, int64_
   __m512 acc[16], off[16];
   for (int64_t m = 0; m < M; ++m) acc[m] = off[m] = _mm512_setzero_ps();
   const int64_t groups = (M + g - 1) / g, B = W.blocks, chunks = K / 64;
-  auto epilogue = [&](int64_t kc, int64_t i) {
-    const int64_t m0 = i * g;
-    amx8_epilogue(W, c, 2 * kc, ct, std::min(g, M - m0), dx + m0 * B, xs + m0 * B, acc + m0, off + m0);
+  // C tiles by set: two sets of three take turns; four groups use 0-3, one 64 columns after the other
+  static constexpr int turns[2][3] = {{0, 1, 2}, {3, 6, 7}}, all[4] = {0, 1, 2, 3};
+  const bool pipelined = groups <= 3;
+  auto tile = [&](int set, int64_t i) { return pipelined ? turns[set][i] : all[i]; };
+  auto drain = [&](int set, int64_t kc) {  // the products of columns 64 kc.. in `set`: stored, scaled, summed
+    for (int64_t i = 0; i < groups; ++i) {
+      amx8_store(tile(set, i), ct);
+      const int64_t m0 = i * g;
+      amx8_epilogue(W, c, 2 * kc, ct, std::min(g, M - m0), dx + m0 * B, xs + m0 * B, acc + m0, off + m0);
+    }
   };
-  if (groups <= 2) {
-    for (int64_t kc = 0; kc <= chunks; ++kc) {
-      const bool odd = kc & 1;
-      if (kc < chunks) {  // products of columns 64 kc.. into tiles 0-1 (even kc) or 2-3 (odd)
-        _tile_loadd(5, amx8_b_operand(W, c, kc, bt[odd]), 64);
-        const int8_t* a = xa + kc * padded * 256;
-        _tile_loadd(4, a, 64);
-        if (odd) {
-          _tile_zero(2);
-          _tile_dpbsud(2, 4, 5);
-        } else {
-          _tile_zero(0);
-          _tile_dpbsud(0, 4, 5);
-        }
-        if (groups > 1) {
-          _tile_loadd(4, a + g * 256, 64);
-          if (odd) {
-            _tile_zero(3);
-            _tile_dpbsud(3, 4, 5);
-          } else {
-            _tile_zero(1);
-            _tile_dpbsud(1, 4, 5);
-          }
-        }
-      }
-      if (kc == 0) continue;
-      for (int64_t i = 0; i < groups; ++i) {  // the previous 64 columns' products
-        if (!odd && i) _tile_stored(3, ct, 64);
-        if (!odd && !i) _tile_stored(2, ct, 64);
-        if (odd && i) _tile_stored(1, ct, 64);
-        if (odd && !i) _tile_stored(0, ct, 64);
-        epilogue(kc - 1, i);
-      }
-    }
-  } else {
-    for (int64_t kc = 0; kc < chunks; ++kc) {
-      _tile_loadd(5, amx8_b_operand(W, c, kc, bt[0]), 64);
+  for (int64_t kc = 0; kc <= chunks; ++kc) {
+    const int now = pipelined ? static_cast<int>(kc & 1) : 0;
+    if (!pipelined && kc > 0) drain(0, kc - 1);  // before this chunk reuses the tiles
+    if (kc < chunks) {
+      _tile_loadd(5, amx8_b_operand(W, c, kc, bt[kc & 1]), 64);
       const int8_t* a = xa + kc * padded * 256;
-      _tile_zero(0);
-      _tile_loadd(4, a, 64);
-      _tile_dpbsud(0, 4, 5);
-      _tile_zero(1);
-      _tile_loadd(4, a + g * 256, 64);
-      _tile_dpbsud(1, 4, 5);
-      _tile_zero(2);
-      _tile_loadd(4, a + 2 * g * 256, 64);
-      _tile_dpbsud(2, 4, 5);
-      if (groups > 3) {
-        _tile_zero(3);
-        _tile_loadd(4, a + 3 * g * 256, 64);
-        _tile_dpbsud(3, 4, 5);
-      }
       for (int64_t i = 0; i < groups; ++i) {
-        if (i == 0) _tile_stored(0, ct, 64);
-        if (i == 1) _tile_stored(1, ct, 64);
-        if (i == 2) _tile_stored(2, ct, 64);
-        if (i == 3) _tile_stored(3, ct, 64);
-        epilogue(kc, i);
+        _tile_loadd(4, a + i * g * 256, 64);
+        amx8_zero_dot(tile(now, i));
       }
     }
+    if (pipelined && kc > 0) drain(1 - now, kc - 1);  // while this chunk's products run
   }
   for (int64_t m = 0; m < M; ++m) _mm512_storeu_ps(out + m * 16, _mm512_add_ps(acc[m], off[m]));
 }
