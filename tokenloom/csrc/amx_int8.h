@@ -161,42 +161,37 @@ inline void amx8_store(int t, int32_t* ct) {
   }
 }
 
-// out[m * 16 + w] (m < M <= 4 g, g: the configured rows of a group) = weight row w of chunk c against activation
+// out[m * 16 + w] (m < M <= 3 g, g: the configured rows of a group) = weight row w of chunk c against activation
 // row m: sum over blocks of s[w, b] dx[m, b] (exact int32 dot) + o[w, b] xs[m, b]. xa from amx8_split_rows (its
 // row stride `padded`; the M rows from the first wanted, and rows past M to the end of the last group readable);
-// dx, xs [M][blocks]: the activations' block scales and block sums (quantize_x). Up to three groups, the products
-// of 64 columns are stored (and scaled) while the next 64 columns' run, in the other set of C tiles: a tile store
-// waits for its product, and a product for the store of its tile.
+// dx, xs [M][blocks]: the activations' block scales and block sums (quantize_x). The products of 64 columns are
+// stored (and scaled) while the next 64 columns' run, in the other set of C tiles: a tile store waits for its
+// product, and a product for the store of its tile (a fourth group, with no tiles left to take turns, cost more
+// than a second pass over the weights).
 inline void amx8_chunk(const Amx8Weights& W, int64_t c, const int8_t* xa, int64_t padded, int64_t M, int64_t g,
                        int64_t K, const float* dx, const float* xs, float* out) {
   alignas(64) uint8_t bt[2][1024];
   alignas(64) int32_t ct[16 * 16];
-  __m512 acc[16], off[16];
+  __m512 acc[12], off[12];
   for (int64_t m = 0; m < M; ++m) acc[m] = off[m] = _mm512_setzero_ps();
   const int64_t groups = (M + g - 1) / g, B = W.blocks, chunks = K / 64;
-  // C tiles by set: two sets of three take turns; four groups use 0-3, one 64 columns after the other
-  static constexpr int turns[2][3] = {{0, 1, 2}, {3, 6, 7}}, all[4] = {0, 1, 2, 3};
-  const bool pipelined = groups <= 3;
-  auto tile = [&](int set, int64_t i) { return pipelined ? turns[set][i] : all[i]; };
-  auto drain = [&](int set, int64_t kc) {  // the products of columns 64 kc.. in `set`: stored, scaled, summed
-    for (int64_t i = 0; i < groups; ++i) {
-      amx8_store(tile(set, i), ct);
-      const int64_t m0 = i * g;
-      amx8_epilogue(W, c, 2 * kc, ct, std::min(g, M - m0), dx + m0 * B, xs + m0 * B, acc + m0, off + m0);
-    }
-  };
+  static constexpr int turns[2][3] = {{0, 1, 2}, {3, 6, 7}};  // the C tiles of even and odd 64 columns
   for (int64_t kc = 0; kc <= chunks; ++kc) {
-    const int now = pipelined ? static_cast<int>(kc & 1) : 0;
-    if (!pipelined && kc > 0) drain(0, kc - 1);  // before this chunk reuses the tiles
+    const int now = static_cast<int>(kc & 1);
     if (kc < chunks) {
-      _tile_loadd(5, amx8_b_operand(W, c, kc, bt[kc & 1]), 64);
+      _tile_loadd(5, amx8_b_operand(W, c, kc, bt[now]), 64);
       const int8_t* a = xa + kc * padded * 256;
       for (int64_t i = 0; i < groups; ++i) {
         _tile_loadd(4, a + i * g * 256, 64);
-        amx8_zero_dot(tile(now, i));
+        amx8_zero_dot(turns[now][i]);
       }
     }
-    if (pipelined && kc > 0) drain(1 - now, kc - 1);  // while this chunk's products run
+    if (kc == 0) continue;
+    for (int64_t i = 0; i < groups; ++i) {  // the previous 64 columns' products, while these run
+      amx8_store(turns[1 - now][i], ct);
+      const int64_t m0 = i * g;
+      amx8_epilogue(W, c, 2 * (kc - 1), ct, std::min(g, M - m0), dx + m0 * B, xs + m0 * B, acc + m0, off + m0);
+    }
   }
   for (int64_t m = 0; m < M; ++m) _mm512_storeu_ps(out + m * 16, _mm512_add_ps(acc[m], off[m]));
 }

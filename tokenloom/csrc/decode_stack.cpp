@@ -530,8 +530,8 @@ class DecodeStack {
       amx8_configure(g);
       p.tile_config = g;
     }
-    for (int64_t a = 0; a < rows; a += 4 * g)  // up to four groups of g rows per pass over the weights
-      amx8_chunk(*part.amx8, local / 16, p.x2.data() + a * 256, padded, std::min(4 * g, rows - a), g, K,
+    for (int64_t a = 0; a < rows; a += 3 * g)  // up to three groups of g rows per pass over the weights
+      amx8_chunk(*part.amx8, local / 16, p.x2.data() + a * 256, padded, std::min(3 * g, rows - a), g, K,
                  p.q16.scale.data() + (m0 + a) * B, p.q16.sums.data() + (m0 + a) * B, out + a * 16);
   }
 #endif
