@@ -270,6 +270,28 @@ def test_ngram_lookup_matches_brute_force():
             tokens += [rnd.randrange(4) for _ in range(rnd.randint(1, 3))]
 
 
+def test_adaptive_k_plans_a_closed_batch_for_its_longest_request():
+    """With nobody waiting for a slot, a batch runs until its longest request is done: drafts that speed up only
+    some of the requests left with the most to do add rows to every step and save none. Rows cost a tenth of a
+    one-request step: for tokens per second, the well-drafting request of a pair gets drafts; planned for the
+    batch's end, only when its partner drafts well too, both then; a request about to end does not hold the
+    others back."""
+    ak = AdaptiveK(8)
+    for rows in range(1, 20):
+        ak.cost.observe(rows, 1.0 + 0.1 * (rows - 1))
+    for _ in range(30):
+        ak.observe(("good", 4), 8, 8)
+        ak.observe(("good2", 4), 8, 8)
+        ak.observe(("bad", 1), 1, 0)
+    pair = [("good", 4), ("bad", 1)]
+    assert ak.plan(pair, [8, 8])[0] > 0  # tokens per second: the good one drafts
+    assert ak.plan(pair, [8, 8], remaining=[100, 100]) == [0, 0]  # its drafts would not end the batch sooner
+    both = ak.plan([("good", 4), ("good2", 4)], [8, 8], remaining=[100, 100])
+    assert both[0] > 0 and both[1] > 0 and abs(both[0] - both[1]) <= 1
+    ending = ak.plan(pair, [8, 8], remaining=[100, 20])  # the bad one is nearly done: the good one sets the pace
+    assert ending[0] > 0 and ending[1] == 0
+
+
 def test_adaptive_k_follows_acceptance_and_cost():
     ak = AdaptiveK(8)
     for rows in range(1, 10):  # each row costs a fifth of a one-row step

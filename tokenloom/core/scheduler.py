@@ -67,6 +67,7 @@ class Scheduler:
         if not out.num_preempted:  # a step that had to preempt admits nobody
             self._schedule_waiting(out, budget)
         out.grammar = self._grammar_bitmask(out)
+        out.num_waiting = len(self.waiting)
         return out
 
     def _grammar_bitmask(self, out: SchedulerOutput) -> GrammarOutput | None:

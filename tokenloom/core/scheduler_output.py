@@ -34,6 +34,7 @@ class SchedulerOutput:
     num_preempted: int = 0
     freed_request_ids: list[str] = field(default_factory=list)  # finished or preempted: drop their state
     grammar: GrammarOutput | None = None  # constrained requests' token bitmask (None: nothing constrained)
+    num_waiting: int = 0  # requests left waiting for a slot after this step's admissions
 
     @property
     def num_tokens(self) -> int:

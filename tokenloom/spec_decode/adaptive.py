@@ -6,7 +6,8 @@ length); a new request starts from the engine-wide estimate of the same kind, wi
 step's cost is measured, not assumed: the runner reports each decode step's wall time with the number of token
 rows it ran (StepCost). Drafts are then added in order of expected gain (the j-th draft of a request is kept with
 probability alpha^j) for as long as expected tokens per unit of cost improve, across the whole batch; where no
-draft pays, a request verifies none (speculation pauses). A cheap proposer's drafts are still scored against the
+draft pays, a request verifies none (speculation pauses). When no request waits for a slot, the batch runs until
+its longest request is done, and drafts are planned for that instead (_makespan_plan). A cheap proposer's drafts are still scored against the
 tokens that came, so speculation resumes when they would pay again (and now and then one is verified anyway, so
 the cost of rows stays measured); a costly one is probed now and then (one request at a time, less often while
 probes fail).
@@ -123,44 +124,79 @@ class AdaptiveK:
             g = self.engine_wide[key[1]] = Acceptance()
         g.observe(num_drafts, num_accepted, GLOBAL_DECAY)
 
-    def plan(self, keys: list, available: list[int], draft_step_cost: float = 0.0) -> list[int]:
+    def plan(self, keys: list, available: list[int], draft_step_cost: float = 0.0,
+             remaining: list[int] | None = None) -> list[int]:
         """Drafts to verify per request, given how many each could have (its proposal's length). keys: each
         request's acceptance statistics, (request id, kind of proposal). Each draft step of a model proposer costs
-        draft_step_cost (seconds, as the step cost) for the whole batch."""
+        draft_step_cost (seconds, as the step cost) for the whole batch. remaining: each request's tokens left
+        (max_tokens) when no request waits for a slot: the batch then runs until its longest request is done, so
+        the plan is for that (see _makespan_plan); None: for tokens per second."""
         if not self.enabled:
             return [min(a, self.max_k) for a in available]
-        B = len(keys)
-        gains = []  # (expected extra tokens, draft position, request index)
-        for i, (key, avail) in enumerate(zip(keys, available)):
+        limits, alphas = [], []
+        for key, avail in zip(keys, available):
             stats = self.acceptance(key)
-            alpha = stats.alpha
-            g = 1.0
+            alphas.append(stats.alpha)
             # a request's first runs of a kind stay short: the engine-wide estimate it starts from may be another
             # workload's
-            for j in range(min(avail, self.max_k if stats.runs >= FIRST_RUNS else FIRST_RUN_DRAFTS)):
-                g *= alpha
-                gains.append((g, j, i))
+            limits.append(min(avail, self.max_k if stats.runs >= FIRST_RUNS else FIRST_RUN_DRAFTS))
+        if remaining is not None and len(keys) > 1:
+            ks = self._makespan_plan(alphas, limits, remaining, draft_step_cost)
+        else:
+            ks = self._throughput_plan(alphas, limits, draft_step_cost)
+        likeliest = max(range(len(keys)), key=lambda i: alphas[i] if limits[i] else -1.0)
+        if any(ks) or not limits[likeliest] or not self.cheap:  # (a costly proposer is probed instead)
+            self.steps_without_drafts = 0
+        else:  # now and then verify the likeliest draft anyway, so the cost of rows is measured afresh
+            self.steps_without_drafts += 1
+            if self.steps_without_drafts >= REMEASURE_EVERY and alphas[likeliest] >= 0.5:
+                self.steps_without_drafts = 0
+                ks[likeliest] = 1
+        return ks
+
+    def _throughput_plan(self, alphas: list[float], limits: list[int], draft_step_cost: float) -> list[int]:
+        """Drafts in order of expected gain (the j-th draft of a request is kept with probability alpha^j), as
+        many as raise the batch's expected tokens per second."""
+        B = len(alphas)
+        gains = [(alphas[i] ** (j + 1), j, i) for i in range(B) for j in range(limits[i])]
         gains.sort(key=lambda t: -t[0])
-        ks = [0] * B
-        tokens, best_rate, best_n = float(B), B / self.cost(B), 0
-        depth = 0
+        tokens, best_rate, best_n, depth = float(B), B / self.cost(B), 0, 0
         for n, (g, j, i) in enumerate(gains, 1):
             tokens += g
             depth = max(depth, j + 1)
             rate = tokens / (self.cost(B + n) + draft_step_cost * depth)
             if rate > best_rate:
                 best_rate, best_n = rate, n
+        ks = [0] * B
         for g, j, i in gains[:best_n]:
             ks[i] += 1
-        if any(ks) or not gains or not self.cheap:  # (a costly proposer is probed instead)
-            self.steps_without_drafts = 0
-        else:  # now and then verify the likeliest draft anyway, so the cost of rows is measured afresh
-            self.steps_without_drafts += 1
-            g, j, i = gains[0]
-            if self.steps_without_drafts >= REMEASURE_EVERY and g >= 0.5:
-                self.steps_without_drafts = 0
-                ks[i] = 1
         return ks
+
+    def _makespan_plan(self, alphas: list[float], limits: list[int], remaining: list[int],
+                       draft_step_cost: float) -> list[int]:
+        """A batch that runs until its longest request is done gains from drafts only as far as they speed up
+        the requests with the most left to do (here: at least half of the most): every step costs the batch's
+        rows, so an early finisher's accepted drafts save rows, not steps, and its rejected ones cost rows. So
+        the step's progress is the least expected tokens among those requests, and drafts go to whichever of them
+        expects the fewest, for as long as progress per second rises. Nobody's tokens come slower than without
+        drafts (in a batch of 8 chats, where some requests draft well and others not at all, none are verified)."""
+        B = len(alphas)
+        horizon = max(remaining)
+        critical = [i for i in range(B) if 2 * remaining[i] >= horizon]
+        ks, expect, nxt = [0] * B, [1.0] * B, list(alphas)
+        best_rate, best, total, depth = 1.0 / self.cost(B), list(ks), 0, 0
+        while True:
+            i = min(critical, key=lambda j: (expect[j], -nxt[j]))  # the one holding the batch back
+            if ks[i] >= limits[i]:
+                break
+            ks[i] += 1
+            expect[i] += nxt[i]
+            nxt[i] *= alphas[i]
+            total, depth = total + 1, max(depth, ks[i])
+            rate = min(expect[j] for j in critical) / (self.cost(B + total) + draft_step_cost * depth)
+            if rate > best_rate:
+                best_rate, best = rate, list(ks)
+        return best
 
     def probe(self, ks: list[int], available: list[int]) -> list[int]:
         """A costly proposer's plan ks, or while it drafts for nobody, now and then a short probe of one request

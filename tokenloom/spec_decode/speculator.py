@@ -40,7 +40,7 @@ class Speculator:
     def after_step(self, sched, out, seconds: float) -> None:
         """Learn from the step `sched` just run (its output `out`, its wall time), then draft for the next."""
         self._learn(sched, out, seconds)
-        reqs = []
+        reqs, remaining = [], []
         for req, kept in zip(out.requests, out.sampled_token_ids):
             tokens = req.all_token_ids + kept
             room = min(self.max_k, req.max_tokens - len(req.output_token_ids) - len(kept) - 1,
@@ -51,7 +51,9 @@ class Speculator:
                 room = 0  # the request ends with this step
             reqs.append(DraftRequest(req.request_id, tokens, max(room, 0), req.params, req.block_table,
                                      req.generator))
-        out.spec_token_ids = self._draft(reqs)
+            remaining.append(req.max_tokens - len(req.output_token_ids) - len(kept))
+        # nobody waiting for a slot: the batch runs until its longest request is done (AdaptiveK.plan)
+        out.spec_token_ids = self._draft(reqs, remaining if not sched.num_waiting else None)
 
     def _stops(self, req, token: int, num_output: int) -> bool:
         p = req.params
@@ -74,12 +76,12 @@ class Speculator:
                 self.adaptive.observe(key, n, common_prefix(shadow[:n], kept))
             self.draft_probs.pop(rid, None)
 
-    def _draft(self, reqs: list[DraftRequest]) -> list[list[int]]:
+    def _draft(self, reqs: list[DraftRequest], remaining: list[int] | None) -> list[list[int]]:
         ids = [r.request_id for r in reqs]
         if self.proposer.cheap:
             drafts = self.proposer.propose(reqs)
             keys = [(rid, d.kind) for rid, d in zip(ids, drafts)]
-            ks = self.adaptive.plan(keys, [len(d.token_ids) for d in drafts])
+            ks = self.adaptive.plan(keys, [len(d.token_ids) for d in drafts], remaining=remaining)
             for key, d, k in zip(keys, drafts, ks):
                 if d.token_ids:
                     self.kinds[key[0]] = key
@@ -87,7 +89,7 @@ class Speculator:
                         self.shadow[key[0]] = d.token_ids
             return [d.token_ids[:k] for d, k in zip(drafts, ks)]
         keys = [(rid, 0) for rid in ids]
-        ks = self.adaptive.plan(keys, [r.num_drafts for r in reqs], self.draft_step_seconds)
+        ks = self.adaptive.plan(keys, [r.num_drafts for r in reqs], self.draft_step_seconds, remaining)
         todo = []
         for r, k in zip(reqs, self.adaptive.probe(ks, [r.num_drafts for r in reqs])):
             r.num_drafts = k
