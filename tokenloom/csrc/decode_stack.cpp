@@ -15,6 +15,7 @@
 #include <omp.h>
 #include <cmath>
 #include <map>
+#include <memory>
 #include <string>
 #include <tuple>
 #include <vector>
@@ -256,7 +257,7 @@ class DecodeStack {
 #endif
     return tile_rows_;
   }
-  int64_t tile_steps() const { return tile_steps_; }
+  int64_t tile_steps() const { return tile_steps_; }  // forward calls whose batch took the tiles
   // Integer rows of 4- and 8-bit weights in groups of 32 take the AMX int8 tiles (amx_int8.h), where the CPU has
   // them and activations are int16 (set_activation_bits); set before the layers are added. Returns the setting in
   // force.
@@ -267,7 +268,7 @@ class DecodeStack {
     int8_tiles_ = on && act_bits_ == 16 && amx_usable();
 #endif
     return int8_tiles_;
-  }  // forward calls whose batch took the tiles
+  }
   void set_activation_bits(int64_t bits) {
     TORCH_CHECK(bits == 0 || bits == 8 || bits == 16, "decode_stack: activation bits are 0, 8 or 16");
     act_bits_ = bits;
@@ -772,24 +773,24 @@ class DecodeStack {
       const Part& part = locate(lin, local);
       const int64_t count = std::min<int64_t>(16, part.rows - local);
       const int64_t T = tiled(part, p, K) ? p.tile_m : 0;  // rows [0, T) on the tiles, the rest below
+      // y's rows m0.. (n of them) of this chunk from their products v [n][16], with the bias, rounded
+      auto put = [&](const float* v, int64_t m0, int64_t n) {
+        for (int64_t m = m0; m < m0 + n; ++m)
+          for (int64_t i = 0; i < count; ++i) {
+            const float r = v[(m - m0) * 16 + i] + (part.bp ? part.bp[local + i] : 0.f);
+            y[m * N + c * 16 + i] = bf16_ ? round_bf16(r) : r;
+          }
+      };
       if (T) {
         p.tiles.resize(T * 16);
         tile_rows(part, p, local, count, K, p.tiles.data());
-        for (int64_t m = 0; m < T; ++m)
-          for (int64_t i = 0; i < count; ++i) {
-            const float r = p.tiles[m * 16 + i] + (part.bp ? part.bp[local + i] : 0.f);
-            y[m * N + c * 16 + i] = bf16_ ? round_bf16(r) : r;
-          }
+        put(p.tiles.data(), 0, T);
       }
 #ifdef TL_AMX8
       if (T < M && int8_tiled(part)) {
         p.amx_out.resize((M - T) * 16);
         int8_tile_rows(part, p, T, M, local, K, p.amx_out.data());
-        for (int64_t m = T; m < M; ++m)
-          for (int64_t i = 0; i < count; ++i) {
-            const float r = p.amx_out[(m - T) * 16 + i] + (part.bp ? part.bp[local + i] : 0.f);
-            y[m * N + c * 16 + i] = bf16_ ? round_bf16(r) : r;
-          }
+        put(p.amx_out.data(), T, M - T);
         continue;
       }
 #endif
@@ -797,11 +798,7 @@ class DecodeStack {
       for (int64_t m0 = T; m0 < M; m0 += 4) {
         const int64_t mc = std::min<int64_t>(4, M - m0);
         dot_rows_m(part, p, m0, mc, local, count, K, v);
-        for (int64_t m = m0; m < m0 + mc; ++m)
-          for (int64_t i = 0; i < count; ++i) {
-            const float r = v[m - m0][i] + (part.bp ? part.bp[local + i] : 0.f);
-            y[m * N + c * 16 + i] = bf16_ ? round_bf16(r) : r;
-          }
+        put(v[0], m0, mc);
       }
     }
   }
