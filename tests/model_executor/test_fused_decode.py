@@ -352,3 +352,21 @@ def test_amx_int8_tiles_compute_what_the_avx512_kernels_compute(tmp_path, monkey
     top2 = b.topk(2, dim=-1).values
     clear = (top2[:, 0] - top2[:, 1]) > 0.06 * spread[:, 0]
     assert torch.equal(a.argmax(-1)[clear], b.argmax(-1)[clear])
+
+
+def test_amx_int8_copy_only_where_memory_allows(tmp_path):
+    """The int8 tiles take a second copy of the 4- and 8-bit weights: it is made only where it takes at most half
+    of the host memory free (the runner passes MemAvailable), else the AVX-512 kernels decode."""
+    from tokenloom.model_executor.fused_decode import int8_tile_copy_bytes
+
+    llm = _llm(tmp_path, "llama", "bfloat16", "int4-g32", hidden_size=128, intermediate_size=256)
+    runner = llm.engine.runner
+    model = llm.engine.model
+    need = int8_tile_copy_bytes(model, torch.bfloat16)
+    assert need >= sum(m.qweight.numel() for layer in model.layers for m in (layer.mlp.down_proj,))
+    if not runner.fused.int8_tiles:
+        pytest.skip(f"no AMX int8 tiles on this CPU: {runner.fused.kernels}")
+    roomy = FusedDecoder.build(model, runner.layer_caches, runner.block_size, spare_bytes=2 * need)
+    tight = FusedDecoder.build(model, runner.layer_caches, runner.block_size, spare_bytes=2 * need - 1)
+    assert roomy.int8_tiles and any("-amx8" in k for k in roomy.kernels)
+    assert not tight.int8_tiles and not any("-amx8" in k for k in tight.kernels), tight.kernels

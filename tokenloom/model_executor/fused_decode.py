@@ -29,10 +29,11 @@ TOKENLOOM_DECODE_ACT_BITS=8 (vpdpbusd, llama.cpp's choice: ~5-10 % faster here, 
 SmolLM2). Block scales that are exact in float16 (all of the ggml formats') are read as float16: fewer bytes a
 token. On a CPU with AMX (Sapphire Rapids on), 4- and 8-bit weights in groups of 32 meet the int16 activations on
 the int8 tiles instead (csrc/amx_int8.h; TOKENLOOM_AMX_INT8=0 keeps the AVX-512 kernels): exact int32 block dots
-for up to 16 rows per pass over the weights, so a sequence's speculative drafts cost ~0.1-0.15 of a one-token
-step each instead of ~0.45, and the one-token step itself is ~15 % faster (the weights are kept a second time, in
-the tiles' order: ~0.6 bytes per 4-bit weight more memory). Every integer row of every step takes them, so a
-draft row and a one-token decode compute one function. `FusedDecoder.kernels` counts which kernel each weight
+for up to 12 rows per pass over the weights, so a sequence's speculative drafts cost ~0.14 of a one-token step
+each (up to 4 rows; ~0.24 on average to 9) instead of ~0.4-0.5, and the one-token step itself is 6-9 % faster
+(the weights are kept a second time, in the tiles' order: ~0.6 bytes per 4-bit weight more memory, made only
+where it takes at most half of the free memory). Every integer row of every step takes them, so a draft row and
+a one-token decode compute one function. `FusedDecoder.kernels` counts which kernel each weight
 block takes. float32 models keep float activations.
 Wide decode batches (TILE_ROWS rows or more, TILE_ROWS_INT8 with the int8 tiles; TOKENLOOM_TILE_ROWS sets it, 0
 never) of a bfloat16 model on a CPU with AMX meet the quantized weights on its bfloat16 tiles instead
@@ -138,6 +139,30 @@ TILE_ROWS = 8
 TILE_ROWS_INT8 = 18
 
 
+def int8_tile_copy_bytes(model, dtype: torch.dtype) -> int:
+    """Bytes of the AMX int8 tiles' copy of a model's weights (csrc/amx_int8.h): its 4- and 8-bit parts in groups
+    of 32, with float16 scales and offsets per block."""
+    total = 0
+    modules = [m for layer in model.layers for m in (layer.self_attn.qkv_proj, layer.self_attn.o_proj,
+                                                     layer.mlp.gate_up_proj, layer.mlp.down_proj)]
+    for module in modules + [model.lm_head]:
+        for kind, q, scale, _, group, _ in linear_parts(module, dtype):
+            if kind in (U4, U8) and group == 32:
+                total += q.numel() * q.element_size() + 4 * scale.numel()
+    return total
+
+
+def _copy_fits(model, dtype: torch.dtype, spare_bytes: int | None) -> bool:
+    if spare_bytes is None:
+        return True
+    need = int8_tile_copy_bytes(model, dtype)
+    if need <= spare_bytes // 2:
+        return True
+    log.info("tokenloom: no AMX int8 copy of the weights (%.0f MiB, with %.0f MiB free): the AVX-512 kernels decode",
+             need / 2**20, spare_bytes / 2**20)
+    return False
+
+
 class FusedDecoder:
     """A model's decode step through the compiled stack (see the module docstring)."""
 
@@ -173,10 +198,12 @@ class FusedDecoder:
         self.max_batch = QUANTIZED_MAX_BATCH
 
     @classmethod
-    def build(cls, model, layer_caches, block_size: int) -> "FusedDecoder | None":
+    def build(cls, model, layer_caches, block_size: int, spare_bytes: int | None = None) -> "FusedDecoder | None":
+        """The model's compiled decode step, or None (cls.reason says why). spare_bytes: host memory free for the
+        int8 tiles' copy of the weights (None: no limit); it is made only where it takes at most half of it."""
         cls.reason = None
         try:
-            stack, has_dense, int8_tiles = cls._build_stack(model, layer_caches)
+            stack, has_dense, int8_tiles = cls._build_stack(model, layer_caches, spare_bytes)
             return cls(stack, model, block_size, has_dense, int8_tiles)
         except Unsupported as exc:
             cls.reason = str(exc)
@@ -184,7 +211,7 @@ class FusedDecoder:
             return None
 
     @staticmethod
-    def _build_stack(model, layer_caches):
+    def _build_stack(model, layer_caches, spare_bytes: int | None = None):
         if not enabled():
             raise Unsupported("disabled by TOKENLOOM_FUSED_DECODE=0")
         cfg = model.config
@@ -215,7 +242,7 @@ class FusedDecoder:
             if bits not in ("0", "8", "16"):
                 raise TokenloomError(f"TOKENLOOM_DECODE_ACT_BITS must be 0, 8 or 16, not {bits!r}")
             stack.set_activation_bits(int(bits))
-        int8_tiles = stack.set_int8_tiles(int8_tiles_enabled())
+        int8_tiles = stack.set_int8_tiles(int8_tiles_enabled() and _copy_fits(model, dtype, spare_bytes))
         kinds = set()
 
         def parts(module):

@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import abc
 import logging
-import os
 
 import torch
 
 from tokenloom.config import EngineConfig, ModelConfig, TokenloomError
 from tokenloom.loader.sources import ModelSource
-from tokenloom.worker.kv_cache import kv_bytes_per_block, trim_heap
+from tokenloom.worker.kv_cache import available_memory, kv_bytes_per_block, trim_heap
 from tokenloom.worker.model_loading import load_worker_model
 from tokenloom.worker.model_runner import ModelRunner
 from tokenloom.worker.outputs import ModelRunnerOutput
@@ -23,23 +22,6 @@ from tokenloom.worker.outputs import ModelRunnerOutput
 log = logging.getLogger("tokenloom")
 
 KV_CACHE_MEMORY_SHARE = 0.25  # of the device's free memory, when no budget is given
-
-
-def available_memory(device: torch.device) -> int:
-    """Bytes the KV cache may draw on: free accelerator memory, or the host's available memory."""
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    try:
-        with open("/proc/meminfo") as f:  # MemAvailable counts reclaimable page cache too
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return 8 << 30
 
 
 def model_bytes(model) -> int:

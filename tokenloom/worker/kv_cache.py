@@ -10,12 +10,30 @@ from __future__ import annotations
 import ctypes
 import math
 import mmap
+import os
 
 import numpy as np
 import torch
 
 from tokenloom.config import CacheConfig, ModelConfig
 from tokenloom.model_executor.layers.attention import LayerKVCache
+
+
+def available_memory(device: torch.device) -> int:
+    """Bytes free to draw on: free accelerator memory, or the host's available memory."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:  # MemAvailable counts reclaimable page cache too
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 8 << 30
 
 
 def kv_bytes_per_block(cfg: ModelConfig, block_size: int, dtype: torch.dtype, kv_cache_dtype: str = "auto") -> int:

@@ -31,7 +31,7 @@ from tokenloom.sample import Sampler, SamplingMetadata, SamplingRow
 from tokenloom.sample.ops import reportable_logprobs
 from tokenloom.sample.rejection_sampler import rejection_sample
 from tokenloom.worker.input_batch import InputBatch
-from tokenloom.worker.kv_cache import KVCache
+from tokenloom.worker.kv_cache import KVCache, available_memory
 from tokenloom.worker.outputs import ModelRunnerOutput
 
 
@@ -64,7 +64,7 @@ class ModelRunner:
         model.bind_kv_caches(self.layer_caches)  # each attention layer keeps its view of the cache
         self.sampler = Sampler(generator)
         # decode batches up to this many sequences run as one compiled call (None: layer by layer only)
-        self.fused = (FusedDecoder.build(model, self.layer_caches, self.block_size)
+        self.fused = (FusedDecoder.build(model, self.layer_caches, self.block_size, available_memory(device))
                       if device.type == "cpu" and compiled_decode else None)
         self.batch_invariant = batch_invariant
         if batch_invariant:
