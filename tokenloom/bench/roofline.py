@@ -46,14 +46,9 @@ def llc_bytes() -> int:
 
 
 def _available_bytes() -> int:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 8 << 30
+    from tokenloom.worker.kv_cache import available_memory
+
+    return available_memory(torch.device("cpu"))
 
 
 def buffer_bytes() -> int:

@@ -37,7 +37,8 @@ a one-token decode compute one function. `FusedDecoder.kernels` counts which ker
 block takes. float32 models keep float activations.
 Wide decode batches (TILE_ROWS rows or more, TILE_ROWS_INT8 with the int8 tiles; TOKENLOOM_TILE_ROWS sets it, 0
 never) of a bfloat16 model on a CPU with AMX meet the quantized weights on its bfloat16 tiles instead
-(csrc/amx_tiles.h): each weight row is dequantized to bfloat16 once per step, and the products summed in float32, which is what the layer path computes in prefill.
+(csrc/amx_tiles.h): each weight row is dequantized to bfloat16 once per step, and the products summed in
+float32, which is what the layer path computes in prefill.
 Below that width a row's result does not depend on the batch (the integer kernels give every row the same
 arithmetic); from it on, rows follow the tiles' arithmetic (`FusedDecoder.tile_rows`: the width in force, 0
 without AMX), except a sequence's draft rows, which keep the integer kernels so that verifying drafts gives each

@@ -7,10 +7,10 @@ step's cost is measured, not assumed: the runner reports each decode step's wall
 rows it ran (StepCost). Drafts are then added in order of expected gain (the j-th draft of a request is kept with
 probability alpha^j) for as long as expected tokens per unit of cost improve, across the whole batch; where no
 draft pays, a request verifies none (speculation pauses). When no request waits for a slot, the batch runs until
-its longest request is done, and drafts are planned for that instead (_makespan_plan). A cheap proposer's drafts are still scored against the
-tokens that came, so speculation resumes when they would pay again (and now and then one is verified anyway, so
-the cost of rows stays measured); a costly one is probed now and then (one request at a time, less often while
-probes fail).
+its longest request is done, and drafts are planned for that instead (_makespan_plan). A cheap proposer's drafts
+are still scored against the tokens that came, so speculation resumes when they would pay again (and now and then
+one is verified anyway, so the cost of rows stays measured); a costly one is probed now and then (one request at
+a time, less often while probes fail).
 """
 from __future__ import annotations
 
