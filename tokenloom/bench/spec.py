@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import statistics
 import time
 
@@ -29,16 +30,32 @@ METHODS = {
 # requests per task at batch 1, run one after the other (one answer of a 135M model may copy its input or not)
 SOLO_REQUESTS = 4
 
-CODE = '''def summarize(records, key):
-    totals = {}
-    for record in records:
-        value = record.get(key)
-        if value is None:
+# Code to edit: (kind, source, renames). A 135M model asked to rename inside `summarize(records, key)` (the first
+# version of this benchmark) rewrote it as a comprehension instead: an answer not grounded in its input.
+CODE = [("function", '''def load_config(path):
+    with open(path) as handle:
+        lines = handle.read().splitlines()
+    config = {}
+    for line in lines:
+        line = line.strip()
+        if not line or line.startswith("#"):
             continue
-        totals[value] = totals.get(value, 0) + 1
-    ordered = sorted(totals.items(), key=lambda item: -item[1])
-    return [name for name, count in ordered]
-'''
+        name, _, setting = line.partition("=")
+        config[name.strip()] = setting.strip()
+    return config
+''', [("lines", "rows"), ("config", "settings"), ("handle", "f"), ("setting", "value")]),
+        ("class", '''class Counter:
+    def __init__(self):
+        self.count = 0
+
+    def increment(self, step=1):
+        self.count += step
+        return self.count
+
+    def reset(self):
+        self.count = 0
+''', [("count", "total"), ("step", "amount"), ("Counter", "Tally"), ("increment", "add")])]
+
 
 CHAT = ["Write a short story about a lighthouse keeper who finds a message in a bottle.",
         "What are three good habits for learning a new language? Explain each briefly.",
@@ -74,6 +91,12 @@ def _passages(n: int, words: int, seed: int) -> list[str]:
     return [" ".join(p.split()[:words]) for p in (rnd.sample(paras, n) if len(paras) >= n else rnd.choices(paras, k=n))]
 
 
+def _middle_word(passage: str) -> str:
+    """A word of the passage to look for: the middle one of its words longer than five letters."""
+    words = [w for w in re.findall(r"[A-Za-z]+", passage) if len(w) > 5] or passage.split()
+    return words[len(words) // 2]
+
+
 def tasks(n: int, seed: int = 0) -> dict[str, tuple[str, list[str]]]:
     """name -> (kind, n user messages)."""
     passages = _passages(3 * n, 90, seed)
@@ -82,15 +105,17 @@ def tasks(n: int, seed: int = 0) -> dict[str, tuple[str, list[str]]]:
     records = [[{"name": rnd.choice(names), "ship": rnd.choice(["Pequod", "Rachel", "Jeroboam"]),
                  "age": rnd.randint(18, 70), "role": rnd.choice(["harpooneer", "mate", "captain", "sailor"])}
                 for _ in range(4)] for _ in range(n)]
-    renames = [("records", "rows"), ("totals", "counts"), ("value", "item"), ("ordered", "ranked")]
+    edits = [(kind, code, a, b) for i in range(4) for kind, code, renames in CODE for a, b in renames[i : i + 1]]
+    # the prompts are ones the default model follows (its answer copies its input); asked to "quote" after the
+    # passage, or to list the sentences "with the word 'the'", it revised the passage or counted the word instead
     return {
         "repeat": ("grounded", [f"Repeat the following passage exactly, word for word:\n\n{p}" for p in passages[:n]]),
-        "quote": ("grounded", [f"Here is a passage from a novel.\n\n{p}\n\nQuote its first two sentences exactly."
+        "quote": ("grounded", [f"Passage:\n\"{p}\"\n\nCopy the first two sentences of the passage, word for word."
                                for p in passages[n : 2 * n]]),
-        "code_edit": ("grounded", [f"Rename the variable `{a}` to `{b}` in this Python function and print the whole "
-                                   f"function:\n\n```python\n{CODE}```" for a, b in (renames * n)[:n]]),
-        "extract": ("grounded", [f"Document:\n{p}\n\nList every sentence of the document that contains the word "
-                                 f"'the', one per line, copied exactly." for p in passages[2 * n :]]),
+        "code_edit": ("grounded", [f"Rename `{a}` to `{b}` in this Python {kind} and print the whole {kind}:\n\n"
+                                   f"```python\n{code}```" for kind, code, a, b in (edits * n)[:n]]),
+        "extract": ("grounded", [f"Document:\n{p}\n\nCopy the sentence of the document that contains the word "
+                                 f"'{_middle_word(p)}', exactly as written." for p in passages[2 * n :]]),
         "reformat_json": ("grounded", [f"Reformat this JSON with two-space indentation, keeping every field:\n"
                                        f"{json.dumps(r)}" for r in records]),
         "chat": ("open", (CHAT * n)[:n]),
