@@ -19,7 +19,7 @@ from tests.sample.test_rejection_sampler import chi2_pvalue
 from tokenloom import LLM, SamplingParams
 from tokenloom.config import SpeculativeConfig, TokenloomError
 from tokenloom.core.kv_cache_manager import chain_hash
-from tokenloom.spec_decode.adaptive import AdaptiveK
+from tokenloom.spec_decode.adaptive import PROBE_SHARE, AdaptiveK
 from tokenloom.spec_decode.ngram import NgramProposer
 
 METHODS = {
@@ -327,6 +327,24 @@ def test_adaptive_k_follows_acceptance_and_cost():
         stale.observe(("ok", 2), 4, 3)
     plans = [stale.plan([("ok", 2)], [4])[0] for _ in range(200)]
     assert 0 < sum(plans) <= 200 // 32
+
+
+def test_costly_proposer_probes_stay_within_their_share_of_the_time():
+    """A paused model draft is probed now and then; a probe that costs as much as 40 one-row steps (a draft model
+    catching up on a request's whole context) must not come back sooner than PROBE_SHARE of the time allows."""
+    ak = AdaptiveK(4, cheap=False)
+    for rows in range(1, 6):
+        ak.cost.observe(rows, 0.01 * rows)  # every row as costly as a step: drafts never pay
+    probes = []
+    for step in range(20000):
+        ks = ak.probe(ak.plan([("r", 0)], [4], draft_step_cost=0.2), [4])
+        if any(ks):
+            probes.append(step)
+            ak.probed(0.4)
+    assert probes, "a paused proposer is still probed"
+    gaps = [b - a for a, b in zip(probes, probes[1:])]
+    assert gaps and all(g >= 0.4 / (PROBE_SHARE * 0.01) for g in gaps), gaps
+    assert 0.4 * len(probes) <= 2 * PROBE_SHARE * 0.01 * 20000
 
 
 def test_speculative_config_validation(tiny):

@@ -10,7 +10,8 @@ draft pays, a request verifies none (speculation pauses). When no request waits 
 its longest request is done, and drafts are planned for that instead (_makespan_plan). A cheap proposer's drafts
 are still scored against the tokens that came, so speculation resumes when they would pay again (and now and then
 one is verified anyway, so the cost of rows stays measured); a costly one is probed now and then (one request at
-a time, less often while probes fail).
+a time, less often while probes fail, and never more than PROBE_SHARE of the time: a model draft's first
+proposal for a request also runs the request's whole context through the draft).
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ GLOBAL_DECAY = 0.98  # the same for the engine-wide estimate new requests start 
 PRIOR_WEIGHT = 2.0  # observations a new request's starting estimate counts as (alpha starts at 1/2)
 PROBE_FIRST, PROBE_MAX = 32, 1024  # paused steps before a costly proposer's probe; doubled after each failed one
 PROBE_DRAFTS = 2  # drafts a probe verifies
+PROBE_SHARE = 0.02  # of the decode time, at most, that failed probes of a costly proposer take
 ROW_COST_GUESS = 0.35  # cost of one more row relative to a one-row step, until measured
 FIRST_RUNS, FIRST_RUN_DRAFTS = 2, 2  # a request's first verify runs of a kind take at most this many drafts
 REMEASURE_EVERY = 64  # plans without drafts before one likely draft is verified anyway (fresh cost figures)
@@ -211,6 +213,11 @@ class AdaptiveK:
         self.paused_steps, self.probe_after = 0, min(2 * self.probe_after, PROBE_MAX)
         i = max(range(len(ks)), key=lambda j: available[j])
         return [min(PROBE_DRAFTS, available[j]) if j == i else 0 for j in range(len(ks))]
+
+    def probed(self, seconds: float) -> None:
+        """A probe's proposal took `seconds`: the next one waits until probes stay within PROBE_SHARE of the
+        decode time (at a one-row step's measured cost)."""
+        self.probe_after = max(self.probe_after, int(seconds / (PROBE_SHARE * self.cost(1))))
 
     def remove_requests(self, request_ids) -> None:
         gone = set(request_ids)

@@ -90,7 +90,7 @@ class Speculator:
             return [d.token_ids[:k] for d, k in zip(drafts, ks)]
         keys = [(rid, 0) for rid in ids]
         ks = self.adaptive.plan(keys, [r.num_drafts for r in reqs], self.draft_step_seconds, remaining)
-        todo = []
+        todo, probing = [], not any(ks)
         for r, k in zip(reqs, self.adaptive.probe(ks, [r.num_drafts for r in reqs])):
             r.num_drafts = k
             if k:
@@ -102,8 +102,10 @@ class Speculator:
                 result[r.request_id] = d.token_ids
                 if d.probs is not None and d.token_ids:
                     self.draft_probs[r.request_id] = d.probs
-            depth = max(r.num_drafts for r in todo)
-            step = (time.perf_counter() - start) / max(depth, 1)
+            depth, seconds = max(r.num_drafts for r in todo), time.perf_counter() - start
+            if probing:
+                self.adaptive.probed(seconds)
+            step = seconds / max(depth, 1)
             old = self.draft_step_seconds
             self.draft_step_seconds = step if not old else 0.8 * old + 0.2 * step
         return [result.get(rid, []) for rid in ids]
