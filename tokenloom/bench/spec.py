@@ -105,7 +105,7 @@ def tasks(n: int, seed: int = 0) -> dict[str, tuple[str, list[str]]]:
     records = [[{"name": rnd.choice(names), "ship": rnd.choice(["Pequod", "Rachel", "Jeroboam"]),
                  "age": rnd.randint(18, 70), "role": rnd.choice(["harpooneer", "mate", "captain", "sailor"])}
                 for _ in range(4)] for _ in range(n)]
-    edits = [(kind, code, a, b) for i in range(4) for kind, code, renames in CODE for a, b in renames[i : i + 1]]
+    edits = [(kind, code, *renames[i]) for i in range(4) for kind, code, renames in CODE]  # function, class, ...
     # the prompts are ones the default model follows (its answer copies its input); asked to "quote" after the
     # passage, or to list the sentences "with the word 'the'", it revised the passage or counted the word instead
     return {
