@@ -63,6 +63,8 @@ def row_costs(llm, max_rows: int) -> tuple[list[float], float]:
     """A step of r rows (one sequence, context 200, every row's logits) over a one-row step, r = 1..max_rows; and
     the one-row step's seconds."""
     fused = llm.engine.executor.runner.fused
+    if fused is None:
+        raise SystemExit("spec_open_chat: no compiled decode stack on this machine (it prices the verify rows)")
     table = list(range(64))
     times = {}
     for _ in range(3):
@@ -226,11 +228,11 @@ def main() -> None:
     torch.set_num_threads(2)
     gguf = resolve_model(DEFAULT_MODEL).path
     llm = LLM(str(gguf))
+    rows, step_seconds = row_costs(llm, K + 1)  # first: its rows write K/V into free blocks, nothing cached yet
     instructions = [t.format(x) for t in TEMPLATES for x in TOPICS]
     random.Random(0).shuffle(instructions)
     train = answers(llm, instructions[: args.train_prompts], args.max_tokens)
     held_out = answers(llm, CHAT, 128)
-    rows, step_seconds = row_costs(llm, K + 1)
     ngram = NgramProposer(K)
 
     def ngram_draft(ctx, k):
@@ -249,7 +251,7 @@ def main() -> None:
 
     from transformers import AutoModelForCausalLM
 
-    hf = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, torch_dtype=torch.float32)
+    hf = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
     head_weight = hf.lm_head.weight.detach().float()
     head = train_head(features(hf, train), head_weight, args.epochs)
     head_cost = head_step_seconds(head, head_weight) / step_seconds
