@@ -35,6 +35,7 @@ from tokenloom import LLM, SamplingParams
 from tokenloom.bench.spec import CHAT
 from tokenloom.loader.sources import DEFAULT_MODEL, resolve_model
 from tokenloom.spec_decode.ngram import NgramProposer
+from tokenloom.spec_decode.proposer import common_prefix
 
 K = 6
 TOPICS = ["the ocean", "a city at night", "friendship", "climate change", "the history of Rome", "volcanoes", "coffee",
@@ -87,10 +88,7 @@ def accepted_runs(sequences, draft) -> list[list[int]]:
         run = []
         for t in range(len(out) - 1):
             guess = draft(prompt + out[: t + 1], min(K, len(out) - t - 1))
-            n = 0
-            while n < len(guess) and guess[n] == out[t + 1 + n]:
-                n += 1
-            run.append(n)
+            run.append(common_prefix(guess, out[t + 1 :]))
         runs.append(run)
     return runs
 
